@@ -1,0 +1,72 @@
+"""Admins see every upload, its timeline with the raw IMS replies, and can retry or cancel."""
+
+from django.contrib import admin, messages
+from django.template.defaultfilters import filesizeformat
+
+from uploads import services
+from uploads.models import CloudAccount, Upload, UploadEvent
+
+
+class UploadEventInline(admin.TabularInline):
+    model = UploadEvent
+    fields = ("at", "from_status", "to_status", "message", "detail")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    verbose_name_plural = "Timeline"
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Upload)
+class UploadAdmin(admin.ModelAdmin):
+    list_display = (
+        "name", "owner", "filename", "file_size", "disk_format", "status", "progress", "ims_image_id", "created_at",
+    )
+    list_filter = ("status", "owner")
+    search_fields = ("name", "filename", "ims_image_id")
+    date_hierarchy = "created_at"
+    inlines = [UploadEventInline]
+    actions = ["retry_uploads", "cancel_uploads"]
+    readonly_fields = [f.name for f in Upload._meta.fields] + ["progress"]
+
+    def has_add_permission(self, request):
+        return False  # uploads come from the upload page
+
+    @admin.display(description="Size", ordering="size")
+    def file_size(self, upload):
+        return filesizeformat(upload.size)
+
+    @admin.display(description="Progress")
+    def progress(self, upload):
+        return f"{upload.progress_percent}%"
+
+    def _each(self, request, queryset, service, done: str):
+        for upload in queryset:
+            try:
+                service(upload=upload, by=request.user.get_username())
+            except services.ServiceError as exc:
+                self.message_user(request, f"{upload}: {exc}", messages.WARNING)
+            else:
+                self.message_user(request, f"{upload}: {done}", messages.SUCCESS)
+
+    @admin.action(description="Retry the selected uploads")
+    def retry_uploads(self, request, queryset):
+        self._each(request, queryset, services.upload_retry, "queued to be sent again")
+
+    @admin.action(description="Cancel the selected uploads (deletes staged file and IMS image)")
+    def cancel_uploads(self, request, queryset):
+        self._each(request, queryset, services.upload_cancel, "cancelled")
+
+
+@admin.register(CloudAccount)
+class CloudAccountAdmin(admin.ModelAdmin):
+    list_display = ("user", "domain_name", "user_name", "project_name", "expires_at", "connected_at")
+    search_fields = ("user__username", "user_name", "domain_name", "project_name")
+    # The encrypted token is never shown, not even to admins.
+    fields = ("user", "domain_name", "user_name", "project_name", "project_id", "expires_at", "connected_at")
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False

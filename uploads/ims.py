@@ -1,0 +1,395 @@
+"""A small client for the two cloud services the portal talks to: IAM (tokens) and IMS (images).
+
+No Django here: it takes a base URL, a token and a file-like object, and raises one error type,
+`ImsError`, which carries a message a non-technical person can act on, a hint, whether retrying
+can help (`permanent`), and the raw reply for admins. Tokens never appear in an error or a log.
+"""
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import BinaryIO
+
+import requests
+
+CONNECT_TIMEOUT = 10
+# How long to wait for a reply once the body is sent: IMS may take a while to answer a big PUT.
+READ_TIMEOUT = 600
+BUFFER_SIZE = 1024 * 1024  # bytes read from disk and sent per step while streaming a file
+
+HINT_RECONNECT = "Reconnect on the Cloud account page, then press Retry."
+HINT_RETRY_LATER = "This is usually temporary: the portal retries by itself; if it keeps failing, press Retry later."
+HINT_CONTACT_ADMIN = "Ask an administrator to look at this upload's details."
+
+
+class ImsError(Exception):
+    """Any failure of a call to IAM or IMS.
+
+    kind: a short word the portal acts on: "auth" (sign in again), "forbidden", "not_found",
+    "conflict", "too_large", "bad_request", "unsupported", "server", "network", "aborted".
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        permanent: bool,
+        hint: str = "",
+        status: int | None = None,
+        code: str = "",
+        raw: str = "",
+    ):
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+        self.permanent = permanent
+        self.hint = hint
+        self.status = status
+        self.code = code
+        self.raw = raw
+
+
+@dataclass
+class Token:
+    value: str = field(repr=False)
+    expires_at: datetime
+    user_name: str
+    domain_name: str
+    project_name: str
+    project_id: str
+
+
+@dataclass
+class Image:
+    id: str
+    status: str
+    size: int | None
+    checksum: str | None
+    os_hash_value: str | None
+    raw: dict
+
+
+@dataclass
+class SendResult:
+    sent_bytes: int
+    md5: str
+    sha512: str
+
+
+def parse_time(value: str) -> datetime:
+    """IAM writes times like 2026-11-28T14:00:00.000000Z."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _error_text(response: requests.Response) -> tuple[str, str]:
+    """The (code, message) of an error reply: IMS JSON, Keystone JSON, Glance JSON or HTML/text."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            return str(error.get("code", "")), str(error.get("message", ""))
+        if "error_code" in body:  # API gateway shape
+            return str(body["error_code"]), str(body.get("error_msg", ""))
+        if "message" in body:  # Glance JSON shape
+            return "", _strip_glance(str(body["message"]))
+    return "", _strip_glance(_html_to_text(response.text))
+
+
+def _html_to_text(text: str) -> str:
+    """Glance's HTML error pages: the sentence sits after the <h1> line."""
+    if "<h1>" not in text:
+        return text
+    after = text.split("</h1>", 1)[-1]
+    for tag in ("</body>", "</html>"):
+        after = after.replace(tag, "")
+    return after
+
+
+def _strip_glance(text: str) -> str:
+    return " ".join(text.replace("<br />", " ").split())
+
+
+def explain(response: requests.Response) -> ImsError:
+    """Turn an error reply into words a person can act on (and keep the raw reply for admins)."""
+    status = response.status_code
+    code, detail = _error_text(response)
+    raw = f"HTTP {status} {response.reason}\n{response.text[:4000]}"
+    common = {"status": status, "code": code, "raw": raw}
+    if status == 401:
+        return ImsError(
+            "Your cloud sign-in has expired or was not accepted.",
+            kind="auth", permanent=True, hint=HINT_RECONNECT, **common,
+        )
+    if status == 403:
+        return ImsError(
+            "Your cloud account is not allowed to do this in the selected project.",
+            kind="forbidden", permanent=True,
+            hint="Ask your cloud administrator for image rights in this project, or connect a different project.",
+            **common,
+        )
+    if status == 404:
+        return ImsError(
+            "The image no longer exists in the cloud (it may have been deleted there).",
+            kind="not_found", permanent=True, hint="Press Retry to create it again.", **common,
+        )
+    if status == 409:
+        return ImsError(
+            "The cloud refused the file because this image already has data or is busy.",
+            kind="conflict", permanent=True,
+            hint="Press Retry: the portal will create a fresh image and send the file again.", **common,
+        )
+    if status == 413:
+        return ImsError(
+            "The file is too large for the cloud (images must be under 128 GB).",
+            kind="too_large", permanent=True,
+            hint="Shrink or compress the disk image (for example convert it to QCOW2), then upload it again.",
+            **common,
+        )
+    if status == 415:
+        return ImsError(
+            "The cloud says the file's contents do not match the disk format you chose.",
+            kind="unsupported", permanent=True,
+            hint="Check the file's real format, upload it again with the right disk format.", **common,
+        )
+    if status == 400:
+        return ImsError(
+            _bad_request_message(code, detail),
+            kind="bad_request", permanent=True,
+            hint="Correct the image details and upload again; an administrator can see the full reply.",
+            **common,
+        )
+    if status >= 500 or status == 429:
+        return ImsError(
+            "The cloud's image service had a temporary problem.",
+            kind="server", permanent=False, hint=HINT_RETRY_LATER, **common,
+        )
+    return ImsError(
+        f"The cloud answered with an unexpected error ({status}).",
+        kind="server", permanent=True, hint=HINT_CONTACT_ADMIN, **common,
+    )
+
+
+# IMS error codes whose meaning is worth saying in plain words.
+IMS_CODES = {
+    "IMG.0015": "You have reached your project's limit of private images.",
+    "IMG.0057": "The image file is empty, missing, or not in the format you chose.",
+    "IMG.0059": "The file is too large for the cloud (images must be under 128 GB).",
+    "IMG.0072": "The cloud does not accept this disk format for direct uploads.",
+}
+
+
+def _bad_request_message(code: str, detail: str) -> str:
+    if code in IMS_CODES:
+        return IMS_CODES[code]
+    if detail:
+        return f"The cloud refused the image details: {detail[:300]}"
+    return "The cloud refused the image details."
+
+
+def _network_error(exc: Exception, what: str) -> ImsError:
+    return ImsError(
+        f"Could not reach the cloud while {what}.",
+        kind="network", permanent=False, hint=HINT_RETRY_LATER, raw=f"{type(exc).__name__}: {exc}",
+    )
+
+
+class IamClient:
+    """Gets project-scoped tokens from IAM (Keystone v3 compatible)."""
+
+    def __init__(self, base_url: str, *, session: requests.Session | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.session = session or requests.Session()
+
+    def get_token(self, *, domain: str, user: str, password: str, project: str) -> Token:
+        scope = {"id": project} if _looks_like_id(project) else {"name": project, "domain": {"name": domain}}
+        body = {
+            "auth": {
+                "identity": {
+                    "methods": ["password"],
+                    "password": {"user": {"name": user, "password": password, "domain": {"name": domain}}},
+                },
+                "scope": {"project": scope},
+            }
+        }
+        try:
+            response = self.session.post(
+                f"{self.base_url}/auth/tokens?nocatalog=true",
+                json=body,
+                timeout=(CONNECT_TIMEOUT, 60),
+            )
+        except requests.RequestException as exc:
+            raise _network_error(exc, "signing in") from None
+        if response.status_code == 401:
+            raise ImsError(
+                "The cloud did not accept these details: check the domain, user name, password and project.",
+                kind="auth", permanent=True,
+                hint="Use the IAM user of your cloud account (not your portal sign-in).",
+                status=401, raw=f"HTTP 401\n{response.text[:2000]}",
+            )
+        if response.status_code != 201 or not response.headers.get("X-Subject-Token"):
+            raise explain(response)
+        token = response.json()["token"]
+        project_info = token.get("project") or {}
+        return Token(
+            value=response.headers["X-Subject-Token"],
+            expires_at=parse_time(token["expires_at"]),
+            user_name=(token.get("user") or {}).get("name", user),
+            domain_name=((token.get("user") or {}).get("domain") or {}).get("name", domain),
+            project_name=project_info.get("name", ""),
+            project_id=project_info.get("id", ""),
+        )
+
+
+def _looks_like_id(project: str) -> bool:
+    """Project ids are 32 hex digits; names (such as eu-de) are not."""
+    return len(project) == 32 and all(c in "0123456789abcdef" for c in project.lower())
+
+
+class ImsClient:
+    """The native OpenStack image API of IMS (Glance v2): create, upload, follow, delete."""
+
+    def __init__(self, base_url: str, token: str, *, session: requests.Session | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.session = session or requests.Session()
+        self.session.headers["X-Auth-Token"] = token
+        # JSON error bodies from Glance too (it answers HTML to */*).
+        self.session.headers["Accept"] = "application/json"
+
+    def _call(self, method: str, path: str, what: str, **kwargs) -> requests.Response:
+        kwargs.setdefault("timeout", (CONNECT_TIMEOUT, 60))
+        try:
+            response = self.session.request(method, f"{self.base_url}{path}", **kwargs)
+        except requests.RequestException as exc:
+            raise _network_error(exc, what) from None
+        if response.status_code >= 400:
+            raise explain(response)
+        return response
+
+    def create_image(
+        self,
+        *,
+        name: str,
+        disk_format: str,
+        os_version: str = "",
+        min_disk: int = 0,
+        min_ram: int = 0,
+        tags: list[str] | None = None,
+        properties: dict[str, str] | None = None,
+    ) -> Image:
+        body = {
+            "name": name,
+            "container_format": "bare",
+            "disk_format": disk_format,
+            "min_disk": min_disk,
+            "min_ram": min_ram,
+            "visibility": "private",
+            "protected": False,
+            "tags": tags or [],
+        }
+        if os_version:
+            body["__os_version"] = os_version
+        body.update(properties or {})
+        response = self._call("POST", "/v2/images", "creating the image", json=body)
+        return _image(response.json())
+
+    def get_image(self, image_id: str) -> Image:
+        return _image(self._call("GET", f"/v2/images/{image_id}", "checking the image").json())
+
+    def delete_image(self, image_id: str) -> None:
+        """Delete an image; one that is already gone counts as deleted."""
+        try:
+            self._call("DELETE", f"/v2/images/{image_id}", "deleting the image")
+        except ImsError as exc:
+            if exc.kind != "not_found":
+                raise
+
+    def upload_file(
+        self,
+        image_id: str,
+        fileobj: BinaryIO,
+        size: int,
+        *,
+        on_progress: Callable[[int], bool] | None = None,
+        buffer_size: int = BUFFER_SIZE,
+    ) -> SendResult:
+        """Stream `size` bytes of `fileobj` to the image with a Content-Length, one buffer at a time.
+
+        on_progress(sent_bytes) is called after each buffer; returning False aborts the upload
+        (ImsError kind "aborted"). MD5 and SHA-512 of exactly the bytes sent are computed in the
+        same pass.
+        """
+        body = _FileBody(fileobj, size, buffer_size, on_progress)
+        try:
+            self._call(
+                "PUT",
+                f"/v2/images/{image_id}/file",
+                "sending the file",
+                data=body,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+            )
+        except ImsError as exc:
+            if body.aborted:
+                raise ImsError("The upload was stopped.", kind="aborted", permanent=True) from None
+            if exc.kind == "network" and body.sent < size:
+                exc.message = f"The connection to the cloud broke after {body.sent} of {size} bytes."
+            raise
+        if body.sent != size:
+            raise ImsError(
+                "The staged file is shorter than expected: it changed while being sent.",
+                kind="server", permanent=True, hint=HINT_CONTACT_ADMIN,
+            )
+        return SendResult(body.sent, body.md5.hexdigest(), body.sha512.hexdigest())
+
+
+class _FileBody:
+    """A request body that reads a fixed-size buffer at a time and never holds the whole file.
+
+    `__len__` lets requests send a Content-Length; iterating yields the buffers.
+    """
+
+    def __init__(self, fileobj, size, buffer_size, on_progress):
+        self.fileobj = fileobj
+        self.size = size
+        self.buffer_size = buffer_size
+        self.on_progress = on_progress
+        self.sent = 0
+        self.aborted = False
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.sha512 = hashlib.sha512()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        while self.sent < self.size:
+            chunk = self.fileobj.read(min(self.buffer_size, self.size - self.sent))
+            if not chunk:
+                return
+            self.md5.update(chunk)
+            self.sha512.update(chunk)
+            self.sent += len(chunk)
+            yield chunk
+            if self.on_progress is not None and self.on_progress(self.sent) is False:
+                self.aborted = True
+                raise _Aborted()
+
+
+class _Aborted(IOError):
+    """Raised inside the body iterator to stop a PUT; requests turns it into a ConnectionError."""
+
+
+def _image(data: dict) -> Image:
+    return Image(
+        id=data["id"],
+        status=data.get("status", ""),
+        size=data.get("size"),
+        checksum=data.get("checksum"),
+        os_hash_value=data.get("os_hash_value"),
+        raw=data,
+    )

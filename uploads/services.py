@@ -1,0 +1,542 @@
+"""Every change of an upload's state, and of a user's cloud connection, happens here.
+
+Each move is a guarded UPDATE (`filter(pk=…, status=old).update(status=new)`): when nothing got
+updated, another request or worker got there first and this one does nothing. Every move is
+written to the timeline as an UploadEvent in the same transaction. Tasks and views are thin:
+they call these functions with ids and plain values.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import BinaryIO
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from uploads import crypto, staging
+from uploads.ims import IamClient, ImsClient, ImsError
+from uploads.models import (
+    CloudAccount,
+    Status,
+    Upload,
+    UploadEvent,
+    can_move,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_PUSH_ATTEMPTS = 5
+# A token this close to its end is not used to start work: it could expire mid-call.
+TOKEN_MARGIN = timedelta(minutes=2)
+IMS_DONE_STATUSES = {"active"}
+IMS_FAILED_STATUSES = {"killed", "deleted", "pending_delete"}
+
+
+class ServiceError(Exception):
+    """A request that cannot be done now; the message is for the person who asked."""
+
+
+@dataclass
+class PushOutcome:
+    """What the task should do next: nothing, or try again after `retry_in` seconds."""
+
+    retry_in: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The one way to change an upload's status
+
+
+def _move(
+    upload: Upload,
+    to: str,
+    message: str,
+    *,
+    detail: str = "",
+    on_attempt: int | None = None,
+    **fields,
+) -> bool:
+    """Move `upload` from its current status to `to` if nobody else moved it first.
+
+    `on_attempt` additionally requires the row to still be on that push attempt. Returns False,
+    changing nothing, when the move is not allowed or the row changed under us.
+    """
+    old = upload.status
+    if not can_move(old, to):
+        return False
+    now = timezone.now()
+    fields.update(status=to, status_changed_at=now)
+    if to in {Status.READY, Status.CANCELLED}:
+        fields["finished_at"] = now
+    rows = Upload.objects.filter(pk=upload.pk, status=old)
+    if on_attempt is not None:
+        rows = rows.filter(attempt=on_attempt)
+    with transaction.atomic():
+        if rows.update(**fields) == 0:
+            return False
+        UploadEvent.objects.create(
+            upload_id=upload.pk, from_status=old, to_status=to, message=message, detail=detail
+        )
+    for key, value in fields.items():
+        setattr(upload, key, value)
+    log.info("upload %s: %s -> %s: %s", upload.pk, old, to, message)
+    return True
+
+
+def _note(upload: Upload, message: str, detail: str = "") -> None:
+    """A timeline line that is not a change of status."""
+    UploadEvent.objects.create(upload_id=upload.pk, message=message, detail=detail)
+
+
+def _error_fields(exc: ImsError) -> dict:
+    return {"error_message": exc.message, "error_hint": exc.hint, "error_code": exc.code or exc.kind}
+
+
+NO_ERROR = {"error_message": "", "error_hint": "", "error_code": ""}
+
+
+def _enqueue_push(upload_id: int, countdown: float | None = None) -> None:
+    from uploads import tasks  # tasks import services: import here to avoid the cycle
+
+    transaction.on_commit(lambda: tasks.push_upload.apply_async((upload_id,), countdown=countdown))
+
+
+def _enqueue_discard(upload_id: int) -> None:
+    from uploads import tasks
+
+    transaction.on_commit(lambda: tasks.discard_upload.delay(upload_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cloud account
+
+
+def cloud_account_connect(*, user, domain: str, user_name: str, password: str, project: str) -> CloudAccount:
+    """Ask IAM for a project-scoped token and keep only the token (encrypted) and its expiry.
+
+    Raises ImsError with a message for the person when IAM refuses. Uploads that waited for a
+    new sign-in continue by themselves.
+    """
+    token = IamClient(settings.IAM_ENDPOINT).get_token(
+        domain=domain, user=user_name, password=password, project=project
+    )
+    account, _ = CloudAccount.objects.update_or_create(
+        user=user,
+        defaults={
+            "domain_name": token.domain_name or domain,
+            "user_name": token.user_name or user_name,
+            "project_name": token.project_name or project,
+            "project_id": token.project_id,
+            "token_encrypted": crypto.encrypt(token.value),
+            "expires_at": token.expires_at,
+        },
+    )
+    for upload in Upload.objects.filter(owner=user, status=Status.RECONNECT):
+        if _move(upload, Status.RECEIVED, "Cloud account reconnected: sending continues", **NO_ERROR):
+            _enqueue_push(upload.pk)
+    return account
+
+
+def cloud_account_disconnect(*, user) -> None:
+    CloudAccount.objects.filter(user=user).delete()
+
+
+def cloud_account_usable(account: CloudAccount | None) -> bool:
+    return account is not None and account.expires_at > timezone.now() + TOKEN_MARGIN
+
+
+def _usable_token(user_id: int) -> str | None:
+    account = CloudAccount.objects.filter(user_id=user_id).first()
+    if not cloud_account_usable(account):
+        return None
+    return crypto.decrypt(account.token_encrypted)
+
+
+def _ims(token: str) -> ImsClient:
+    return ImsClient(settings.IMS_ENDPOINT, token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Receiving (tus)
+
+
+def upload_create(
+    *,
+    owner,
+    size: int,
+    filename: str,
+    name: str,
+    disk_format: str,
+    os_version: str = "",
+    min_disk: int = 0,
+    min_ram: int = 0,
+    tags: list[str] | None = None,
+) -> Upload:
+    upload = Upload(
+        owner=owner,
+        size=size,
+        filename=filename,
+        name=name,
+        disk_format=disk_format,
+        os_version=os_version,
+        min_disk=min_disk,
+        min_ram=min_ram,
+        tags=tags or [],
+        receive_expires_at=timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS),
+    )
+    upload.staged_name = staging.name_for(upload.uid)
+    staging.create(upload.staged_name)
+    with transaction.atomic():
+        upload.save()
+        _note(upload, f"Upload started: {filename} ({size} bytes)")
+    return upload
+
+
+def upload_is_expired(upload: Upload) -> bool:
+    return (
+        upload.status == Status.RECEIVING
+        and upload.receive_expires_at is not None
+        and upload.receive_expires_at <= timezone.now()
+    )
+
+
+def upload_expire(*, upload: Upload) -> None:
+    """An unfinished upload whose time ran out: free its staging space."""
+    hours = settings.TUS_UPLOAD_EXPIRY_SECONDS // 3600
+    if _move(
+        upload,
+        Status.FAILED,
+        "The unfinished upload expired",
+        error_message=f"This upload was left unfinished for more than {hours} hours and has expired.",
+        error_hint="Upload the file again.",
+        error_code="expired",
+    ):
+        staging.delete(upload.staged_name)
+
+
+def upload_receive(*, upload: Upload, offset: int, stream: BinaryIO, length: int) -> int:
+    """Append one tus chunk at `offset`; returns the new offset. The last byte starts the push."""
+    written = staging.write_at(upload.staged_name, offset, stream, length)
+    new_offset = offset + written
+    expires = timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
+    Upload.objects.filter(pk=upload.pk, status=Status.RECEIVING, received_bytes=offset).update(
+        received_bytes=new_offset, receive_expires_at=expires
+    )
+    upload.received_bytes, upload.receive_expires_at = new_offset, expires
+    if new_offset == upload.size and _move(upload, Status.RECEIVED, "All bytes received"):
+        _enqueue_push(upload.pk)
+    return new_offset
+
+
+# ---------------------------------------------------------------------------------------------
+# Sending to IMS
+
+
+def upload_push(*, upload_id: int) -> PushOutcome:
+    """Claim a received upload and stream it to IMS with its owner's token.
+
+    Safe to call twice: only one caller wins the claim (RECEIVED -> PUSHING).
+    """
+    upload = Upload.objects.filter(pk=upload_id).first()
+    if upload is None or upload.status != Status.RECEIVED:
+        return PushOutcome()
+    token = _usable_token(upload.owner_id)
+    if token is None:
+        _move(
+            upload,
+            Status.RECONNECT,
+            "Waiting for the owner to reconnect the cloud account",
+            error_message="Your cloud sign-in has expired (or was never made), so the file cannot be sent yet.",
+            error_hint="Reconnect on the Cloud account page: sending then continues by itself. "
+            "Your file is kept until then.",
+            error_code="token_expired",
+        )
+        return PushOutcome()
+    attempt = upload.attempt + 1
+    now = timezone.now()
+    if not _move(
+        upload,
+        Status.PUSHING,
+        f"Sending to IMS (attempt {attempt})",
+        on_attempt=upload.attempt,
+        **{"attempt": attempt, "sent_bytes": 0, "send_rate": 0, "push_started_at": now,
+           "heartbeat_at": now, "retry_at": None, **NO_ERROR},
+    ):
+        return PushOutcome()
+    client = _ims(token)
+    try:
+        already_there = _prepare_image(upload, client, attempt)
+        if not already_there:
+            _send_file(upload, client, attempt)
+    except ImsError as exc:
+        return _push_failed(upload, client, attempt, exc)
+    _move(
+        upload,
+        Status.PROCESSING,
+        "IMS received the whole file and is processing it",
+        on_attempt=attempt,
+        sent_bytes=upload.size,
+        next_poll_at=timezone.now(),
+        ims_status="saving",
+    )
+    upload_poll(upload_id=upload.pk)
+    return PushOutcome()
+
+
+def _prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
+    """Make sure an image record that can take the bytes exists; True if it already holds them.
+
+    An image from an earlier attempt is reused while it is still `queued` (nothing stored yet);
+    one that holds exactly our file already is kept; any other is deleted, so that one upload
+    never leaves two images behind.
+    """
+    if upload.ims_image_id:
+        image = _find_image(client, upload.ims_image_id)
+        if image is not None:
+            if image.status == "queued":
+                return False
+            if image.status == "active" and image.size == upload.size and (
+                not upload.md5 or not image.checksum or image.checksum == upload.md5
+            ):
+                _note(upload, f"IMS image {image.id} already holds the file")
+                return True
+            client.delete_image(image.id)
+            _note(upload, f"Deleted unusable IMS image {image.id} (status {image.status}) before starting again")
+    image = client.create_image(
+        name=upload.name,
+        disk_format=upload.disk_format,
+        os_version=upload.os_version,
+        min_disk=upload.min_disk,
+        min_ram=upload.min_ram,
+        tags=upload.tags,
+    )
+    Upload.objects.filter(pk=upload.pk, attempt=attempt).update(ims_image_id=image.id, ims_status=image.status)
+    upload.ims_image_id, upload.ims_status = image.id, image.status
+    _note(upload, f"Image record created in IMS: {image.id}")
+    return False
+
+
+def _find_image(client: ImsClient, image_id: str):
+    try:
+        return client.get_image(image_id)
+    except ImsError as exc:
+        if exc.kind == "not_found":
+            return None
+        raise
+
+
+def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
+    try:
+        staged = staging.open_for_reading(upload.staged_name)
+    except FileNotFoundError:
+        raise ImsError(
+            "The staged copy of your file is missing, so it cannot be sent.",
+            kind="missing", permanent=True, hint="Upload the file again.",
+        ) from None
+    with staged:
+        result = client.upload_file(
+            upload.ims_image_id, staged, upload.size, on_progress=_progress_recorder(upload, attempt)
+        )
+    Upload.objects.filter(pk=upload.pk, attempt=attempt).update(md5=result.md5, sha512=result.sha512)
+    upload.md5, upload.sha512 = result.md5, result.sha512
+    _note(upload, f"Sent {result.sent_bytes} bytes to IMS (md5 {result.md5})")
+
+
+def _progress_recorder(upload: Upload, attempt: int):
+    """Record bytes sent at most once a second; tell the sender to stop when the upload was
+    cancelled or taken over (the guarded update then matches no row)."""
+    started = time.monotonic()
+    last_write = 0.0
+
+    def record(sent: int) -> bool:
+        nonlocal last_write
+        now = time.monotonic()
+        if now - last_write < 1.0 and sent < upload.size:
+            return True
+        last_write = now
+        rate = sent / max(now - started, 1e-6)
+        return bool(
+            Upload.objects.filter(pk=upload.pk, status=Status.PUSHING, attempt=attempt).update(
+                sent_bytes=sent, send_rate=rate, heartbeat_at=timezone.now()
+            )
+        )
+
+    return record
+
+
+def _push_failed(upload: Upload, client: ImsClient, attempt: int, exc: ImsError) -> PushOutcome:
+    if exc.kind == "aborted":  # cancelled (or taken over) while sending: the canceller cleans up
+        _note(upload, "Sending stopped")
+        return PushOutcome()
+    if exc.kind == "auth":
+        _move(upload, Status.RECONNECT, exc.message, detail=exc.raw, on_attempt=attempt, **_error_fields(exc))
+        return PushOutcome()
+    if not exc.permanent and attempt < MAX_PUSH_ATTEMPTS:
+        delay = min(300, 5 * 3 ** (attempt - 1))
+        retry_at = timezone.now() + timedelta(seconds=delay)
+        moved = _move(
+            upload,
+            Status.RECEIVED,
+            f"{exc.message} Trying again in {delay} seconds.",
+            detail=exc.raw,
+            on_attempt=attempt,
+            retry_at=retry_at,
+            **_error_fields(exc),
+        )
+        return PushOutcome(retry_in=delay if moved else None)
+    if upload.ims_image_id:
+        _delete_quietly(upload, client)
+    _move(upload, Status.FAILED, exc.message, detail=exc.raw, on_attempt=attempt, **_error_fields(exc))
+    return PushOutcome()
+
+
+def _delete_quietly(upload: Upload, client: ImsClient) -> None:
+    """Remove a half-made image after a failure; a failure to do so is noted, not raised."""
+    try:
+        client.delete_image(upload.ims_image_id)
+    except ImsError as exc:
+        _note(upload, f"Could not delete IMS image {upload.ims_image_id}: {exc.message}", exc.raw)
+        return
+    _note(upload, f"Deleted IMS image {upload.ims_image_id}")
+    Upload.objects.filter(pk=upload.pk).update(ims_image_id="", ims_status="")
+    upload.ims_image_id = upload.ims_status = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Following the image in IMS
+
+
+def uploads_due_for_poll() -> list[int]:
+    """Lease the uploads whose next poll is due, so that a slow poll is not queued twice."""
+    now = timezone.now()
+    lease = now + timedelta(seconds=max(30, settings.UPLOAD_POLL_SECONDS * 6))
+    due = []
+    for upload_id, next_poll_at in Upload.objects.filter(
+        status=Status.PROCESSING, next_poll_at__lte=now
+    ).values_list("pk", "next_poll_at")[:500]:
+        if Upload.objects.filter(pk=upload_id, next_poll_at=next_poll_at).update(next_poll_at=lease):
+            due.append(upload_id)
+    return due
+
+
+def upload_poll(*, upload_id: int) -> None:
+    """Ask IMS how the image is doing; finish the upload when IMS has decided."""
+    upload = Upload.objects.filter(pk=upload_id).first()
+    if upload is None or upload.status != Status.PROCESSING:
+        return
+    token = _usable_token(upload.owner_id)
+    if token is None:
+        _move(
+            upload,
+            Status.RECONNECT,
+            "The cloud sign-in expired while IMS was processing the image",
+            error_message="Your cloud sign-in has expired, so the portal cannot check on your image.",
+            error_hint="Reconnect on the Cloud account page: checking then continues by itself.",
+            error_code="token_expired",
+        )
+        return
+    client = _ims(token)
+    try:
+        image = client.get_image(upload.ims_image_id)
+    except ImsError as exc:
+        _poll_failed(upload, exc)
+        return
+    if image.status in IMS_DONE_STATUSES:
+        _finish(upload, client, image)
+    elif image.status in IMS_FAILED_STATUSES:
+        _move(
+            upload,
+            Status.FAILED,
+            f"IMS could not process the image (status {image.status})",
+            detail=str(image.raw),
+            ims_status=image.status,
+            error_message="The cloud could not turn your file into an image "
+            f"(it reports the image as {image.status}).",
+            error_hint="Check that the file is a bootable disk in the format you chose, then press Retry "
+            "or upload a corrected file.",
+            error_code=f"ims_{image.status}",
+        )
+    else:
+        _schedule_poll(upload, image.status)
+
+
+def _schedule_poll(upload: Upload, ims_status: str) -> None:
+    delay = min(60.0, settings.UPLOAD_POLL_SECONDS * (1 + upload.poll_count // 10))
+    if ims_status != upload.ims_status:
+        _note(upload, f"IMS reports the image as {ims_status}")
+    Upload.objects.filter(pk=upload.pk, status=Status.PROCESSING).update(
+        ims_status=ims_status,
+        poll_count=upload.poll_count + 1,
+        next_poll_at=timezone.now() + timedelta(seconds=delay),
+    )
+
+
+def _poll_failed(upload: Upload, exc: ImsError) -> None:
+    if exc.kind == "auth":
+        _move(upload, Status.RECONNECT, exc.message, detail=exc.raw, **_error_fields(exc))
+    elif not exc.permanent:
+        _note(upload, f"Checking the image failed for now: {exc.message}", exc.raw)
+        _schedule_poll(upload, upload.ims_status)
+    else:
+        _move(upload, Status.FAILED, exc.message, detail=exc.raw, **_error_fields(exc))
+
+
+def _finish(upload: Upload, client: ImsClient, image) -> None:
+    """The image is active: make sure it holds exactly the bytes we sent."""
+    mismatch = []
+    if image.size is not None and image.size != upload.size:
+        mismatch.append(f"size {image.size} != {upload.size}")
+    if image.checksum and upload.md5 and image.checksum != upload.md5:
+        mismatch.append(f"md5 {image.checksum} != {upload.md5}")
+    if image.os_hash_value and upload.sha512 and image.os_hash_value != upload.sha512:
+        mismatch.append("sha512 differs")
+    if mismatch:
+        _delete_quietly(upload, client)
+        _move(
+            upload,
+            Status.FAILED,
+            "IMS stored something other than the file that was sent: " + ", ".join(mismatch),
+            detail=str(image.raw),
+            error_message="The cloud stored something other than what you uploaded.",
+            error_hint="The bad image was deleted. Press Retry to send the file again.",
+            error_code="checksum_mismatch",
+        )
+        return
+    _move(upload, Status.READY, f"Image {image.id} is active in IMS", ims_status=image.status, next_poll_at=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the owner (or an admin) asks for
+
+
+def upload_retry(*, upload: Upload, by) -> None:
+    if not upload.can_retry:
+        raise ServiceError("Only a failed upload, or one waiting for a new cloud sign-in, can be retried.")
+    if not staging.exists(upload.staged_name):
+        raise ServiceError("The staged copy of this file is gone: please upload the file again.")
+    if not _move(upload, Status.RECEIVED, f"Retry requested by {by}", **NO_ERROR):
+        raise ServiceError("This upload changed in the meantime; reload the page and try again.")
+    _enqueue_push(upload.pk)
+
+
+def upload_cancel(*, upload: Upload, by) -> None:
+    if not _move(upload, Status.CANCELLED, f"Cancelled by {by}", next_poll_at=None, **NO_ERROR):
+        raise ServiceError("This upload has finished or changed and can no longer be cancelled.")
+    _enqueue_discard(upload.pk)
+
+
+def upload_discard(*, upload_id: int) -> None:
+    """After a cancel: delete the staged file and the image in IMS (with the owner's token)."""
+    upload = Upload.objects.filter(pk=upload_id, status=Status.CANCELLED).first()
+    if upload is None:
+        return
+    staging.delete(upload.staged_name)
+    if upload.ims_image_id:
+        token = _usable_token(upload.owner_id)
+        if token is None:
+            _note(upload, f"IMS image {upload.ims_image_id} was not deleted: the cloud sign-in has expired")
+            return
+        _delete_quietly(upload, _ims(token))

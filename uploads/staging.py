@@ -1,0 +1,103 @@
+"""Where uploaded bytes wait between the browser and IMS: the storage named "staging".
+
+Files get server-made names (never the user's file name) and are written in place at an offset,
+one fixed-size buffer at a time, so that a chunk of any size never sits in memory.
+"""
+
+import errno
+import fcntl
+import os
+from typing import BinaryIO
+
+from django.core.files.storage import storages
+
+BUFFER_SIZE = 1024 * 1024
+
+
+class StagingBusy(Exception):
+    """Another request is writing to the same staged file right now."""
+
+
+class StagingFull(Exception):
+    """The staging disk has no room left for the bytes being written."""
+
+
+def storage():
+    return storages["staging"]
+
+
+def name_for(upload_uid) -> str:
+    return f"{upload_uid}.img"
+
+
+def _path(name: str) -> str:
+    # The staging storage is a local folder (FileSystemStorage); path() is how it names a file.
+    return storage().path(name)
+
+
+def create(name: str) -> None:
+    """Make an empty staged file (and the staging folder when it is missing)."""
+    path = _path(name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "xb"):
+        pass
+
+
+def write_at(name: str, offset: int, stream: BinaryIO, length: int) -> int:
+    """Copy up to `length` bytes from `stream` into the staged file at `offset`.
+
+    Returns how many bytes were written; a client that goes away mid-chunk leaves what arrived,
+    and the caller records that as the new offset. Bytes past the offset from an earlier,
+    interrupted write are cut off first, so the file always ends at the recorded offset.
+    """
+    written = 0
+    # Unbuffered, so that a full disk shows up here and not later at close().
+    with open(_path(name), "r+b", buffering=0) as staged:
+        try:
+            fcntl.flock(staged, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StagingBusy(name) from None
+        staged.truncate(offset)
+        staged.seek(offset)
+        while written < length:
+            try:
+                chunk = stream.read(min(BUFFER_SIZE, length - written))
+            except OSError:  # the client went away mid-chunk
+                break
+            if not chunk:
+                break
+            try:
+                _write_all(staged, chunk)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    staged.truncate(offset + written)
+                    raise StagingFull(name) from None
+                raise
+            written += len(chunk)
+    return written
+
+
+def _write_all(staged, chunk: bytes) -> None:
+    view = memoryview(chunk)
+    while view:
+        view = view[staged.write(view):]
+
+
+def size(name: str) -> int | None:
+    try:
+        return os.path.getsize(_path(name))
+    except FileNotFoundError:
+        return None
+
+
+def exists(name: str) -> bool:
+    return size(name) is not None
+
+
+def open_for_reading(name: str) -> BinaryIO:
+    return open(_path(name), "rb")
+
+
+def delete(name: str) -> None:
+    if name:
+        storage().delete(name)

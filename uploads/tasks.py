@@ -1,0 +1,30 @@
+"""Celery tasks: thin. Each takes an upload id (never a token), calls a service, and decides
+about retrying. The database row guards every step, so a lost or repeated message is harmless."""
+
+from celery import shared_task
+
+from uploads import services
+
+
+@shared_task(bind=True, max_retries=None)
+def push_upload(self, upload_id: int) -> None:
+    outcome = services.upload_push(upload_id=upload_id)
+    if outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in)
+
+
+@shared_task
+def poll_upload(upload_id: int) -> None:
+    services.upload_poll(upload_id=upload_id)
+
+
+@shared_task
+def poll_due_uploads() -> None:
+    """Beat: queue a poll for every upload whose next check of IMS is due."""
+    for upload_id in services.uploads_due_for_poll():
+        poll_upload.delay(upload_id)
+
+
+@shared_task
+def discard_upload(upload_id: int) -> None:
+    services.upload_discard(upload_id=upload_id)

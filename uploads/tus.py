@@ -1,0 +1,200 @@
+"""The resumable upload protocol (tus 1.0.0) at /tus/: core, creation, termination, expiration.
+
+Written here rather than taken from drf-tus: that library reads each chunk whole into memory
+(`request.body`) and copies through temporary files, and it needs Django REST framework and
+django-fsm 2. This module streams each PATCH body into the staged file one buffer at a time.
+
+Only the signed-in owner may see or touch an upload: anyone else gets 404, as for a missing one.
+CSRF protection applies as on every other state-changing request (the upload page sends the
+X-CSRFToken header).
+"""
+
+import base64
+import binascii
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.urls import reverse
+from django.utils.http import http_date
+
+from uploads import services, staging
+from uploads.forms import UploadMetadataForm
+from uploads.models import Status, Upload
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = "creation,termination,expiration"
+
+
+def _response(status: int, text: str = "", **headers) -> HttpResponse:
+    response = HttpResponse(text, status=status, content_type="text/plain; charset=utf-8")
+    response["Tus-Resumable"] = TUS_VERSION
+    response["Cache-Control"] = "no-store"
+    for name, value in headers.items():
+        response[name.replace("_", "-")] = value
+    return response
+
+
+def _expires(upload: Upload) -> dict:
+    if upload.receive_expires_at is None or upload.status != Status.RECEIVING:
+        return {}
+    return {"Upload_Expires": http_date(upload.receive_expires_at.timestamp())}
+
+
+def parse_metadata(header: str) -> dict[str, str]:
+    """Upload-Metadata: comma-separated `key base64(value)` pairs; a key may have no value."""
+    metadata = {}
+    for pair in header.split(","):
+        pair = pair.strip()
+        if not pair:
+            continue
+        key, _, encoded = pair.partition(" ")
+        try:
+            metadata[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise ValueError(f"Upload-Metadata value of “{key}” is not valid base64 UTF-8.") from None
+    return metadata
+
+
+def _integer_header(request: HttpRequest, name: str) -> int | None:
+    value = request.headers.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def _refuse_unsupported_version(request: HttpRequest) -> HttpResponse | None:
+    if request.method != "OPTIONS" and request.headers.get("Tus-Resumable") != TUS_VERSION:
+        return _response(412, "Only tus 1.0.0 is supported.", Tus_Version=TUS_VERSION)
+    return None
+
+
+def tus_collection(request: HttpRequest) -> HttpResponse:
+    """/tus/: OPTIONS (what this server can do) and POST (create an upload)."""
+    if request.method == "OPTIONS":
+        return _response(
+            204,
+            Tus_Version=TUS_VERSION,
+            Tus_Extension=EXTENSIONS,
+            Tus_Max_Size=str(settings.UPLOAD_MAX_BYTES),
+        )
+    if request.method != "POST":
+        return _response(405, "Method not allowed.", Allow="OPTIONS, POST")
+    if not request.user.is_authenticated:
+        return _response(403, "Sign in to the portal first.")
+    refused = _refuse_unsupported_version(request)
+    if refused:
+        return refused
+    return _create(request)
+
+
+def _create(request: HttpRequest) -> HttpResponse:
+    length = _integer_header(request, "Upload-Length")
+    if length is None:
+        return _response(400, "Upload-Length is required (deferred lengths are not supported).")
+    if length > settings.UPLOAD_MAX_BYTES:
+        return _response(413, "The file is 128 GB or larger; IMS takes only smaller images.")
+    account = getattr(request.user, "cloud_account", None)
+    if not services.cloud_account_usable(account):
+        return _response(
+            403,
+            f"Connect your cloud account first (Cloud account page: {reverse('cloud_account')}); "
+            "your cloud sign-in is missing or has expired.",
+        )
+    try:
+        metadata = parse_metadata(request.headers.get("Upload-Metadata", ""))
+    except ValueError as exc:
+        return _response(400, str(exc))
+    form = UploadMetadataForm({**metadata, "size": length})
+    if not form.is_valid():
+        return _response(400, form.error_text())
+    data = form.cleaned_data
+    upload = services.upload_create(
+        owner=request.user,
+        size=length,
+        filename=data["filename"],
+        name=data["image_name"],
+        disk_format=data["disk_format"],
+        os_version=data["os_version"],
+        min_disk=data["min_disk"],
+        min_ram=data["min_ram"],
+        tags=data["tags"],
+    )
+    location = request.build_absolute_uri(reverse("tus_resource", args=[upload.uid]))
+    return _response(201, Location=location, Upload_Offset="0", **_expires(upload))
+
+
+def tus_resource(request: HttpRequest, uid) -> HttpResponse:
+    """/tus/<uid>: HEAD (where are we), PATCH (more bytes), DELETE (give up)."""
+    response = _resource(request, uid)
+    if request.method == "HEAD":  # a reply to HEAD carries headers only
+        response.content = b""
+    return response
+
+
+def _resource(request: HttpRequest, uid) -> HttpResponse:
+    if request.method == "OPTIONS":
+        return tus_collection(request)
+    if not request.user.is_authenticated:
+        return _response(404, "No such upload.")
+    refused = _refuse_unsupported_version(request)
+    if refused:
+        return refused
+    upload = Upload.objects.filter(uid=uid, owner=request.user).first()
+    if upload is None:
+        return _response(404, "No such upload.")
+    if request.method in {"HEAD", "PATCH"} and services.upload_is_expired(upload):
+        services.upload_expire(upload=upload)
+        return _response(410, "This upload expired; upload the file again.")
+    if request.method == "HEAD":
+        return _head(upload)
+    if request.method == "PATCH":
+        return _patch(request, upload)
+    if request.method == "DELETE":
+        return _delete(request, upload)
+    return _response(405, "Method not allowed.", Allow="HEAD, PATCH, DELETE, OPTIONS")
+
+
+def _head(upload: Upload) -> HttpResponse:
+    if upload.status == Status.CANCELLED or (upload.status == Status.FAILED and upload.error_code == "expired"):
+        return _response(410, "This upload was cancelled or expired.")
+    return _response(
+        200,
+        Upload_Offset=str(upload.received_bytes),
+        Upload_Length=str(upload.size),
+        **_expires(upload),
+    )
+
+
+def _patch(request: HttpRequest, upload: Upload) -> HttpResponse:
+    if request.content_type != "application/offset+octet-stream":
+        return _response(415, "Content-Type must be application/offset+octet-stream.")
+    offset = _integer_header(request, "Upload-Offset")
+    if offset is None:
+        return _response(400, "Upload-Offset is required.")
+    if upload.status != Status.RECEIVING:
+        return _response(409, "This upload is not receiving bytes any more.", Upload_Offset=str(upload.received_bytes))
+    if offset != upload.received_bytes:
+        return _response(409, f"Wrong offset: the server has {upload.received_bytes} bytes.",
+                         Upload_Offset=str(upload.received_bytes))
+    length = _integer_header(request, "Content-Length")
+    if length is None:
+        return _response(411, "Content-Length is required.")
+    if offset + length > upload.size:
+        return _response(413, "This chunk goes past the end of the file (Upload-Length).")
+    try:
+        new_offset = services.upload_receive(upload=upload, offset=offset, stream=request, length=length)
+    except staging.StagingBusy:
+        return _response(423, "Another request is writing to this upload; try again.")
+    except staging.StagingFull:
+        return _response(
+            507,
+            "The portal's staging disk is full. Your upload is kept and can resume later; "
+            "an administrator has to free space.",
+        )
+    return _response(204, Upload_Offset=str(new_offset), **_expires(upload))
+
+
+def _delete(request: HttpRequest, upload: Upload) -> HttpResponse:
+    try:
+        services.upload_cancel(upload=upload, by=request.user.get_username())
+    except services.ServiceError as exc:
+        return _response(409, str(exc))
+    return _response(204)

@@ -1,0 +1,140 @@
+"""Pages and the live status JSON. Thin: read the request, call a service, render."""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from uploads import services
+from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm
+from uploads.ims import ImsError
+from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
+
+
+def cloud_account_context(request: HttpRequest) -> dict:
+    """Every page knows whether the cloud account is usable and how many uploads wait for it."""
+    if not getattr(request, "user", None) or not request.user.is_authenticated:
+        return {}
+    account = CloudAccount.objects.filter(user=request.user).first()
+    return {
+        "cloud_account": account,
+        "cloud_connected": services.cloud_account_usable(account),
+        "waiting_for_reconnect": Upload.objects.filter(owner=request.user, status=Status.RECONNECT).count(),
+    }
+
+
+@login_required
+def home(request):
+    return redirect("upload")
+
+
+@login_required
+def upload_page(request):
+    return render(
+        request,
+        "uploads/upload.html",
+        {
+            "os_versions": COMMON_OS_VERSIONS,
+            "disk_formats": DiskFormat.choices,
+            "extension_formats": {ext: fmt.value for ext, fmt in EXTENSION_FORMATS.items()},
+        },
+    )
+
+
+@login_required
+def my_uploads(request):
+    uploads = Upload.objects.filter(owner=request.user)
+    return render(request, "uploads/my_uploads.html", {"uploads": uploads})
+
+
+def _own_upload(request, uid) -> Upload:
+    return get_object_or_404(Upload, uid=uid, owner=request.user)
+
+
+@login_required
+def upload_detail(request, uid):
+    upload = _own_upload(request, uid)
+    return render(request, "uploads/detail.html", {"upload": upload, "events": upload.events.all()})
+
+
+def status_json(upload: Upload) -> dict:
+    return {
+        "id": str(upload.uid),
+        "name": upload.name,
+        "status": upload.status,
+        "status_label": upload.get_status_display(),
+        "size": upload.size,
+        "received_bytes": upload.received_bytes,
+        "sent_bytes": upload.sent_bytes,
+        "send_rate": round(upload.send_rate),
+        "eta_seconds": upload.eta_seconds,
+        "progress_percent": upload.progress_percent,
+        "ims_status": upload.ims_status,
+        "ims_image_id": upload.ims_image_id,
+        "attempt": upload.attempt,
+        "retry_at": upload.retry_at.isoformat() if upload.retry_at else None,
+        "error_message": upload.error_message,
+        "error_hint": upload.error_hint,
+        "finished": upload.is_finished,
+        "can_retry": upload.can_retry,
+        "can_cancel": upload.can_cancel,
+    }
+
+
+@login_required
+def upload_status(request, uid):
+    return JsonResponse(status_json(_own_upload(request, uid)))
+
+
+def _back(request, upload: Upload):
+    """Back to the page the button was on: the upload's own page or the list."""
+    return redirect(upload if request.POST.get("next") == "detail" else "my_uploads")
+
+
+@login_required
+@require_POST
+def upload_retry(request, uid):
+    upload = _own_upload(request, uid)
+    try:
+        services.upload_retry(upload=upload, by=request.user.get_username())
+    except services.ServiceError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"“{upload.name}” will be sent again.")
+    return _back(request, upload)
+
+
+@login_required
+@require_POST
+def upload_cancel(request, uid):
+    upload = _own_upload(request, uid)
+    try:
+        services.upload_cancel(upload=upload, by=request.user.get_username())
+    except services.ServiceError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"“{upload.name}” was cancelled; its staged file and cloud image are removed.")
+    return _back(request, upload)
+
+
+@login_required
+def cloud_account(request):
+    form = CloudAccountForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.cloud_account_connect(user=request.user, **form.cleaned_data)
+        except ImsError as exc:
+            form.add_error(None, f"{exc.message} {exc.hint}".strip())
+        else:
+            messages.success(request, "Your cloud account is connected.")
+            return redirect("cloud_account")
+    return render(request, "uploads/cloud_account.html", {"form": form})
+
+
+@login_required
+@require_POST
+def cloud_disconnect(request):
+    services.cloud_account_disconnect(user=request.user)
+    messages.success(request, "Your cloud account was disconnected and its token deleted.")
+    return redirect("cloud_account")
