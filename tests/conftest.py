@@ -1,0 +1,249 @@
+"""Shared fixtures: users alice and bob, a temp staging folder, the IMS simulator over real HTTP,
+and (for end-to-end tests) a real Celery worker process with real Redis.
+
+Servers that are slow to start (simulator for e2e, Celery worker, OpenStack peers) live once per
+test session; tests reset their state instead of restarting them.
+"""
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings as django_settings
+from django.utils import timezone
+
+from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_NAME, DEMO_USER, Simulator
+from tests.openstack_fixture import openstack_peers  # noqa: F401  (a session fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRF_SECRET = "a" * 32  # any 32-letter secret works as the csrftoken cookie and header
+
+
+def wait_for(condition, *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    """Wait until condition() returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def staging_dir(settings, tmp_path):
+    """Every test stages files in a folder of its own."""
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    settings.STORAGES = {
+        **django_settings.STORAGES,
+        "staging": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(folder)},
+        },
+    }
+    return folder
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", "alice@example.com", "alice-pw-1234")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", "bob@example.com", "bob-pw-1234")
+
+
+@pytest.fixture
+def alice_client(client, alice):
+    client.force_login(alice)
+    return client
+
+
+@pytest.fixture(scope="session")
+def session_sim(tmp_path_factory):
+    sim = Simulator(tmp_path_factory.mktemp("imssim"), processing_seconds=0.0).start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def sim(session_sim, settings):
+    """The IMS simulator, cleared for this test, with the portal pointed at it."""
+    session_sim.reset()
+    settings.IMS_ENDPOINT = session_sim.url
+    settings.IAM_ENDPOINT = f"{session_sim.url}/v3"
+    return session_sim
+
+
+def connect_cloud(user):
+    """Link `user` to the simulator's demo cloud account through the real IAM call."""
+    from uploads import services
+
+    return services.cloud_account_connect(
+        user=user, domain=DEMO_DOMAIN, user_name=DEMO_USER, password=DEMO_PASSWORD, project=DEMO_PROJECT_NAME
+    )
+
+
+@pytest.fixture
+def alice_connected(alice, sim):
+    connect_cloud(alice)
+    return alice
+
+
+@pytest.fixture
+def alice_with_token(alice):
+    """Alice with a stored (made-up) token: enough for the tus server, which never calls IMS."""
+    from uploads import crypto
+    from uploads.models import CloudAccount
+
+    CloudAccount.objects.create(
+        user=alice,
+        domain_name="d",
+        user_name="u",
+        project_name="eu-de",
+        token_encrypted=crypto.encrypt("made-up-token"),
+        expires_at=timezone.now() + timedelta(hours=12),
+    )
+    return alice
+
+
+def make_image(path: Path, size: int) -> Path:
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A real Celery worker (with embedded beat) and real Redis, for end-to-end tests.
+
+
+def _redis_url() -> str:
+    # A database number of its own, so that tests never mix with a running `make run`.
+    return os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _database_url(settings_dict) -> str:
+    name = settings_dict["NAME"]
+    if settings_dict["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{name}"
+    user = settings_dict.get("USER") or ""
+    password = f":{settings_dict['PASSWORD']}" if settings_dict.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    host = settings_dict.get("HOST") or "127.0.0.1"
+    port = settings_dict.get("PORT") or 5432
+    return f"postgres://{auth}{host}:{port}/{name}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_broker():
+    """Any task a test sends goes to the test Redis database, never to a running portal's."""
+    from portal.celery import app
+
+    app.conf.broker_url = _redis_url()
+    return app.conf.broker_url
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(tmp_path_factory):
+    """SQLite tests use a file, not memory, so that a worker process can share the database."""
+    db = django_settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        db.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
+
+
+class Worker:
+    def __init__(self, env: dict, log_path: Path):
+        self.env = env
+        self.log_path = log_path
+        self.process = None
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "portal", "worker", "-B", "-Q", "uploads,celery",
+             "--concurrency", "2", "-l", "info", "--without-gossip", "--without-mingle",
+             "-s", str(self.log_path.parent / "beat-schedule")],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_for(lambda: b"ready." in self.log_path.read_bytes(), timeout=60, what="the Celery worker")
+        return self
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, session_sim, tmp_path_factory, test_broker):
+    """One real Celery worker (with beat) for the whole session, on the test database."""
+    url = test_broker
+    try:
+        redis.Redis.from_url(url).flushdb()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is needed for end-to-end tests at {url}: {exc}")
+    from django.db import connection
+
+    folder = tmp_path_factory.mktemp("worker")
+    staging = folder / "staging"
+    staging.mkdir()
+    env = {
+        **os.environ,
+        "DATABASE_URL": _database_url(connection.settings_dict),
+        "REDIS_URL": url,
+        "STAGING_DIR": str(staging),
+        "IMS_ENDPOINT": session_sim.url,
+        "IAM_ENDPOINT": f"{session_sim.url}/v3",
+        "TOKEN_ENCRYPTION_KEY": django_settings.TOKEN_ENCRYPTION_KEY,
+        "UPLOAD_POLL_SECONDS": "0.5",
+        "LOG_LEVEL": "INFO",
+    }
+    worker = Worker(env, folder / "worker.log").start()
+    worker.staging = staging
+    worker.redis_url = url
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def e2e(celery_worker_process, settings, transactional_db, sim):
+    """A test that runs against the real worker: this process uses the same staging, broker
+    and database as the worker does."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staging": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(celery_worker_process.staging)},
+        },
+    }
+    return celery_worker_process
+
+
+def tus_headers(client) -> dict:
+    """Headers with which a tus client outside Django's test client acts as the signed-in user."""
+    session = client.cookies[django_settings.SESSION_COOKIE_NAME].value
+    return {
+        "Cookie": f"{django_settings.SESSION_COOKIE_NAME}={session}; {django_settings.CSRF_COOKIE_NAME}={CSRF_SECRET}",
+        "X-CSRFToken": CSRF_SECRET,
+    }
+
+
+def random_name() -> str:
+    return secrets.token_hex(4)

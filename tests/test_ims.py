@@ -1,0 +1,183 @@
+"""The IAM/IMS client against the simulator over real HTTP, and its reading of error replies."""
+
+import hashlib
+import io
+
+import pytest
+import requests
+
+from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_ID, DEMO_PROJECT_NAME, DEMO_USER
+from uploads.ims import IamClient, ImsClient, ImsError, explain
+
+
+@pytest.fixture
+def token(session_sim):
+    session_sim.reset()
+    return IamClient(f"{session_sim.url}/v3").get_token(
+        domain=DEMO_DOMAIN, user=DEMO_USER, password=DEMO_PASSWORD, project=DEMO_PROJECT_NAME
+    )
+
+
+@pytest.fixture
+def ims(session_sim, token):
+    return ImsClient(session_sim.url, token.value)
+
+
+def test_it_gets_a_project_scoped_token(token):
+    assert token.value
+    assert token.project_name == DEMO_PROJECT_NAME and token.project_id == DEMO_PROJECT_ID
+    assert token.expires_at.tzinfo is not None
+
+
+def test_a_project_id_works_as_well_as_a_name(session_sim):
+    token = IamClient(f"{session_sim.url}/v3").get_token(
+        domain=DEMO_DOMAIN, user=DEMO_USER, password=DEMO_PASSWORD, project=DEMO_PROJECT_ID
+    )
+    assert token.project_name == DEMO_PROJECT_NAME
+
+
+def test_the_token_never_shows_in_its_repr(token):
+    assert token.value not in repr(token)
+
+
+def test_wrong_credentials_say_what_to_check(session_sim):
+    with pytest.raises(ImsError) as error:
+        IamClient(f"{session_sim.url}/v3").get_token(
+            domain=DEMO_DOMAIN, user=DEMO_USER, password="wrong", project=DEMO_PROJECT_NAME
+        )
+    assert error.value.kind == "auth" and error.value.permanent
+    assert "check the domain, user name, password and project" in error.value.message
+    assert "wrong" not in error.value.raw
+
+
+def test_unreachable_iam_is_a_network_error():
+    with pytest.raises(ImsError) as error:
+        IamClient("http://127.0.0.1:9/v3").get_token(domain="d", user="u", password="p", project="x")
+    assert error.value.kind == "network" and not error.value.permanent
+
+
+def test_create_upload_and_follow_an_image(ims, session_sim, tmp_path):
+    data = b"\x00" * 1000 + b"disk" * 3000
+    image = ims.create_image(
+        name="web", disk_format="raw", os_version="Ubuntu 22.04 server 64bit", min_disk=1, tags=["env=test"]
+    )
+    assert image.status == "queued"
+    progress = []
+    result = ims.upload_file(image.id, io.BytesIO(data), len(data), on_progress=progress.append, buffer_size=4096)
+    assert result.sent_bytes == len(data)
+    assert result.md5 == hashlib.md5(data).hexdigest()
+    assert result.sha512 == hashlib.sha512(data).hexdigest()
+    assert progress[-1] == len(data) and len(progress) == -(-len(data) // 4096)
+    active = ims.get_image(image.id)
+    assert active.status == "active"
+    assert (active.size, active.checksum, active.os_hash_value) == (len(data), result.md5, result.sha512)
+    assert active.raw["__os_version"] == "Ubuntu 22.04 server 64bit"
+    ims.delete_image(image.id)
+    with pytest.raises(ImsError) as error:
+        ims.get_image(image.id)
+    assert error.value.kind == "not_found"
+
+
+def test_the_put_carries_a_content_length_not_chunks(ims, session_sim, monkeypatch):
+    sent_headers = {}
+    original = requests.Session.send
+
+    def spy(self, request, **kwargs):
+        sent_headers.update(request.headers)
+        return original(self, request, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "send", spy)
+    image = ims.create_image(name="x", disk_format="raw")
+    ims.upload_file(image.id, io.BytesIO(b"abc"), 3)
+    assert sent_headers["Content-Length"] == "3"
+    assert "Transfer-Encoding" not in sent_headers
+    assert sent_headers["Content-Type"] == "application/octet-stream"
+
+
+def test_a_second_put_is_an_explained_conflict(ims):
+    image = ims.create_image(name="x", disk_format="raw")
+    ims.upload_file(image.id, io.BytesIO(b"abc"), 3)
+    with pytest.raises(ImsError) as error:
+        ims.upload_file(image.id, io.BytesIO(b"abc"), 3)
+    assert error.value.status == 409 and error.value.kind == "conflict"
+    assert "already has data" in error.value.message and "Retry" in error.value.hint
+
+
+def test_returning_false_from_progress_aborts_the_put(ims):
+    image = ims.create_image(name="x", disk_format="raw")
+    with pytest.raises(ImsError) as error:
+        ims.upload_file(image.id, io.BytesIO(b"a" * 100_000), 100_000, on_progress=lambda sent: False,
+                        buffer_size=1000)
+    assert error.value.kind == "aborted"
+
+
+def test_a_server_error_is_temporary(ims, session_sim):
+    image = ims.create_image(name="x", disk_format="raw")
+    session_sim.set_faults(fail_puts=1)
+    with pytest.raises(ImsError) as error:
+        ims.upload_file(image.id, io.BytesIO(b"abc"), 3)
+    assert error.value.status == 500 and not error.value.permanent
+    assert "IMG" in error.value.raw or "System error" in error.value.raw
+
+
+def test_a_cut_connection_is_temporary(ims, session_sim):
+    image = ims.create_image(name="x", disk_format="raw")
+    session_sim.set_faults(cut_put_after_bytes=50_000)
+    with pytest.raises(ImsError) as error:
+        ims.upload_file(image.id, io.BytesIO(b"a" * 5_000_000), 5_000_000, buffer_size=10_000)
+    assert error.value.kind == "network" and not error.value.permanent
+
+
+def test_an_expired_token_means_reconnect(ims, session_sim):
+    session_sim.set_faults(expire_tokens=True)
+    with pytest.raises(ImsError) as error:
+        ims.create_image(name="x", disk_format="raw")
+    assert error.value.kind == "auth" and error.value.status == 401
+    assert "Reconnect on the Cloud account page" in error.value.hint
+
+
+def test_an_unsupported_format_is_explained(ims):
+    with pytest.raises(ImsError) as error:
+        ims.create_image(name="x", disk_format="vmdk")
+    assert error.value.kind == "bad_request"
+    assert error.value.message == "The cloud does not accept this disk format for direct uploads."
+
+
+def _reply(status: int, body: str, content_type: str) -> requests.Response:
+    response = requests.Response()
+    response.status_code = status
+    response.reason = "Reason"
+    response._content = body.encode()
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+@pytest.mark.parametrize(
+    "status, body, content_type, kind, permanent",
+    [
+        (400, '{"error": {"code": "IMG.0001", "message": "bad"}}', "application/json", "bad_request", True),
+        (401, '{"error": {"code": "APIGW.0307", "message": "expired"}}', "application/json", "auth", True),
+        (403, '{"message": "You are not authorized", "code": "403 Forbidden"}', "application/json", "forbidden",
+         True),
+        (404, "<html><body><h1>404 Not Found</h1>No image found with ID x<br /><br /></body></html>",
+         "text/html", "not_found", True),
+        (409, '{"message": "Image status transition from active to saving is not allowed<br /><br />\\n"}',
+         "application/json", "conflict", True),
+        (413, '{"error": {"code": "IMG.0059", "message": "too big"}}', "application/json", "too_large", True),
+        (415, "<h1>415</h1>Image disk_format qcow2 does not match stream data raw", "text/html", "unsupported",
+         True),
+        (500, '{"error": {"code": "IMG.0010", "message": "System error."}}', "application/json", "server", False),
+        (503, "Service Unavailable", "text/plain", "server", False),
+    ],
+)
+def test_every_error_reply_becomes_plain_words(status, body, content_type, kind, permanent):
+    error = explain(_reply(status, body, content_type))
+    assert (error.kind, error.permanent, error.status) == (kind, permanent, status)
+    assert error.message and error.hint
+    assert body[:20] in error.raw  # the raw reply is kept for admins
+
+
+def test_a_glance_schema_error_shows_its_sentence_without_markup():
+    body = '{"message": "Provided object does not match schema \'image\'<br /><br />\\n\\n\\n", "code": "400"}'
+    error = explain(_reply(400, body, "application/json"))
+    assert error.message == "The cloud refused the image details: Provided object does not match schema 'image'"

@@ -1,0 +1,265 @@
+"""From staged file to active image: the push and poll services against the simulator over HTTP."""
+
+import hashlib
+import io
+import os
+import threading
+
+import pytest
+
+from tests.conftest import connect_cloud, wait_for
+from uploads import services
+from uploads.ims import ImsClient
+from uploads.models import Status, Upload
+
+
+def received_upload(owner, data: bytes, *, disk_format="raw", name="web-server") -> Upload:
+    upload = services.upload_create(
+        owner=owner, size=len(data), filename=f"{name}.{disk_format}", name=name, disk_format=disk_format,
+        os_version="Ubuntu 22.04 server 64bit", min_disk=1, min_ram=512, tags=["env=test"],
+    )
+    services.upload_receive(upload=upload, offset=0, stream=io.BytesIO(data), length=len(data))
+    upload.refresh_from_db()
+    assert upload.status == Status.RECEIVED
+    return upload
+
+
+def timeline(upload) -> list[str]:
+    return [event.message for event in upload.events.all()]
+
+
+def puts(sim) -> list[int]:
+    return [r["status"] for r in sim.requests_seen() if r["method"] == "PUT"]
+
+
+DATA = os.urandom(300_000)
+
+
+def test_a_received_upload_ends_ready_with_the_same_bytes(alice_connected, sim):
+    upload = received_upload(alice_connected, DATA)
+    assert services.upload_push(upload_id=upload.pk).retry_in is None
+    upload.refresh_from_db()
+    assert upload.status == Status.READY
+    [image] = sim.images()
+    assert (upload.ims_image_id, upload.ims_status) == (image["id"], "active")
+    assert image["checksum"] == hashlib.md5(DATA).hexdigest() == upload.md5
+    assert upload.sha512 == hashlib.sha512(DATA).hexdigest()
+    assert open(image["path"], "rb").read() == DATA
+    assert upload.sent_bytes == len(DATA) and upload.finished_at
+    messages = timeline(upload)
+    assert "All bytes received" in messages
+    assert any(m.startswith("Image record created in IMS") for m in messages)
+    assert messages[-1] == f"Image {image['id']} is active in IMS"
+
+
+def test_the_image_gets_the_users_details(alice_connected, sim):
+    services.upload_push(upload_id=received_upload(alice_connected, DATA).pk)
+    [image] = ImsClient(sim.url, services._usable_token(alice_connected.pk)).session.get(
+        f"{sim.url}/v2/images"
+    ).json()["images"]
+    assert image["name"] == "web-server" and image["disk_format"] == "raw"
+    assert image["__os_version"] == "Ubuntu 22.04 server 64bit"
+    assert (image["min_disk"], image["min_ram"], image["tags"]) == (1, 512, ["env=test"])
+    assert image["visibility"] == "private" and image["container_format"] == "bare"
+
+
+def test_a_second_delivery_of_the_push_changes_nothing(alice_connected, sim):
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)
+    services.upload_push(upload_id=upload.pk)
+    assert len(sim.images()) == 1
+    assert puts(sim) == [204]
+
+
+def test_ims_processing_is_followed_until_active(alice_connected, sim):
+    sim.set_faults(processing_seconds=0.5)
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert (upload.status, upload.ims_status) == (Status.PROCESSING, "saving")
+    assert upload.next_poll_at is not None
+
+    def polled_ready():
+        services.upload_poll(upload_id=upload.pk)
+        upload.refresh_from_db()
+        return upload.status == Status.READY
+
+    wait_for(polled_ready, timeout=10, interval=0.2, what="the image to become active")
+
+
+def test_due_polls_are_leased_once(alice_connected, sim):
+    sim.set_faults(processing_seconds=60)
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)
+    Upload.objects.filter(pk=upload.pk).update(next_poll_at=upload.created_at)
+    assert services.uploads_due_for_poll() == [upload.pk]
+    assert services.uploads_due_for_poll() == []
+
+
+def test_a_500_on_the_first_put_is_retried_into_the_same_image(alice_connected, sim):
+    sim.set_faults(fail_puts=1)
+    upload = received_upload(alice_connected, DATA)
+    outcome = services.upload_push(upload_id=upload.pk)
+    assert outcome.retry_in and outcome.retry_in > 0
+    upload.refresh_from_db()
+    assert upload.status == Status.RECEIVED and upload.retry_at
+    assert upload.error_message == "The cloud's image service had a temporary problem."
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.attempt == 2
+    assert len(sim.images()) == 1
+    assert puts(sim) == [500, 204]
+    # The raw reply is kept for admins on the timeline.
+    assert any("HTTP 500" in event.detail for event in upload.events.all())
+
+
+def test_a_broken_connection_is_retried(alice_connected, sim):
+    data = os.urandom(3_000_000)
+    sim.set_faults(cut_put_after_bytes=1_000_000)
+    upload = received_upload(alice_connected, data)
+    assert services.upload_push(upload_id=upload.pk).retry_in
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY
+    [image] = sim.images()
+    assert image["checksum"] == hashlib.md5(data).hexdigest()
+
+
+def test_it_gives_up_after_repeated_temporary_failures(alice_connected, sim):
+    sim.set_faults(fail_puts=services.MAX_PUSH_ATTEMPTS)
+    upload = received_upload(alice_connected, DATA)
+    for _ in range(services.MAX_PUSH_ATTEMPTS - 1):
+        assert services.upload_push(upload_id=upload.pk).retry_in
+    assert services.upload_push(upload_id=upload.pk).retry_in is None
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.can_retry
+    assert sim.images() == []  # the half-made image was deleted
+
+
+def test_a_401_means_reconnect_and_reconnecting_continues(
+    alice_connected, sim, django_capture_on_commit_callbacks
+):
+    sim.set_faults(expire_tokens=True)
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.RECONNECT
+    assert upload.error_hint == "Reconnect on the Cloud account page, then press Retry."
+    with django_capture_on_commit_callbacks() as callbacks:
+        connect_cloud(alice_connected)
+    upload.refresh_from_db()
+    assert upload.status == Status.RECEIVED and not upload.error_message
+    assert len(callbacks) == 1  # the push is queued again
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY
+    assert len(sim.images()) == 1
+
+
+def test_no_cloud_account_means_reconnect_before_any_request(alice, sim):
+    upload = received_upload(alice, DATA)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.RECONNECT
+    assert "Your file is kept" in upload.error_hint
+    assert sim.requests_seen() == []
+
+
+def test_a_409_is_explained_and_retry_starts_a_fresh_image(alice_connected, sim, monkeypatch):
+    original = ImsClient.create_image
+
+    def create_then_fill(self, **kwargs):
+        image = original(self, **kwargs)
+        sim.set_image_status(image.id, "active")  # someone else filled it: our PUT conflicts
+        return image
+
+    monkeypatch.setattr(ImsClient, "create_image", create_then_fill)
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED
+    assert upload.error_message == "The cloud refused the file because this image already has data or is busy."
+    assert "Retry" in upload.error_hint
+    assert sim.images() == []  # the conflicting image was removed: no orphan
+
+    monkeypatch.setattr(ImsClient, "create_image", original)
+    services.upload_retry(upload=upload, by="alice")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY
+    assert len(sim.images()) == 1
+
+
+def test_a_killed_image_fails_with_an_explanation(alice_connected, sim):
+    sim.set_faults(processing_seconds=60)
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    sim.set_image_status(upload.ims_image_id, "killed")
+    services.upload_poll(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "ims_killed"
+    assert "could not turn your file into an image" in upload.error_message
+
+
+def test_a_503_while_polling_just_polls_again(alice_connected, sim):
+    sim.set_faults(processing_seconds=60)
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)
+    sim.set_faults(fail_gets=1)
+    services.upload_poll(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.PROCESSING
+    assert any("Checking the image failed for now" in m for m in timeline(upload))
+    sim.set_image_status(upload.ims_image_id, "active")
+    services.upload_poll(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY
+
+
+def test_a_retry_reuses_a_queued_image_and_replaces_a_stuck_one(alice_connected, sim):
+    upload = received_upload(alice_connected, DATA)
+    client = ImsClient(sim.url, services._usable_token(alice_connected.pk))
+    stuck = client.create_image(name="old", disk_format="raw")
+    sim.set_image_status(stuck.id, "saving")
+    Upload.objects.filter(pk=upload.pk).update(ims_image_id=stuck.id)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.ims_image_id != stuck.id
+    assert [image["id"] for image in sim.images()] == [upload.ims_image_id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_mid_push_stops_the_put_and_removes_everything(alice_connected, sim, staging_dir):
+    data = os.urandom(4_000_000)
+    sim.set_faults(put_bytes_per_second=1_000_000)
+    upload = received_upload(alice_connected, data)
+    pusher = threading.Thread(target=services.upload_push, kwargs={"upload_id": upload.pk})
+    pusher.start()
+    wait_for(lambda: Upload.objects.get(pk=upload.pk).sent_bytes > 0, timeout=20, what="bytes to be sent")
+    services.upload_cancel(upload=Upload.objects.get(pk=upload.pk), by="alice")
+    pusher.join(timeout=20)
+    assert not pusher.is_alive()
+    services.upload_discard(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.CANCELLED
+    assert not (staging_dir / upload.staged_name).exists()
+    assert sim.images() == []
+    assert "Sending stopped" in timeline(upload)
+
+
+def test_retry_is_refused_while_an_upload_is_being_sent(alice_connected, sim):
+    upload = received_upload(alice_connected, DATA)
+    Upload.objects.filter(pk=upload.pk).update(status=Status.PUSHING)
+    upload.refresh_from_db()
+    with pytest.raises(services.ServiceError):
+        services.upload_retry(upload=upload, by="admin")
+
+
+def test_retry_needs_the_staged_file(alice_connected, sim, staging_dir):
+    upload = received_upload(alice_connected, DATA)
+    Upload.objects.filter(pk=upload.pk).update(status=Status.FAILED)
+    upload.refresh_from_db()
+    (staging_dir / upload.staged_name).unlink()
+    with pytest.raises(services.ServiceError, match="upload the file again"):
+        services.upload_retry(upload=upload, by="alice")
