@@ -1,0 +1,94 @@
+"""The portal against real OpenStack: Keystone gives the token (from a user's password, through
+the Cloud account page) and Glance takes the upload, inspects it and reports its checksums.
+
+Glance runs the same image API as IMS. The push runs in this process through the same service
+the Celery worker calls (the real worker is exercised in test_e2e.py against the simulator): the
+session's worker is pointed at the simulator, so the enqueue is caught here instead.
+"""
+
+import hashlib
+import shutil
+import subprocess
+
+import pytest
+
+from tests.test_e2e import tus_upload
+from uploads import services
+from uploads.models import Status, Upload
+
+pytestmark = [pytest.mark.openstack, pytest.mark.slow]
+
+KEYSTONE_DEMO = {"domain": "Default", "user_name": "demo", "password": "demopw", "project": "demo"}
+
+
+@pytest.fixture
+def portal_on_openstack(openstack_peers, settings, transactional_db, monkeypatch):
+    settings.IMS_ENDPOINT = openstack_peers.glance_url
+    settings.IAM_ENDPOINT = openstack_peers.keystone_url
+    queued = []
+    monkeypatch.setattr(services, "_enqueue_push", lambda upload_id, countdown=None: queued.append(upload_id))
+    return queued
+
+
+def qcow2_image(tmp_path, megabytes: int = 8):
+    if not shutil.which("qemu-img"):
+        pytest.fail("qemu-img is needed (Debian package qemu-utils); `make test` installs it")
+    raw = tmp_path / "source.raw"
+    with open(raw, "wb") as out:
+        out.truncate(megabytes * 1024 * 1024)
+        out.seek(1024 * 1024)
+        out.write(b"portal-test-data" * 65536)  # 1 MiB that is not zero, so the qcow2 has data
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)], check=True)
+    return image
+
+
+def connect_with_password(client) -> None:
+    response = client.post("/cloud/", KEYSTONE_DEMO)
+    assert response.status_code == 302, response.content.decode()[:2000]
+
+
+def test_an_upload_reaches_active_in_glance_with_the_same_checksums(
+    portal_on_openstack, openstack_peers, live_server, client, alice, tmp_path
+):
+    client.force_login(alice)
+    connect_with_password(client)
+    path = qcow2_image(tmp_path)
+    upload = tus_upload(live_server, client, path, image_name="glance e2e",
+                        os_version="Ubuntu 22.04 server 64bit", min_disk="1")
+    assert portal_on_openstack == [upload.pk]
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY, upload.error_message
+    data = path.read_bytes()
+    image = services._ims(services._usable_token(alice.pk)).get_image(upload.ims_image_id)
+    assert image.status == "active"
+    assert image.size == len(data)
+    assert image.checksum == hashlib.md5(data).hexdigest() == upload.md5
+    assert image.os_hash_value == hashlib.sha512(data).hexdigest() == upload.sha512
+    assert image.raw["disk_format"] == "qcow2"
+    assert image.raw["__os_version"] == "Ubuntu 22.04 server 64bit"
+
+
+def test_contents_that_do_not_match_the_format_are_explained_and_cleaned_up(
+    portal_on_openstack, live_server, client, alice, tmp_path
+):
+    client.force_login(alice)
+    connect_with_password(client)
+    path = tmp_path / "fake.qcow2"
+    path.write_bytes(b"not a qcow2 at all" * 1000)
+    upload = tus_upload(live_server, client, path)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED
+    assert upload.error_message == "The cloud says the file's contents do not match the disk format you chose."
+    assert any("415" in event.detail for event in upload.events.all())
+    # Glance keeps a 415'd image that can never take data again: the portal deleted it.
+    assert not upload.ims_image_id
+
+
+def test_a_wrong_password_is_refused_by_keystone(portal_on_openstack, client, alice):
+    client.force_login(alice)
+    response = client.post("/cloud/", {**KEYSTONE_DEMO, "password": "wrong"})
+    assert "did not accept these details" in response.content.decode()
+    assert not Upload.objects.exists()

@@ -1,0 +1,137 @@
+"""The pages people see: their own uploads only, live status JSON, Retry/Cancel, admin."""
+
+import pytest
+from django.test import Client
+
+from uploads import services
+from uploads.models import Status, Upload, UploadEvent
+
+HOSTILE = '<script>alert("x")</script>'
+
+
+@pytest.fixture
+def upload(alice):
+    return Upload.objects.create(
+        owner=alice, name=HOSTILE, filename="disk.qcow2", disk_format="qcow2", size=2048,
+        received_bytes=1024, staged_name="x.img",
+    )
+
+
+def test_my_uploads_lists_only_my_own(alice_client, upload, bob):
+    Upload.objects.create(owner=bob, name="bobs-image", filename="b.raw", disk_format="raw", size=1, staged_name="b")
+    page = alice_client.get("/uploads/").content.decode()
+    assert "disk.qcow2" in page
+    assert "bobs-image" not in page
+
+
+def test_html_in_names_is_shown_as_text_everywhere(alice_client, upload, admin_client):
+    for url in ["/uploads/", f"/uploads/{upload.uid}/", "/admin/uploads/upload/",
+                f"/admin/uploads/upload/{upload.pk}/change/"]:
+        c = admin_client if url.startswith("/admin") else alice_client
+        page = c.get(url).content.decode()
+        assert HOSTILE not in page, url
+        assert "&lt;script&gt;" in page, url
+
+
+def test_status_json_tells_the_phase_and_progress(alice_client, upload):
+    data = alice_client.get(f"/uploads/{upload.uid}/status").json()
+    assert data["status"] == "receiving" and data["status_label"] == "Receiving"
+    assert (data["received_bytes"], data["size"], data["progress_percent"]) == (1024, 2048, 50)
+    assert data["finished"] is False and data["can_cancel"] is True and data["can_retry"] is False
+
+
+def test_status_json_while_sending_has_rate_and_eta(alice_client, upload):
+    Upload.objects.filter(pk=upload.pk).update(status=Status.PUSHING, sent_bytes=1024, send_rate=512.0)
+    data = alice_client.get(f"/uploads/{upload.uid}/status").json()
+    assert (data["status_label"], data["sent_bytes"], data["send_rate"], data["eta_seconds"]) == (
+        "Sending to IMS", 1024, 512, 2)
+
+
+def test_other_peoples_uploads_are_404(upload, bob):
+    other = Client()
+    other.force_login(bob)
+    for url in [f"/uploads/{upload.uid}/", f"/uploads/{upload.uid}/status"]:
+        assert other.get(url).status_code == 404
+    for url in [f"/uploads/{upload.uid}/retry", f"/uploads/{upload.uid}/cancel"]:
+        assert other.post(url).status_code == 404
+    upload.refresh_from_db()
+    assert upload.status == Status.RECEIVING
+
+
+def test_pages_need_sign_in(client, upload):
+    for url in ["/", "/upload/", "/uploads/", f"/uploads/{upload.uid}/", f"/uploads/{upload.uid}/status"]:
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/accounts/login/"), url
+
+
+def test_cancel_button(alice_client, upload, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = alice_client.post(f"/uploads/{upload.uid}/cancel", follow=True)
+    assert "was cancelled" in response.content.decode()
+    upload.refresh_from_db()
+    assert upload.status == Status.CANCELLED
+    assert len(callbacks) == 1  # the clean-up task
+
+
+def test_retry_of_a_failed_upload(alice_client, upload, staging_dir, django_capture_on_commit_callbacks):
+    (staging_dir / "x.img").write_bytes(b"x" * 2048)
+    Upload.objects.filter(pk=upload.pk).update(status=Status.FAILED, error_message="boom")
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = alice_client.post(f"/uploads/{upload.uid}/retry", {"next": "detail"})
+    assert response["Location"] == f"/uploads/{upload.uid}/"
+    upload.refresh_from_db()
+    assert upload.status == Status.RECEIVED and upload.error_message == ""
+    assert len(callbacks) == 1
+
+
+def test_retry_that_is_not_possible_says_why(alice_client, upload):
+    response = alice_client.post(f"/uploads/{upload.uid}/retry", follow=True)
+    assert "can be retried" in response.content.decode()
+
+
+def test_failed_uploads_show_the_reason_and_what_to_do(alice_client, upload):
+    Upload.objects.filter(pk=upload.pk).update(
+        status=Status.FAILED, error_message="The cloud had a problem.", error_hint="Press Retry later."
+    )
+    page = alice_client.get("/uploads/").content.decode()
+    assert "The cloud had a problem." in page and "Press Retry later." in page
+
+
+def test_owners_never_see_the_raw_reply_but_admins_do(alice_client, admin_client, upload):
+    UploadEvent.objects.create(upload=upload, message="Sending failed", detail="HTTP 500 RAW-REPLY-BODY")
+    assert "RAW-REPLY-BODY" not in alice_client.get(f"/uploads/{upload.uid}/").content.decode()
+    page = admin_client.get(f"/admin/uploads/upload/{upload.pk}/change/").content.decode()
+    assert "RAW-REPLY-BODY" in page and "Sending failed" in page
+
+
+def test_admin_lists_filters_and_searches(admin_client, upload, bob):
+    Upload.objects.create(owner=bob, name="bobs-image", filename="b.raw", disk_format="raw", size=1, staged_name="b")
+    page = admin_client.get("/admin/uploads/upload/").content.decode()
+    assert "bobs-image" in page and "disk.qcow2" in page and "50%" in page
+    page = admin_client.get("/admin/uploads/upload/?status__exact=receiving&q=bobs").content.decode()
+    assert "bobs-image" in page and "disk.qcow2" not in page
+    assert f"owner__id__exact={bob.pk}" in admin_client.get("/admin/uploads/upload/").content.decode()
+
+
+def test_admin_cancel_action(admin_client, upload, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks():
+        admin_client.post(
+            "/admin/uploads/upload/",
+            {"action": "cancel_uploads", "_selected_action": [upload.pk]},
+        )
+    upload.refresh_from_db()
+    assert upload.status == Status.CANCELLED
+    assert upload.events.filter(message="Cancelled by admin").exists()
+
+
+def test_admin_never_shows_tokens(admin_client, alice_with_token):
+    page = admin_client.get(f"/admin/uploads/cloudaccount/{alice_with_token.cloud_account.pk}/change/")
+    assert alice_with_token.cloud_account.token_encrypted not in page.content.decode()
+    assert "made-up-token" not in page.content.decode()
+
+
+def test_the_service_refuses_to_cancel_a_finished_upload(upload):
+    Upload.objects.filter(pk=upload.pk).update(status=Status.READY)
+    upload.refresh_from_db()
+    with pytest.raises(services.ServiceError):
+        services.upload_cancel(upload=upload, by="alice")
