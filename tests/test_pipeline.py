@@ -263,3 +263,16 @@ def test_retry_needs_the_staged_file(alice_connected, sim, staging_dir):
     (staging_dir / upload.staged_name).unlink()
     with pytest.raises(services.ServiceError, match="upload the file again"):
         services.upload_retry(upload=upload, by="alice")
+
+
+def test_a_received_upload_whose_message_was_lost_is_queued_again(alice_connected, sim):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    upload = received_upload(alice_connected, DATA)
+    assert services.uploads_waiting_to_push() == []  # just received: its message is on its way
+    Upload.objects.filter(pk=upload.pk).update(status_changed_at=timezone.now() - timedelta(minutes=5))
+    assert services.uploads_waiting_to_push() == [upload.pk]
+    Upload.objects.filter(pk=upload.pk).update(retry_at=timezone.now() + timedelta(minutes=1))
+    assert services.uploads_waiting_to_push() == []  # a retry is scheduled: leave it be

@@ -216,3 +216,33 @@ def test_csrf_is_checked_on_tus_requests(alice_with_token):
     strict.force_login(alice_with_token)
     assert create(strict).status_code == 403
     assert not Upload.objects.exists()
+
+
+def test_a_second_writer_at_the_same_time_is_told_to_wait(tus_client):
+    from uploads import staging
+
+    url = create(tus_client, length=10)["Location"]
+    with staging.locked_for_writing(Upload.objects.get().staged_name):
+        response = patch(tus_client, url, b"hello", 0)
+    assert response.status_code == 423
+    assert Upload.objects.get().received_bytes == 0
+
+
+def test_a_full_staging_disk_is_refused_and_the_upload_stays_resumable(tus_client, monkeypatch):
+    import errno
+
+    from uploads import staging
+
+    url = create(tus_client, length=10)["Location"]
+    patch(tus_client, url, b"hello", 0)
+
+    def disk_full(staged, chunk):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(staging, "_write_all", disk_full)
+    response = patch(tus_client, url, b"world", 5)
+    assert response.status_code == 507
+    assert "staging disk is full" in response.content.decode()
+    monkeypatch.undo()
+    assert tus_client.head(url, headers=TUS)["Upload-Offset"] == "5"
+    assert patch(tus_client, url, b"world", 5).status_code == 204

@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from uploads import crypto, staging
@@ -217,14 +218,27 @@ def upload_expire(*, upload: Upload) -> None:
         staging.delete(upload.staged_name)
 
 
+class OffsetConflict(Exception):
+    """The chunk does not start where the staged bytes end (or the upload stopped receiving)."""
+
+    def __init__(self, received_bytes: int):
+        super().__init__(received_bytes)
+        self.received_bytes = received_bytes
+
+
 def upload_receive(*, upload: Upload, offset: int, stream: BinaryIO, length: int) -> int:
-    """Append one tus chunk at `offset`; returns the new offset. The last byte starts the push."""
-    written = staging.write_at(upload.staged_name, offset, stream, length)
-    new_offset = offset + written
-    expires = timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
-    Upload.objects.filter(pk=upload.pk, status=Status.RECEIVING, received_bytes=offset).update(
-        received_bytes=new_offset, receive_expires_at=expires
-    )
+    """Append one tus chunk at `offset`; returns the new offset. The last byte starts the push.
+
+    The offset is checked again once the staged file is locked, so that two requests racing
+    with the same offset can never both write.
+    """
+    with staging.locked_for_writing(upload.staged_name) as staged:
+        status, received = Upload.objects.values_list("status", "received_bytes").get(pk=upload.pk)
+        if status != Status.RECEIVING or received != offset:
+            raise OffsetConflict(received)
+        new_offset = offset + staging.write_at(staged, offset, stream, length)
+        expires = timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
+        Upload.objects.filter(pk=upload.pk).update(received_bytes=new_offset, receive_expires_at=expires)
     upload.received_bytes, upload.receive_expires_at = new_offset, expires
     if new_offset == upload.size and _move(upload, Status.RECEIVED, "All bytes received"):
         _enqueue_push(upload.pk)
@@ -233,6 +247,17 @@ def upload_receive(*, upload: Upload, offset: int, stream: BinaryIO, length: int
 
 # ---------------------------------------------------------------------------------------------
 # Sending to IMS
+
+
+def uploads_waiting_to_push(*, grace: timedelta = timedelta(minutes=2)) -> list[int]:
+    """Received uploads that should have been claimed by now: their push message may be lost
+    (Redis restarted, say). Queueing them again is harmless: only one push can claim a row."""
+    stale = timezone.now() - grace
+    return list(
+        Upload.objects.filter(status=Status.RECEIVED, status_changed_at__lte=stale)
+        .filter(Q(retry_at__isnull=True) | Q(retry_at__lte=stale))
+        .values_list("pk", flat=True)[:500]
+    )
 
 
 def upload_push(*, upload_id: int) -> PushOutcome:

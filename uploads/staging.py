@@ -7,6 +7,8 @@ one fixed-size buffer at a time, so that a chunk of any size never sits in memor
 import errno
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 from django.core.files.storage import storages
@@ -43,7 +45,19 @@ def create(name: str) -> None:
         pass
 
 
-def write_at(name: str, offset: int, stream: BinaryIO, length: int) -> int:
+@contextmanager
+def locked_for_writing(name: str) -> Iterator[BinaryIO]:
+    """The staged file, opened for writing and locked against any other writer (StagingBusy)."""
+    # Unbuffered, so that a full disk shows up at write() and not later at close().
+    with open(_path(name), "r+b", buffering=0) as staged:
+        try:
+            fcntl.flock(staged, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StagingBusy(name) from None
+        yield staged
+
+
+def write_at(staged: BinaryIO, offset: int, stream: BinaryIO, length: int) -> int:
     """Copy up to `length` bytes from `stream` into the staged file at `offset`.
 
     Returns how many bytes were written; a client that goes away mid-chunk leaves what arrived,
@@ -51,29 +65,23 @@ def write_at(name: str, offset: int, stream: BinaryIO, length: int) -> int:
     interrupted write are cut off first, so the file always ends at the recorded offset.
     """
     written = 0
-    # Unbuffered, so that a full disk shows up here and not later at close().
-    with open(_path(name), "r+b", buffering=0) as staged:
+    staged.truncate(offset)
+    staged.seek(offset)
+    while written < length:
         try:
-            fcntl.flock(staged, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StagingBusy(name) from None
-        staged.truncate(offset)
-        staged.seek(offset)
-        while written < length:
-            try:
-                chunk = stream.read(min(BUFFER_SIZE, length - written))
-            except OSError:  # the client went away mid-chunk
-                break
-            if not chunk:
-                break
-            try:
-                _write_all(staged, chunk)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    staged.truncate(offset + written)
-                    raise StagingFull(name) from None
-                raise
-            written += len(chunk)
+            chunk = stream.read(min(BUFFER_SIZE, length - written))
+        except OSError:  # the client went away mid-chunk
+            break
+        if not chunk:
+            break
+        try:
+            _write_all(staged, chunk)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                staged.truncate(offset + written)
+                raise StagingFull(staged.name) from None
+            raise
+        written += len(chunk)
     return written
 
 

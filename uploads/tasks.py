@@ -26,5 +26,12 @@ def poll_due_uploads() -> None:
 
 
 @shared_task
+def requeue_waiting_uploads() -> None:
+    """Beat: a received upload whose push message got lost is queued again."""
+    for upload_id in services.uploads_waiting_to_push():
+        push_upload.delay(upload_id)
+
+
+@shared_task
 def discard_upload(upload_id: int) -> None:
     services.upload_discard(upload_id=upload_id)

@@ -181,6 +181,9 @@ def _patch(request: HttpRequest, upload: Upload) -> HttpResponse:
         return _response(413, "This chunk goes past the end of the file (Upload-Length).")
     try:
         new_offset = services.upload_receive(upload=upload, offset=offset, stream=request, length=length)
+    except services.OffsetConflict as exc:
+        return _response(409, f"Wrong offset: the server has {exc.received_bytes} bytes.",
+                         Upload_Offset=str(exc.received_bytes))
     except staging.StagingBusy:
         return _response(423, "Another request is writing to this upload; try again.")
     except staging.StagingFull:
