@@ -10,8 +10,8 @@ from django.core.management.base import BaseCommand
 # username -> (password, is_superuser). "staff" is a member of staff who uploads images: an
 # ordinary portal user. "admin" can also open /admin/.
 DEMO_LOGINS = {
-    "admin": ("admin-demo-pw", True),
     "staff": ("staff-demo-pw", False),
+    "admin": ("admin-demo-pw", True),
 }
 
 

@@ -1,0 +1,37 @@
+# One image for web, worker and beat (docker-compose.yml gives each its command).
+
+# Uppy comes from the npm registry; only its built files go into the final image.
+FROM node:22-bookworm-slim AS uppy
+WORKDIR /build
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --no-audit --no-fund
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    STAGING_DIR=/data/staging
+
+# qemu-img tells what an uploaded image really is (format, virtual size) before it goes to IMS.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends qemu-utils \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --system --create-home --uid 10001 portal
+WORKDIR /app
+
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+COPY . .
+COPY --from=uppy /build/node_modules/uppy/dist node_modules/uppy/dist
+RUN python manage.py collectstatic --noinput -v 0
+
+# Owned by portal: an empty named volume mounted here takes this owner when first used.
+RUN mkdir -p /data/staging && chown portal:portal /data/staging
+VOLUME /data/staging
+
+USER portal
+EXPOSE 8000
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "--bind", "0.0.0.0:8000", "portal.wsgi:application"]

@@ -1,0 +1,82 @@
+# IMS upload portal. `make run` starts the whole portal on this machine, `make test` runs the tests.
+# Both first bring the virtualenv, the npm packages and the collected static files up to date
+# (`make setup`), which takes a second when nothing changed.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+VENV := .venv
+PY := $(VENV)/bin/python
+# The test command; the README names the same one. Extra arguments: make test ARGS="-m 'not slow'"
+PYTEST := $(PY) -m pytest
+ARGS ?=
+# The Redis the tests use (tests/conftest.py reads TEST_REDIS_URL); `make test` starts one if needed.
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+export TEST_REDIS_URL
+
+# Stamps record what is installed: pip's is named after the requirements' content, so editing
+# either file (or checking out another version of it) installs again.
+REQUIREMENTS_HASH := $(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+PIP_STAMP := $(VENV)/.installed-$(REQUIREMENTS_HASH)
+NPM_STAMP := node_modules/.installed
+STATIC_STAMP := staticfiles/.collected
+STATIC_SOURCES := $(shell find static -type f 2>/dev/null)
+
+.PHONY: help setup run test migrate lint clean distclean
+
+help:
+	@echo "make run        start the portal with Redis, the IMS simulator, worker and beat (Ctrl-C stops all)"
+	@echo "make test       run the tests ($(PYTEST); extra options in ARGS=...)"
+	@echo "make setup      create $(VENV), install Python and npm packages, collect static files"
+	@echo "make migrate    apply database migrations"
+	@echo "make lint       Django's system checks and a check for missing migrations"
+	@echo "make clean      delete local state: SQLite database, var/, collected static files"
+	@echo "make distclean  clean, and delete $(VENV) and node_modules too"
+
+setup: $(PIP_STAMP) $(STATIC_STAMP)
+
+$(PY):
+	@tools/make_venv.sh $(VENV)
+
+$(PIP_STAMP): $(PY)
+	@echo "setup: installing Python packages (requirements-dev.txt)"
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@rm -f $(VENV)/.installed-* && touch $@
+
+# npm ci installs exactly the lock file; without one, npm install (which writes none here).
+$(NPM_STAMP): package.json $(wildcard package-lock.json)
+	@tools/apt_ensure.sh nodejs:node npm:npm
+	@echo "setup: installing npm packages (package.json)"
+	@if [ -f package-lock.json ]; then npm ci --no-audit --no-fund --loglevel=error; \
+	 else npm install --no-audit --no-fund --no-package-lock --loglevel=error; fi
+	@touch $@
+
+$(STATIC_STAMP): $(PIP_STAMP) $(NPM_STAMP) $(STATIC_SOURCES)
+	@echo "setup: collecting static files"
+	@$(PY) manage.py collectstatic --noinput --clear -v 0
+	@touch $@
+
+run: setup
+	@$(PY) tools/devserver.py
+
+# Chromium (browser tests) and qemu-img (image inspection) come from Debian; installed when
+# missing and root, otherwise a warning. Redis: tools/ensure_redis.py starts one for the run if
+# none answers at TEST_REDIS_URL. Without DATABASE_URL the tests use SQLite (.ci/run sets PostgreSQL).
+test: setup
+	@tools/apt_ensure.sh --optional chromium:chromium qemu-utils:qemu-img
+	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- $(PYTEST) $(ARGS)
+
+migrate: setup
+	@$(PY) manage.py migrate
+
+lint: setup
+	@$(PY) manage.py check --fail-level WARNING
+	@$(PY) manage.py makemigrations --check --dry-run
+
+clean:
+	rm -rf var staticfiles db.sqlite3 .pytest_cache test-results
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -not -path "./node_modules/*" -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) node_modules
