@@ -117,6 +117,18 @@ def alice_with_token(alice):
     return alice
 
 
+@pytest.fixture
+def task_queue(monkeypatch):
+    """Catch the tasks services would send, instead of sending them: for tests that commit
+    (transactional) and must not hand their uploads to a session's running worker."""
+    from uploads import services
+
+    sent = []
+    monkeypatch.setattr(services, "_enqueue_push", lambda upload_id, countdown=None: sent.append(("push", upload_id)))
+    monkeypatch.setattr(services, "_enqueue_discard", lambda upload_id: sent.append(("discard", upload_id)))
+    return sent
+
+
 def make_image(path: Path, size: int) -> Path:
     path.write_bytes(os.urandom(size))
     return path

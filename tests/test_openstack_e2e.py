@@ -22,12 +22,10 @@ KEYSTONE_DEMO = {"domain": "Default", "user_name": "demo", "password": "demopw",
 
 
 @pytest.fixture
-def portal_on_openstack(openstack_peers, settings, transactional_db, monkeypatch):
+def portal_on_openstack(openstack_peers, settings, transactional_db, task_queue):
     settings.IMS_ENDPOINT = openstack_peers.glance_url
     settings.IAM_ENDPOINT = openstack_peers.keystone_url
-    queued = []
-    monkeypatch.setattr(services, "_enqueue_push", lambda upload_id, countdown=None: queued.append(upload_id))
-    return queued
+    return task_queue
 
 
 def qcow2_image(tmp_path, megabytes: int = 8):
@@ -56,7 +54,7 @@ def test_an_upload_reaches_active_in_glance_with_the_same_checksums(
     path = qcow2_image(tmp_path)
     upload = tus_upload(live_server, client, path, image_name="glance e2e",
                         os_version="Ubuntu 22.04 server 64bit", min_disk="1")
-    assert portal_on_openstack == [upload.pk]
+    assert portal_on_openstack == [("push", upload.pk)]
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.READY, upload.error_message

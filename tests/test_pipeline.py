@@ -230,7 +230,7 @@ def test_a_retry_reuses_a_queued_image_and_replaces_a_stuck_one(alice_connected,
 
 
 @pytest.mark.django_db(transaction=True)
-def test_cancel_mid_push_stops_the_put_and_removes_everything(alice_connected, sim, staging_dir):
+def test_cancel_mid_push_stops_the_put_and_removes_everything(alice_connected, sim, staging_dir, task_queue):
     data = os.urandom(4_000_000)
     sim.set_faults(put_bytes_per_second=1_000_000)
     upload = received_upload(alice_connected, data)
@@ -240,6 +240,7 @@ def test_cancel_mid_push_stops_the_put_and_removes_everything(alice_connected, s
     services.upload_cancel(upload=Upload.objects.get(pk=upload.pk), by="alice")
     pusher.join(timeout=20)
     assert not pusher.is_alive()
+    assert task_queue == [("push", upload.pk), ("discard", upload.pk)]
     services.upload_discard(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.CANCELLED

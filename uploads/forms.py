@@ -41,21 +41,45 @@ def default_image_name(filename: str) -> str:
     return os.path.splitext(os.path.basename(filename))[0][:255] or "image"
 
 
+def _plain_text(**attrs) -> forms.TextInput:
+    """A text input for identifiers: no auto-capitalisation or spell checking."""
+    return forms.TextInput(attrs={"autocapitalize": "none", "spellcheck": "false", "autocomplete": "off", **attrs})
+
+
 class CloudAccountForm(forms.Form):
     domain = forms.CharField(
-        label="IAM domain name", max_length=255, help_text="Your cloud account (tenant) name, e.g. OTC-EU-DE-00000000001000000001."
+        label="IAM domain name",
+        max_length=255,
+        widget=_plain_text(),
+        help_text="Your cloud account (tenant) name, e.g. OTC-EU-DE-00000000001000000001.",
     )
-    user_name = forms.CharField(label="IAM user name", max_length=255)
+    user_name = forms.CharField(label="IAM user name", max_length=255, widget=_plain_text(autocomplete="username"))
     password = forms.CharField(
         label="Password",
         max_length=255,
         strip=False,
-        widget=forms.PasswordInput(render_value=False),
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "current-password"}),
         help_text="Used once to get a token from IAM; the portal never stores it.",
     )
     project = forms.CharField(
-        label="Project (name or id)", max_length=255, help_text="The region project, e.g. eu-de, or its 32-character id."
+        label="Project (name or id)",
+        max_length=255,
+        widget=_plain_text(),
+        help_text="The region project, e.g. eu-de, or its 32-character id.",
     )
+
+    @classmethod
+    def for_account(cls, account, data=None) -> "CloudAccountForm":
+        """The form, pre-filled from the connected account so that reconnecting takes a password."""
+        if account is None:
+            return cls(data)
+        form = cls(data, initial={
+            "domain": account.domain_name,
+            "user_name": account.user_name,
+            "project": account.project_name or account.project_id,
+        })
+        form.fields["password"].widget.attrs["autofocus"] = True
+        return form
 
 
 class UploadMetadataForm(forms.Form):

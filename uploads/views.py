@@ -120,7 +120,8 @@ def upload_cancel(request, uid):
 
 @login_required
 def cloud_account(request):
-    form = CloudAccountForm(request.POST or None)
+    account = CloudAccount.objects.filter(user=request.user).first()
+    form = CloudAccountForm.for_account(account, request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
             services.cloud_account_connect(user=request.user, **form.cleaned_data)
