@@ -277,3 +277,37 @@ def test_a_received_upload_whose_message_was_lost_is_queued_again(alice_connecte
     assert services.uploads_waiting_to_push() == [upload.pk]
     Upload.objects.filter(pk=upload.pk).update(retry_at=timezone.now() + timedelta(minutes=1))
     assert services.uploads_waiting_to_push() == []  # a retry is scheduled: leave it be
+
+
+def test_a_push_whose_worker_died_is_sent_again_when_its_message_comes_back(alice_connected, sim):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    upload = received_upload(alice_connected, DATA)
+    long_ago = timezone.now() - timedelta(hours=2)
+    Upload.objects.filter(pk=upload.pk).update(status=Status.PUSHING, attempt=1, heartbeat_at=long_ago)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.attempt == 2
+    assert "The worker that was sending this upload stopped; sending again" in timeline(upload)
+
+
+def test_a_live_push_is_left_alone_by_a_second_delivery(alice_connected, sim):
+    from django.utils import timezone
+
+    upload = received_upload(alice_connected, DATA)
+    Upload.objects.filter(pk=upload.pk).update(status=Status.PUSHING, attempt=1, heartbeat_at=timezone.now())
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.PUSHING and upload.attempt == 1
+    assert [r for r in sim.requests_seen() if r["path"].startswith("/v2")] == []
+
+
+def test_retry_while_the_sign_in_is_expired_says_to_reconnect(alice, sim):
+    upload = received_upload(alice, DATA)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.RECONNECT
+    with pytest.raises(services.ServiceError, match="reconnect on the Cloud account page"):
+        services.upload_retry(upload=upload, by="alice")

@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from uploads import crypto, staging
-from uploads.ims import IamClient, ImsClient, ImsError
+from uploads.ims import READ_TIMEOUT, IamClient, ImsClient, ImsError
 from uploads.models import (
     CloudAccount,
     Status,
@@ -266,6 +266,9 @@ def upload_push(*, upload_id: int) -> PushOutcome:
     Safe to call twice: only one caller wins the claim (RECEIVED -> PUSHING).
     """
     upload = Upload.objects.filter(pk=upload_id).first()
+    if upload is not None and _push_is_abandoned(upload):
+        _move(upload, Status.RECEIVED, "The worker that was sending this upload stopped; sending again",
+              on_attempt=upload.attempt)
     if upload is None or upload.status != Status.RECEIVED:
         return PushOutcome()
     token = _usable_token(upload.owner_id)
@@ -309,6 +312,18 @@ def upload_push(*, upload_id: int) -> PushOutcome:
     )
     upload_poll(upload_id=upload.pk)
     return PushOutcome()
+
+
+def _push_is_abandoned(upload: Upload) -> bool:
+    """A push whose worker died: its message comes again (late acknowledgement) but the row still
+    says pushing. A live push refreshes the heartbeat every second while sending, and is silent
+    at most while it waits for IMS to answer the finished PUT."""
+    stale_after = timedelta(seconds=READ_TIMEOUT + 300)
+    return (
+        upload.status == Status.PUSHING
+        and upload.heartbeat_at is not None
+        and upload.heartbeat_at < timezone.now() - stale_after
+    )
 
 
 def _prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
@@ -540,6 +555,11 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
 def upload_retry(*, upload: Upload, by) -> None:
     if not upload.can_retry:
         raise ServiceError("Only a failed upload, or one waiting for a new cloud sign-in, can be retried.")
+    if upload.status == Status.RECONNECT and _usable_token(upload.owner_id) is None:
+        raise ServiceError(
+            "The cloud sign-in of this upload's owner has expired: reconnect on the Cloud account page, "
+            "and the upload continues by itself."
+        )
     if not staging.exists(upload.staged_name):
         raise ServiceError("The staged copy of this file is gone: please upload the file again.")
     if not _move(upload, Status.RECEIVED, f"Retry requested by {by}", **NO_ERROR):
