@@ -23,12 +23,13 @@ NPM_STAMP := node_modules/.installed
 STATIC_STAMP := staticfiles/.collected
 STATIC_SOURCES := $(shell find static -type f 2>/dev/null)
 
-.PHONY: help setup run test migrate lint clean distclean
+.PHONY: help setup run test screenshots migrate lint clean distclean
 
 help:
 	@echo "make run        start the portal with Redis, the IMS simulator, worker and beat (Ctrl-C stops all)"
 	@echo "make test       run the tests ($(PYTEST); extra options in ARGS=...)"
 	@echo "make setup      create $(VENV), install Python and npm packages, collect static files"
+	@echo "make screenshots  refresh docs/screenshots/ from a real browser run"
 	@echo "make migrate    apply database migrations"
 	@echo "make lint       Django's system checks and a check for missing migrations"
 	@echo "make clean      delete local state: SQLite database, var/, collected static files"
@@ -66,6 +67,10 @@ run: setup
 test: setup
 	@tools/apt_ensure.sh --optional chromium:chromium qemu-utils:qemu-img
 	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- $(PYTEST) $(ARGS)
+
+# Refresh the README's screenshots from a real browser run (tests/test_browser.py).
+screenshots: setup
+	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- env UPDATE_SCREENSHOTS=1 $(PYTEST) tests/test_browser.py $(ARGS)
 
 migrate: setup
 	@$(PY) manage.py migrate

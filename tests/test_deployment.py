@@ -186,3 +186,29 @@ def test_make_test_runs_the_pytest_command():
                              text=True, timeout=60)
     assert dry_run.returncode == 0, dry_run.stderr
     assert pytest_command in dry_run.stdout
+
+
+def test_the_readme_front_door_names_the_commands_ci_and_make_use():
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "make run" in quick_start and "make test" in quick_start
+    assert ".venv/bin/python -m pytest" in quick_start
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test\b", ci, re.M)
+
+
+def test_the_readme_lists_every_setting_variable():
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in settings_variables() if f"`{name}`" not in readme]
+    assert missing == []
+
+
+def test_the_readme_layout_map_names_only_what_exists():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    for line in layout.splitlines():
+        first = line.split()[0] if line.strip() else ""
+        if first.endswith("/") or first.endswith(".py") and not line.startswith("  "):
+            assert (ROOT / first).exists(), first
+        if line.startswith("  ") and first.endswith(".py"):
+            assert (ROOT / "uploads" / first).exists(), first
