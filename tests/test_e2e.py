@@ -72,3 +72,25 @@ def test_an_expired_sign_in_waits_for_reconnect_then_continues(e2e, live_server,
     upload = wait_until_finished(upload)
     wait_for(lambda: (upload.refresh_from_db(), upload.status == Status.READY)[1], timeout=60, what="ready")
     assert len(sim.images()) == 1
+
+
+def test_an_interrupted_upload_resumes_from_the_servers_offset(e2e, live_server, client, alice, sim, tmp_path):
+    connect_cloud(alice)
+    client.force_login(alice)
+    path = make_image(tmp_path / "resume.raw", 3 * 1024 * 1024)
+    tus = TusClient(f"{live_server.url}/tus/", headers=tus_headers(client))
+    first = tus.uploader(str(path), chunk_size=1024 * 1024, metadata={"filename": path.name})
+    first.upload_chunk()  # then the tab closes
+    upload = Upload.objects.get(uid=first.url.rsplit("/", 1)[-1])
+    assert upload.received_bytes == 1024 * 1024 and upload.status == Status.RECEIVING
+    # The same file chosen again, in a new client that knows only the upload's address.
+    again = TusClient(f"{live_server.url}/tus/", headers=tus_headers(client)).uploader(
+        str(path), chunk_size=1024 * 1024, url=first.url
+    )
+    assert again.get_offset() == 1024 * 1024
+    again.upload()
+    upload = wait_until_finished(upload)
+    assert upload.status == Status.READY
+    [image] = sim.images()
+    assert image["checksum"] == hashlib.md5(path.read_bytes()).hexdigest()
+    assert Upload.objects.count() == 1

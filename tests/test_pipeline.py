@@ -311,3 +311,30 @@ def test_retry_while_the_sign_in_is_expired_says_to_reconnect(alice, sim):
     assert upload.status == Status.RECONNECT
     with pytest.raises(services.ServiceError, match="reconnect on the Cloud account page"):
         services.upload_retry(upload=upload, by="alice")
+
+
+def test_my_uploads_shows_each_kind_of_trouble_in_plain_words(alice_connected, sim, client, monkeypatch):
+    client.force_login(alice_connected)
+    sim.set_faults(fail_puts=1)
+    services.upload_push(upload_id=received_upload(alice_connected, DATA, name="five-hundred").pk)
+
+    original = ImsClient.create_image
+
+    def create_then_fill(self, **kwargs):
+        image = original(self, **kwargs)
+        sim.set_image_status(image.id, "active")
+        return image
+
+    monkeypatch.setattr(ImsClient, "create_image", create_then_fill)
+    services.upload_push(upload_id=received_upload(alice_connected, DATA, name="conflict").pk)
+    monkeypatch.undo()
+
+    sim.set_faults(expire_tokens=True)
+    services.upload_push(upload_id=received_upload(alice_connected, DATA, name="expired").pk)
+
+    page = client.get("/uploads/").content.decode()
+    assert "The cloud&#x27;s image service had a temporary problem." in page
+    assert "Waiting to be sent again (attempt 2)" in page
+    assert "The cloud refused the file because this image already has data or is busy." in page
+    assert "Your cloud sign-in has expired or was not accepted." in page
+    assert "Reconnect on the Cloud account page" in page
