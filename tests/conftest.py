@@ -204,7 +204,7 @@ class Worker:
 
 
 @pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup, session_sim, tmp_path_factory, test_broker):
+def celery_worker_process(django_db_setup, django_db_blocker, session_sim, tmp_path_factory, test_broker):
     """One real Celery worker (with beat) for the whole session, on the test database."""
     url = test_broker
     try:
@@ -232,6 +232,26 @@ def celery_worker_process(django_db_setup, session_sim, tmp_path_factory, test_b
     worker.redis_url = url
     yield worker
     worker.stop()
+    with django_db_blocker.unblock():
+        _wait_for_other_sessions_to_end()
+
+
+def _wait_for_other_sessions_to_end():
+    """PostgreSQL ends a dead client's session a moment after it is gone; dropping the test
+    database before then fails. Wait for the worker's sessions to be gone."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+
+    def others() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            return cursor.fetchone()[0]
+
+    wait_for(lambda: others() == 0, timeout=15, interval=0.1, what="the worker's database sessions to end")
 
 
 @pytest.fixture
