@@ -153,7 +153,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ROUTES = {"uploads.tasks.push_upload": {"queue": "uploads"}}
 CELERY_BEAT_SCHEDULE = {
     "poll-ims": {"task": "uploads.tasks.poll_due_uploads", "schedule": UPLOAD_POLL_SECONDS},
-    "requeue-waiting": {"task": "uploads.tasks.requeue_waiting_uploads", "schedule": 60.0},
+    "reconcile": {"task": "uploads.tasks.reconcile_uploads", "schedule": 60.0},
 }
 
 LOGGING = {

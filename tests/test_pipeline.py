@@ -272,11 +272,11 @@ def test_a_received_upload_whose_message_was_lost_is_queued_again(alice_connecte
     from django.utils import timezone
 
     upload = received_upload(alice_connected, DATA)
-    assert services.uploads_waiting_to_push() == []  # just received: its message is on its way
+    assert services.uploads_to_reconcile() == []  # just received: its message is on its way
     Upload.objects.filter(pk=upload.pk).update(status_changed_at=timezone.now() - timedelta(minutes=5))
-    assert services.uploads_waiting_to_push() == [upload.pk]
+    assert services.uploads_to_reconcile() == [upload.pk]
     Upload.objects.filter(pk=upload.pk).update(retry_at=timezone.now() + timedelta(minutes=1))
-    assert services.uploads_waiting_to_push() == []  # a retry is scheduled: leave it be
+    assert services.uploads_to_reconcile() == []  # a retry is scheduled: leave it be
 
 
 def test_a_push_whose_worker_died_is_sent_again_when_its_message_comes_back(alice_connected, sim):
@@ -338,3 +338,56 @@ def test_my_uploads_shows_each_kind_of_trouble_in_plain_words(alice_connected, s
     assert "The cloud refused the file because this image already has data or is busy." in page
     assert "Your cloud sign-in has expired or was not accepted." in page
     assert "Reconnect on the Cloud account page" in page
+
+
+def test_a_token_that_would_expire_mid_push_is_not_used(alice_connected, sim):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    upload = received_upload(alice_connected, DATA)
+    # 20 GiB at the assumed 10 MiB/s takes about 34 minutes; the token has 20 left.
+    Upload.objects.filter(pk=upload.pk).update(size=20 * 1024**3)
+    alice_connected.cloud_account.expires_at = timezone.now() + timedelta(minutes=20)
+    alice_connected.cloud_account.save()
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.RECONNECT
+    assert "sending this file takes about 34 minutes, so it was not started" in upload.error_message
+    assert [r for r in sim.requests_seen() if r["path"].startswith("/v2")] == []
+
+
+def test_the_measured_speed_decides_how_long_a_push_takes(alice_connected):
+    assert services.expected_send_rate() == services.ASSUMED_SEND_RATE
+    for rate in (40e6, 60e6):
+        Upload.objects.create(owner=alice_connected, name="x", filename="x.raw", disk_format="raw", size=1,
+                              staged_name="x", status=Status.READY, send_rate=rate)
+    assert services.expected_send_rate() == 50e6
+
+
+def test_an_image_left_queued_with_data_after_a_415_is_replaced(alice_connected, sim):
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    old_id = upload.ims_image_id
+    # What Glance leaves after a 415: back to queued, but holding a checksum and size.
+    sim.set_image_status(old_id, "queued")
+    Upload.objects.filter(pk=upload.pk).update(status=Status.RECEIVED)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.ims_image_id != old_id
+    assert [image["id"] for image in sim.images()] == [upload.ims_image_id]
+
+
+def test_the_reconciler_finds_pushes_whose_worker_died(alice_connected):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    def pushing(heartbeat):
+        return Upload.objects.create(owner=alice_connected, name="x", filename="x.raw", disk_format="raw", size=1,
+                                     staged_name="x", status=Status.PUSHING, heartbeat_at=heartbeat)
+
+    dead = pushing(timezone.now() - timedelta(minutes=5))
+    pushing(timezone.now() - timedelta(seconds=20))
+    assert services.uploads_to_reconcile() == [dead.pk]

@@ -7,18 +7,20 @@ they call these functions with ids and plain values.
 """
 
 import logging
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import BinaryIO
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from uploads import crypto, staging
-from uploads.ims import READ_TIMEOUT, IamClient, ImsClient, ImsError
+from uploads.ims import IamClient, ImsClient, ImsError
 from uploads.models import (
     CloudAccount,
     Status,
@@ -30,6 +32,13 @@ from uploads.models import (
 log = logging.getLogger(__name__)
 
 MAX_PUSH_ATTEMPTS = 5
+HEARTBEAT_SECONDS = 10
+# A push whose heartbeat is older than this has lost its worker.
+PUSH_STALE_AFTER = timedelta(minutes=2)
+# Before any push has been measured: a cautious guess of the speed to IMS (10 MiB/s).
+ASSUMED_SEND_RATE = 10 * 1024 * 1024
+# IAM tokens live 24 hours: a push that needs longer starts with a token at least this fresh.
+LONGEST_TOKEN_WAIT = timedelta(hours=23)
 # A token this close to its end is not used to start work: it could expire mid-call.
 TOKEN_MARGIN = timedelta(minutes=2)
 IMS_DONE_STATUSES = {"active"}
@@ -249,15 +258,17 @@ def upload_receive(*, upload: Upload, offset: int, stream: BinaryIO, length: int
 # Sending to IMS
 
 
-def uploads_waiting_to_push(*, grace: timedelta = timedelta(minutes=2)) -> list[int]:
-    """Received uploads that should have been claimed by now: their push message may be lost
-    (Redis restarted, say). Queueing them again is harmless: only one push can claim a row."""
-    stale = timezone.now() - grace
-    return list(
-        Upload.objects.filter(status=Status.RECEIVED, status_changed_at__lte=stale)
-        .filter(Q(retry_at__isnull=True) | Q(retry_at__lte=stale))
-        .values_list("pk", flat=True)[:500]
+def uploads_to_reconcile(*, grace: timedelta = timedelta(minutes=2)) -> list[int]:
+    """Uploads that expect a push but may have none coming: received ones nobody claimed (the
+    message was lost, say Redis restarted without its data) and pushes whose heartbeat stopped
+    (the worker died). Queueing them again is harmless: only one push can claim a row."""
+    now = timezone.now()
+    stale = now - grace
+    unclaimed = Q(status=Status.RECEIVED, status_changed_at__lte=stale) & (
+        Q(retry_at__isnull=True) | Q(retry_at__lte=stale)
     )
+    abandoned = Q(status=Status.PUSHING, heartbeat_at__lt=now - PUSH_STALE_AFTER)
+    return list(Upload.objects.filter(unclaimed | abandoned).values_list("pk", flat=True)[:500])
 
 
 def upload_push(*, upload_id: int) -> PushOutcome:
@@ -271,13 +282,13 @@ def upload_push(*, upload_id: int) -> PushOutcome:
               on_attempt=upload.attempt)
     if upload is None or upload.status != Status.RECEIVED:
         return PushOutcome()
-    token = _usable_token(upload.owner_id)
+    token, why_not = _token_for_push(upload)
     if token is None:
         _move(
             upload,
             Status.RECONNECT,
             "Waiting for the owner to reconnect the cloud account",
-            error_message="Your cloud sign-in has expired (or was never made), so the file cannot be sent yet.",
+            error_message=why_not,
             error_hint="Reconnect on the Cloud account page: sending then continues by itself. "
             "Your file is kept until then.",
             error_code="token_expired",
@@ -296,9 +307,10 @@ def upload_push(*, upload_id: int) -> PushOutcome:
         return PushOutcome()
     client = _ims(token)
     try:
-        already_there = _prepare_image(upload, client, attempt)
-        if not already_there:
-            _send_file(upload, client, attempt)
+        with _heartbeat(upload.pk, attempt):
+            already_there = _prepare_image(upload, client, attempt)
+            if not already_there:
+                _send_file(upload, client, attempt)
     except ImsError as exc:
         return _push_failed(upload, client, attempt, exc)
     _move(
@@ -314,29 +326,88 @@ def upload_push(*, upload_id: int) -> PushOutcome:
     return PushOutcome()
 
 
+def expected_send_rate() -> float:
+    """Bytes per second that pushes to IMS reached lately (a cautious guess before there are any)."""
+    rates = list(
+        Upload.objects.filter(status=Status.READY, send_rate__gt=0)
+        .order_by("-finished_at")
+        .values_list("send_rate", flat=True)[:20]
+    )
+    return sum(rates) / len(rates) if rates else ASSUMED_SEND_RATE
+
+
+def _token_for_push(upload: Upload) -> tuple[str | None, str]:
+    """The owner's token if it will last until the push can have finished, else why not.
+
+    A push that needs longer than any token lives (IAM tokens last 24 hours) starts with a
+    fresh one.
+    """
+    account = CloudAccount.objects.filter(user_id=upload.owner_id).first()
+    if not cloud_account_usable(account):
+        return None, "Your cloud sign-in has expired (or was never made), so the file cannot be sent yet."
+    needed = timedelta(seconds=upload.size / expected_send_rate())
+    if account.expires_at < timezone.now() + min(needed, LONGEST_TOKEN_WAIT) + TOKEN_MARGIN:
+        return None, (
+            f"Your cloud sign-in ends in {_duration(account.expires_at - timezone.now())}, but sending this "
+            f"file takes about {_duration(needed)}, so it was not started."
+        )
+    token = crypto.decrypt(account.token_encrypted)
+    if token is None:
+        return None, "Your stored cloud sign-in can no longer be read (the portal's key changed)."
+    return token, ""
+
+
+def _duration(delta: timedelta) -> str:
+    minutes = max(1, int(delta.total_seconds() // 60))
+    return f"{minutes} minutes" if minutes < 120 else f"{minutes // 60} hours"
+
+
+@contextmanager
+def _heartbeat(upload_id: int, attempt: int):
+    """While a push runs, say so every few seconds, whatever it is waiting for: a heartbeat
+    that stops means the worker died, and the reconciler hands the upload to another."""
+    stop = threading.Event()
+
+    def beat():
+        try:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                Upload.objects.filter(pk=upload_id, status=Status.PUSHING, attempt=attempt).update(
+                    heartbeat_at=timezone.now()
+                )
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{upload_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _push_is_abandoned(upload: Upload) -> bool:
-    """A push whose worker died: its message comes again (late acknowledgement) but the row still
-    says pushing. A live push refreshes the heartbeat every second while sending, and is silent
-    at most while it waits for IMS to answer the finished PUT."""
-    stale_after = timedelta(seconds=READ_TIMEOUT + 300)
+    """A push whose worker died: its message may come again (late acknowledgement), or the
+    reconciler finds it, but the row still says pushing."""
     return (
         upload.status == Status.PUSHING
         and upload.heartbeat_at is not None
-        and upload.heartbeat_at < timezone.now() - stale_after
+        and upload.heartbeat_at < timezone.now() - PUSH_STALE_AFTER
     )
 
 
 def _prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
     """Make sure an image record that can take the bytes exists; True if it already holds them.
 
-    An image from an earlier attempt is reused while it is still `queued` (nothing stored yet);
+    An image from an earlier attempt is reused while it is still `queued` and empty (Glance
+    leaves a `queued` image with a checksum after a 415, which never takes data again);
     one that holds exactly our file already is kept; any other is deleted, so that one upload
     never leaves two images behind.
     """
     if upload.ims_image_id:
         image = _find_image(client, upload.ims_image_id)
         if image is not None:
-            if image.status == "queued":
+            if image.status == "queued" and not image.checksum and not image.size:
                 return False
             if image.status == "active" and image.size == upload.size and (
                 not upload.md5 or not image.checksum or image.checksum == upload.md5

@@ -26,9 +26,9 @@ def poll_due_uploads() -> None:
 
 
 @shared_task
-def requeue_waiting_uploads() -> None:
-    """Beat: a received upload whose push message got lost is queued again."""
-    for upload_id in services.uploads_waiting_to_push():
+def reconcile_uploads() -> None:
+    """Beat: an upload whose push message got lost, or whose worker died, is queued again."""
+    for upload_id in services.uploads_to_reconcile():
         push_upload.delay(upload_id)
 
 
