@@ -133,6 +133,8 @@ WHITENOISE_USE_FINDERS = DEBUG
 # Uploads: the limits of IMS and of the tus server.
 UPLOAD_MAX_BYTES = 128 * 1024**3 - 1  # IMS takes files under 128 GB (137438953472 bytes).
 TUS_UPLOAD_EXPIRY_SECONDS = int(os.environ.get("TUS_UPLOAD_EXPIRY_SECONDS", 7 * 24 * 3600))
+# How long the staged copy of an image that is ready in IMS is kept (to compare, or send again).
+STAGING_RETENTION_HOURS = float(os.environ.get("STAGING_RETENTION_HOURS", 24))
 UPLOAD_POLL_SECONDS = float(os.environ.get("UPLOAD_POLL_SECONDS", 5))
 
 # Celery: the broker is Redis; the database row is the source of truth, the message a nudge.
@@ -154,6 +156,7 @@ CELERY_TASK_ROUTES = {"uploads.tasks.push_upload": {"queue": "uploads"}}
 CELERY_BEAT_SCHEDULE = {
     "poll-ims": {"task": "uploads.tasks.poll_due_uploads", "schedule": UPLOAD_POLL_SECONDS},
     "reconcile": {"task": "uploads.tasks.reconcile_uploads", "schedule": 60.0},
+    "clean-staging": {"task": "uploads.tasks.clean_staging", "schedule": 3600.0},
 }
 
 LOGGING = {

@@ -391,3 +391,31 @@ def test_the_reconciler_finds_pushes_whose_worker_died(alice_connected):
     dead = pushing(timezone.now() - timedelta(minutes=5))
     pushing(timezone.now() - timedelta(seconds=20))
     assert services.uploads_to_reconcile() == [dead.pk]
+
+
+def test_staging_cleanup_deletes_only_what_no_upload_needs(alice_connected, sim, staging_dir, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.STAGING_RETENTION_HOURS = 24
+    old_ready = received_upload(alice_connected, DATA, name="old-ready")
+    services.upload_push(upload_id=old_ready.pk)
+    Upload.objects.filter(pk=old_ready.pk).update(finished_at=timezone.now() - timedelta(hours=25))
+    new_ready = received_upload(alice_connected, DATA, name="new-ready")
+    services.upload_push(upload_id=new_ready.pk)
+    failed = received_upload(alice_connected, DATA, name="failed")
+    Upload.objects.filter(pk=failed.pk).update(status=Status.FAILED)
+    waiting = received_upload(alice_connected, DATA, name="waiting")
+    expired = services.upload_create(owner=alice_connected, size=10, filename="e.raw", name="e", disk_format="raw")
+    Upload.objects.filter(pk=expired.pk).update(receive_expires_at=timezone.now() - timedelta(seconds=1))
+
+    assert services.staging_cleanup() == 2
+    kept = {u.name for u in Upload.objects.all() if (staging_dir / u.staged_name).exists()}
+    assert kept == {"new-ready", "failed", "waiting"}
+    old_ready.refresh_from_db()
+    assert old_ready.staged_deleted_at is not None
+    assert "Deleted the staged copy: no longer needed" in timeline(old_ready)
+    assert Upload.objects.get(pk=expired.pk).status == Status.FAILED
+    assert services.staging_cleanup() == 0
+    assert waiting.pk  # still received: its push is on its way

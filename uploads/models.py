@@ -121,6 +121,8 @@ class Upload(models.Model):
     size = models.BigIntegerField()
     received_bytes = models.BigIntegerField(default=0)
     staged_name = models.CharField(max_length=255, editable=False)
+    # When the staged copy was deleted (after the retention time, or on cancel/expiry).
+    staged_deleted_at = models.DateTimeField(null=True, blank=True)
     receive_expires_at = models.DateTimeField(null=True, blank=True)
 
     # Sending to IMS.

@@ -224,7 +224,35 @@ def upload_expire(*, upload: Upload) -> None:
         error_hint="Upload the file again.",
         error_code="expired",
     ):
-        staging.delete(upload.staged_name)
+        _delete_staged(upload, "Deleted the staged copy of the unfinished upload")
+
+
+def _delete_staged(upload: Upload, message: str) -> None:
+    staging.delete(upload.staged_name)
+    now = timezone.now()
+    if Upload.objects.filter(pk=upload.pk, staged_deleted_at__isnull=True).update(staged_deleted_at=now):
+        upload.staged_deleted_at = now
+        _note(upload, message)
+
+
+def staging_cleanup() -> int:
+    """Delete staged copies that no upload needs any more; returns how many.
+
+    Ready uploads keep theirs for STAGING_RETENTION_HOURS (to compare or send again), cancelled
+    ones lose it at once (should their clean-up task have been lost), unfinished browser uploads
+    when they expire. Failed uploads and those waiting for a reconnect keep it for Retry.
+    """
+    now = timezone.now()
+    count = 0
+    for upload in Upload.objects.filter(status=Status.RECEIVING, receive_expires_at__lte=now):
+        upload_expire(upload=upload)
+        count += 1
+    kept_until = now - timedelta(hours=settings.STAGING_RETENTION_HOURS)
+    finished = Q(status=Status.READY, finished_at__lte=kept_until) | Q(status=Status.CANCELLED)
+    for upload in Upload.objects.filter(finished, staged_deleted_at__isnull=True):
+        _delete_staged(upload, "Deleted the staged copy: no longer needed")
+        count += 1
+    return count
 
 
 class OffsetConflict(Exception):
@@ -649,7 +677,7 @@ def upload_discard(*, upload_id: int) -> None:
     upload = Upload.objects.filter(pk=upload_id, status=Status.CANCELLED).first()
     if upload is None:
         return
-    staging.delete(upload.staged_name)
+    _delete_staged(upload, "Deleted the staged copy of the cancelled upload")
     if upload.ims_image_id:
         token = _usable_token(upload.owner_id)
         if token is None:

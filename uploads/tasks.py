@@ -33,5 +33,11 @@ def reconcile_uploads() -> None:
 
 
 @shared_task
+def clean_staging() -> None:
+    """Beat: delete staged copies no upload needs any more."""
+    services.staging_cleanup()
+
+
+@shared_task
 def discard_upload(upload_id: int) -> None:
     services.upload_discard(upload_id=upload_id)
