@@ -136,6 +136,11 @@ TUS_UPLOAD_EXPIRY_SECONDS = int(os.environ.get("TUS_UPLOAD_EXPIRY_SECONDS", 7 * 
 # How long the staged copy of an image that is ready in IMS is kept (to compare, or send again).
 STAGING_RETENTION_HOURS = float(os.environ.get("STAGING_RETENTION_HOURS", 24))
 UPLOAD_POLL_SECONDS = float(os.environ.get("UPLOAD_POLL_SECONDS", 5))
+# A push beats every 10 s; one silent for this long has lost its worker and is taken over.
+PUSH_STALE_SECONDS = float(os.environ.get("PUSH_STALE_SECONDS", 120))
+# The reconciler runs this often and re-queues received uploads nobody claimed for this long.
+RECONCILE_EVERY_SECONDS = float(os.environ.get("RECONCILE_EVERY_SECONDS", 60))
+RECONCILE_GRACE_SECONDS = float(os.environ.get("RECONCILE_GRACE_SECONDS", 120))
 
 # Celery: the broker is Redis; the database row is the source of truth, the message a nudge.
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -155,7 +160,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ROUTES = {"uploads.tasks.push_upload": {"queue": "uploads"}}
 CELERY_BEAT_SCHEDULE = {
     "poll-ims": {"task": "uploads.tasks.poll_due_uploads", "schedule": UPLOAD_POLL_SECONDS},
-    "reconcile": {"task": "uploads.tasks.reconcile_uploads", "schedule": 60.0},
+    "reconcile": {"task": "uploads.tasks.reconcile_uploads", "schedule": RECONCILE_EVERY_SECONDS},
     "clean-staging": {"task": "uploads.tasks.clean_staging", "schedule": 3600.0},
 }
 

@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 MAX_PUSH_ATTEMPTS = 5
 HEARTBEAT_SECONDS = 10
-# A push whose heartbeat is older than this has lost its worker.
-PUSH_STALE_AFTER = timedelta(minutes=2)
 # Before any push has been measured: a cautious guess of the speed to IMS (10 MiB/s).
 ASSUMED_SEND_RATE = 10 * 1024 * 1024
 # IAM tokens live 24 hours: a push that needs longer starts with a token at least this fresh.
@@ -286,16 +284,16 @@ def upload_receive(*, upload: Upload, offset: int, stream: BinaryIO, length: int
 # Sending to IMS
 
 
-def uploads_to_reconcile(*, grace: timedelta = timedelta(minutes=2)) -> list[int]:
+def uploads_to_reconcile() -> list[int]:
     """Uploads that expect a push but may have none coming: received ones nobody claimed (the
     message was lost, say Redis restarted without its data) and pushes whose heartbeat stopped
     (the worker died). Queueing them again is harmless: only one push can claim a row."""
     now = timezone.now()
-    stale = now - grace
+    stale = now - timedelta(seconds=settings.RECONCILE_GRACE_SECONDS)
     unclaimed = Q(status=Status.RECEIVED, status_changed_at__lte=stale) & (
         Q(retry_at__isnull=True) | Q(retry_at__lte=stale)
     )
-    abandoned = Q(status=Status.PUSHING, heartbeat_at__lt=now - PUSH_STALE_AFTER)
+    abandoned = Q(status=Status.PUSHING, heartbeat_at__lt=now - timedelta(seconds=settings.PUSH_STALE_SECONDS))
     return list(Upload.objects.filter(unclaimed | abandoned).values_list("pk", flat=True)[:500])
 
 
@@ -420,7 +418,7 @@ def _push_is_abandoned(upload: Upload) -> bool:
     return (
         upload.status == Status.PUSHING
         and upload.heartbeat_at is not None
-        and upload.heartbeat_at < timezone.now() - PUSH_STALE_AFTER
+        and upload.heartbeat_at < timezone.now() - timedelta(seconds=settings.PUSH_STALE_SECONDS)
     )
 
 
