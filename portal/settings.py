@@ -6,9 +6,11 @@ The defaults give the embedded set-up (SQLite, local staging, the local IMS simu
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -26,10 +28,50 @@ def env_list(name: str, default: str) -> list[str]:
 
 DEBUG = env_bool("DEBUG", False)
 
-# The embedded default keys are for a laptop demo only; `check --deploy` and production set real ones.
-SECRET_KEY = os.environ.get("SECRET_KEY") or "insecure-dev-only-key-change-me-in-production-0123456789"
+# The embedded default keys are for a laptop demo only; production sets real ones. The demo key
+# starts with "django-insecure-", so that `check --deploy` refuses it (security.W009).
+SECRET_KEY = os.environ.get("SECRET_KEY") or "django-insecure-dev-only-key-change-me-in-production-0123456789"
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
+
+# HTTPS, off by default so that `make run` (plain http on 127.0.0.1, DEBUG off) can sign in: a
+# browser never sends a Secure cookie back over http. Production sets SECURE_HTTPS=1: http is
+# redirected to https, the session and CSRF cookies are Secure, and browsers are told (HSTS) to
+# use nothing but https. It does not follow DEBUG, so that turning DEBUG on for a moment in
+# production keeps the cookies Secure. `check --deploy` warns while it is off.
+SECURE_HTTPS = env_bool("SECURE_HTTPS", False)
+SECURE_SSL_REDIRECT = SECURE_HTTPS
+SESSION_COOKIE_SECURE = SECURE_HTTPS
+CSRF_COOKIE_SECURE = SECURE_HTTPS
+# CSRF_COOKIE_HTTPONLY stays off: static/js/upload.js reads the cookie for tus's X-CSRFToken header.
+SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS") or (365 * 24 * 3600 if SECURE_HTTPS else 0))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+# "preload" only consents: browsers build it in only if the owner of the registrable domain
+# submits that domain (hstspreload.org); on the portal's own host name it changes nothing.
+SECURE_HSTS_PRELOAD = True
+# Behind a proxy that ends TLS, Django sees plain http and learns from X-Forwarded-Proto what the
+# browser used (for the redirect, Secure cookies and the https:// Location of tus uploads). Turn it
+# on only when the proxy sets that header on every request, or a client could claim https itself.
+if env_bool("SECURE_BEHIND_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# Content-Security-Policy on every page (django-csp): scripts, styles and requests only from this
+# site and no inline script or style, so injected markup cannot run. The pages and Django's admin
+# have none inline (json_script blocks are data, not script); Uppy's CSS draws icons as data: images.
+# django-csp leaves out Django's own debug error pages (inline styles) when DEBUG is on.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "frame-ancestors": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "object-src": [NONE],
+    },
+}
 
 # Cloud tokens are encrypted with a key of their own, not with SECRET_KEY, so that rotating one
 # does not touch the other. A comma-separated list of Fernet keys: the first encrypts, all decrypt.
@@ -48,11 +90,14 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
+    "csp",
     "uploads",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -60,6 +105,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks: it turns a lock-out into its page
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -107,6 +153,23 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "upload"
 LOGOUT_REDIRECT_URL = "login"
 
+# Password guessing (django-axes, on the sign-in page and the admin's alike): after 5 wrong
+# passwords for one user name from one IP address, that pair is locked out for 15 minutes. Five
+# forgives typos; 15 minutes caps guessing at 20 tries an hour. Locking the pair, not the name
+# alone, keeps one person from locking a colleague out from elsewhere, and not the address alone,
+# keeps one office behind one NAT address from locking each other out. Attempts are kept in the
+# database, which web processes share. Behind a proxy every client has the proxy's address (no
+# X-Forwarded-For is trusted), so the lock then is per user name.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = 5
+AXES_COOLOFF_TIME = timedelta(minutes=15)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
@@ -132,11 +195,15 @@ WHITENOISE_USE_FINDERS = DEBUG
 
 # Uploads: the limits of IMS and of the tus server.
 UPLOAD_MAX_BYTES = 128 * 1024**3 - 1  # IMS takes files under 128 GB (137438953472 bytes).
+# The disk formats the target's POST /v2/images takes; files in other formats are converted to qcow2.
+IMS_DISK_FORMATS = env_list("IMS_DISK_FORMATS", "qcow2,vhd,raw,zvhd2")
 TUS_UPLOAD_EXPIRY_SECONDS = int(os.environ.get("TUS_UPLOAD_EXPIRY_SECONDS", 7 * 24 * 3600))
 # How long the staged copy of an image that is ready in IMS is kept (to compare, or send again).
 STAGING_RETENTION_HOURS = float(os.environ.get("STAGING_RETENTION_HOURS", 24))
 UPLOAD_POLL_SECONDS = float(os.environ.get("UPLOAD_POLL_SECONDS", 5))
-# A push beats every 10 s; one silent for this long has lost its worker and is taken over.
+# A push says it is alive every PUSH_HEARTBEAT_SECONDS; one silent for PUSH_STALE_SECONDS has
+# lost its worker and is taken over.
+PUSH_HEARTBEAT_SECONDS = float(os.environ.get("PUSH_HEARTBEAT_SECONDS", 10))
 PUSH_STALE_SECONDS = float(os.environ.get("PUSH_STALE_SECONDS", 120))
 # The reconciler runs this often and re-queues received uploads nobody claimed for this long.
 RECONCILE_EVERY_SECONDS = float(os.environ.get("RECONCILE_EVERY_SECONDS", 60))
@@ -158,6 +225,37 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Pushes (hours long) have a queue of their own, so that polls and clean-ups never wait behind them.
 CELERY_TASK_ROUTES = {"uploads.tasks.push_upload": {"queue": "uploads"}}
+# How long a push may take. The slowest link to IMS we support is 2 MiB/s (16 Mbit/s): at that
+# rate the largest image IMS takes (UPLOAD_MAX_BYTES, just under 128 GiB) is sent in 65 536 s, about
+# 18.2 hours, which fits in one IAM token (24 hours). The push task also checks the file and may
+# convert it (qemu-img does 128 GB in about 45 minutes at a slow disk's 50 MB/s), and creates and
+# checks the image: 2 hours more, so SoftTimeLimitExceeded is raised in it after about 20.2 hours
+# and the worker kills it 10 minutes later. Every other task is short (one IMS call, at most
+# 10 minutes): 30 minutes frees a hung one.
+SLOWEST_PUSH_BYTES_PER_SECOND = 2 * 1024**2
+LONGEST_PUSH_SECONDS = UPLOAD_MAX_BYTES // SLOWEST_PUSH_BYTES_PER_SECOND + 1
+PUSH_SOFT_TIME_LIMIT = LONGEST_PUSH_SECONDS + 2 * 3600
+PUSH_TIME_LIMIT = PUSH_SOFT_TIME_LIMIT + 10 * 60
+CELERY_TASK_ANNOTATIONS = {
+    "uploads.tasks.push_upload": {"soft_time_limit": PUSH_SOFT_TIME_LIMIT, "time_limit": PUSH_TIME_LIMIT},
+}
+CELERY_TASK_TIME_LIMIT = 30 * 60
+# Redis has no acknowledgements of its own: kombu keeps an unacknowledged message aside and hands
+# it to a worker again once `visibility_timeout` has passed (Celery docs, "Using Redis: Caveats").
+# With late acknowledgement a push is unacknowledged for its whole run, so the timeout is longer
+# than the longest push can run (its hard limit plus an hour, about 21.4 hours); otherwise a second
+# worker would get the message while the first still sends. The price: the message of a worker
+# that died comes back only that late, but the reconciler (beat, every RECONCILE_EVERY_SECONDS)
+# queues such a push again after PUSH_STALE_SECONDS without a heartbeat, and beat hands out due
+# polls itself. The same timeout bounds ETA/countdown: a task delayed for longer would be delivered
+# again and again, for ever; our longest countdown is the 300 s of a push retry
+# (uploads/services.py). Web and worker must use the same value, so it lives here.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": PUSH_TIME_LIMIT + 3600}
+# A short loss of Redis should not stop a push that is hours in: it needs only the database and IMS.
+# Its message then cannot be acknowledged and comes back after the visibility timeout, when the row
+# (no longer "received") turns it away. Cancelling (True, Celery 6's default) would send it again
+# from the first byte.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_BEAT_SCHEDULE = {
     "poll-ims": {"task": "uploads.tasks.poll_due_uploads", "schedule": UPLOAD_POLL_SECONDS},
     "reconcile": {"task": "uploads.tasks.reconcile_uploads", "schedule": RECONCILE_EVERY_SECONDS},

@@ -51,11 +51,17 @@ class UploadAdmin(admin.ModelAdmin):
             else:
                 self.message_user(request, f"{upload}: {done}", messages.SUCCESS)
 
-    @admin.action(description="Retry the selected uploads")
+    def has_review_permission(self, request) -> bool:
+        """Retry and Cancel need uploads.review_upload (superusers have every permission)."""
+        return request.user.has_perm("uploads.review_upload")
+
+    @admin.action(description="Retry the selected uploads", permissions=["review"])
     def retry_uploads(self, request, queryset):
         self._each(request, queryset, services.upload_retry, "queued to be sent again")
 
-    @admin.action(description="Cancel the selected uploads (deletes staged file and IMS image)")
+    @admin.action(
+        description="Cancel the selected uploads (deletes staged file and IMS image)", permissions=["review"]
+    )
     def cancel_uploads(self, request, queryset):
         self._each(request, queryset, services.upload_cancel, "cancelled")
 

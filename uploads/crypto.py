@@ -23,3 +23,11 @@ def decrypt(ciphertext: str) -> str | None:
         return _fernet().decrypt(ciphertext.encode()).decode()
     except InvalidToken:
         return None
+
+
+def rotate(ciphertext: str) -> str | None:
+    """The same secret encrypted anew with the first key, or None when no configured key opens it."""
+    try:
+        return _fernet().rotate(ciphertext.encode()).decode()
+    except InvalidToken:
+        return None
