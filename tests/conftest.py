@@ -1,8 +1,8 @@
 """Shared fixtures: users alice and bob, a temp staging folder, the IMS simulator over real HTTP,
 and (for end-to-end tests) a real Celery worker process with real Redis.
 
-Servers that are slow to start (simulator for e2e, Celery worker, OpenStack peers) live once per
-test session; tests reset their state instead of restarting them.
+Servers that are slow to start live once per test session (the simulator, OpenStack peers) or
+once per test module (the Celery worker); tests reset their state instead of restarting them.
 """
 
 import os
@@ -130,7 +130,8 @@ def task_queue(monkeypatch):
 
 
 def make_image(path: Path, size: int) -> Path:
-    path.write_bytes(os.urandom(size))
+    """A raw disk image: an empty boot sector, then random data."""
+    path.write_bytes(bytes(512) + os.urandom(size - 512))
     return path
 
 
@@ -155,12 +156,25 @@ def _database_url(settings_dict) -> str:
     return f"postgres://{auth}{host}:{port}/{name}"
 
 
+# Every key this test session puts in Redis starts with this, so that two test runs on one
+# machine (and one Redis) never take each other's messages.
+KEY_PREFIX = f"ims-portal-test-{os.getpid()}:"
+# Starts a worker whose broker keys carry KEY_PREFIX (given in the environment).
+WORKER_MAIN = (
+    "import os, sys; from portal.celery import app; "
+    "app.conf.broker_transport_options = {**app.conf.broker_transport_options, "
+    "'global_keyprefix': os.environ['TEST_KEY_PREFIX']}; app.worker_main(sys.argv[1:])"
+)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def test_broker():
-    """Any task a test sends goes to the test Redis database, never to a running portal's."""
+    """Any task a test sends goes to the test Redis database, never to a running portal's,
+    under this session's key prefix."""
     from portal.celery import app
 
     app.conf.broker_url = _redis_url()
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "global_keyprefix": KEY_PREFIX}
     return app.conf.broker_url
 
 
@@ -181,7 +195,7 @@ class Worker:
     def start(self):
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "portal", "worker", "-B", "-Q", "uploads,celery",
+            [sys.executable, "-c", WORKER_MAIN, "worker", "-B", "-Q", "uploads,celery",
              "--concurrency", "2", "-l", "info", "--without-gossip", "--without-mingle",
              "-s", str(self.log_path.parent / "beat-schedule")],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -203,12 +217,14 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
+# One per test module: its beat must not follow the uploads of another module's servers (the
+# fault tests run a stack of their own on the same database).
+@pytest.fixture(scope="module")
 def celery_worker_process(django_db_setup, django_db_blocker, session_sim, tmp_path_factory, test_broker):
-    """One real Celery worker (with beat) for the whole session, on the test database."""
+    """A real Celery worker (with beat) on the test database."""
     url = test_broker
     try:
-        redis.Redis.from_url(url).flushdb()
+        redis.Redis.from_url(url).ping()
     except redis.ConnectionError as exc:
         pytest.fail(f"Redis is needed for end-to-end tests at {url}: {exc}")
     from django.db import connection
@@ -220,6 +236,7 @@ def celery_worker_process(django_db_setup, django_db_blocker, session_sim, tmp_p
         **os.environ,
         "DATABASE_URL": _database_url(connection.settings_dict),
         "REDIS_URL": url,
+        "TEST_KEY_PREFIX": KEY_PREFIX,
         "STAGING_DIR": str(staging),
         "IMS_ENDPOINT": session_sim.url,
         "IAM_ENDPOINT": f"{session_sim.url}/v3",
@@ -230,8 +247,12 @@ def celery_worker_process(django_db_setup, django_db_blocker, session_sim, tmp_p
     worker = Worker(env, folder / "worker.log").start()
     worker.staging = staging
     worker.redis_url = url
+    worker.key_prefix = KEY_PREFIX
     yield worker
     worker.stop()
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(f"{KEY_PREFIX}*"):
+        client.delete(key)
     with django_db_blocker.unblock():
         _wait_for_other_sessions_to_end()
 

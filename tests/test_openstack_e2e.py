@@ -68,8 +68,8 @@ def test_an_upload_reaches_active_in_glance_with_the_same_checksums(
     assert image.raw["__os_version"] == "Ubuntu 22.04 server 64bit"
 
 
-def test_contents_that_do_not_match_the_format_are_explained_and_cleaned_up(
-    portal_on_openstack, live_server, client, alice, tmp_path
+def test_contents_that_are_no_disk_image_are_refused_before_glance_sees_them(
+    portal_on_openstack, openstack_peers, live_server, client, alice, tmp_path
 ):
     client.force_login(alice)
     connect_with_password(client)
@@ -79,10 +79,28 @@ def test_contents_that_do_not_match_the_format_are_explained_and_cleaned_up(
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.FAILED
-    assert upload.error_message == "The cloud says the file's contents do not match the disk format you chose."
-    assert any("415" in event.detail for event in upload.events.all())
-    # Glance keeps a 415'd image that can never take data again: the portal deleted it.
-    assert not upload.ims_image_id
+    assert "QCOW2" in upload.error_message and not upload.ims_image_id
+    # Glance (which would answer 415 and keep a broken image) was never asked.
+    images = services._ims(services._usable_token(alice.pk)).session.get(f"{openstack_peers.glance_url}/v2/images")
+    assert images.json()["images"] == [] or all(i["name"] != upload.name for i in images.json()["images"])
+
+
+def test_a_vmdk_is_converted_and_reaches_active_in_glance_as_qcow2(
+    portal_on_openstack, live_server, client, alice, tmp_path
+):
+    client.force_login(alice)
+    connect_with_password(client)
+    source = qcow2_image(tmp_path)
+    vmdk = tmp_path / "legacy.vmdk"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", str(source), str(vmdk)], check=True)
+    upload = tus_upload(live_server, client, vmdk)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY, upload.error_message
+    assert (upload.detected_format, upload.send_format) == ("vmdk", "qcow2")
+    image = services._ims(services._usable_token(alice.pk)).get_image(upload.ims_image_id)
+    assert image.raw["disk_format"] == "qcow2"
+    assert image.checksum == upload.md5 and image.os_hash_value == upload.sha512
 
 
 def test_a_wrong_password_is_refused_by_keystone(portal_on_openstack, client, alice):

@@ -32,7 +32,8 @@ def puts(sim) -> list[int]:
     return [r["status"] for r in sim.requests_seen() if r["method"] == "PUT"]
 
 
-DATA = os.urandom(300_000)
+# A raw disk: an empty boot sector (no stray 55AA signature to look like a broken MBR), then data.
+DATA = bytes(512) + os.urandom(300_000)
 
 
 def test_a_received_upload_ends_ready_with_the_same_bytes(alice_connected, sim):
@@ -114,7 +115,7 @@ def test_a_500_on_the_first_put_is_retried_into_the_same_image(alice_connected, 
 
 
 def test_a_broken_connection_is_retried(alice_connected, sim):
-    data = os.urandom(3_000_000)
+    data = bytes(512) + os.urandom(3_000_000)
     sim.set_faults(cut_put_after_bytes=1_000_000)
     upload = received_upload(alice_connected, data)
     assert services.upload_push(upload_id=upload.pk).retry_in
@@ -144,7 +145,7 @@ def test_a_401_means_reconnect_and_reconnecting_continues(
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.RECONNECT
-    assert upload.error_hint == "Reconnect on the Cloud account page, then press Retry."
+    assert upload.error_hint == "Reconnect on the Cloud account page: the upload then continues by itself."
     with django_capture_on_commit_callbacks() as callbacks:
         connect_cloud(alice_connected)
     upload.refresh_from_db()
@@ -231,7 +232,7 @@ def test_a_retry_reuses_a_queued_image_and_replaces_a_stuck_one(alice_connected,
 
 @pytest.mark.django_db(transaction=True)
 def test_cancel_mid_push_stops_the_put_and_removes_everything(alice_connected, sim, staging_dir, task_queue):
-    data = os.urandom(4_000_000)
+    data = bytes(512) + os.urandom(4_000_000)
     sim.set_faults(put_bytes_per_second=1_000_000)
     upload = received_upload(alice_connected, data)
     pusher = threading.Thread(target=services.upload_push, kwargs={"upload_id": upload.pk})
@@ -290,7 +291,7 @@ def test_a_push_whose_worker_died_is_sent_again_when_its_message_comes_back(alic
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.READY and upload.attempt == 2
-    assert "The worker that was sending this upload stopped; sending again" in timeline(upload)
+    assert "The worker that was handling this upload stopped; starting again" in timeline(upload)
 
 
 def test_a_live_push_is_left_alone_by_a_second_delivery(alice_connected, sim):

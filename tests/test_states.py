@@ -21,13 +21,18 @@ def test_finished_uploads_never_move_again():
 
 
 def test_the_happy_path_is_allowed():
-    path = [Status.RECEIVING, Status.RECEIVED, Status.PUSHING, Status.PROCESSING, Status.READY]
+    path = [Status.RECEIVING, Status.RECEIVED, Status.CHECKING, Status.PUSHING, Status.PROCESSING, Status.READY]
     for old, new in zip(path, path[1:]):
         assert can_move(old, new)
 
 
+def test_converting_sits_between_checking_and_pushing():
+    assert can_move(Status.CHECKING, Status.CONVERTING) and can_move(Status.CONVERTING, Status.PUSHING)
+
+
 def test_no_skipping_ahead():
     assert not can_move(Status.RECEIVING, Status.PUSHING)
+    assert not can_move(Status.RECEIVED, Status.PUSHING)  # never sent unchecked
     assert not can_move(Status.RECEIVED, Status.READY)
     assert not can_move(Status.READY, Status.RECEIVED)
     assert not can_move(Status.CANCELLED, Status.RECEIVED)

@@ -41,7 +41,8 @@ def test_options_tells_what_the_server_can_do(client):
     response = client.options("/tus/")
     assert response.status_code == 204
     assert response["Tus-Version"] == "1.0.0"
-    assert set(response["Tus-Extension"].split(",")) == {"creation", "termination", "expiration"}
+    assert set(response["Tus-Extension"].split(",")) == {"creation", "termination", "expiration", "checksum"}
+    assert "sha1" in response["Tus-Checksum-Algorithm"].split(",")
     assert response["Tus-Max-Size"] == str(128 * 1024**3 - 1)
 
 
@@ -246,3 +247,34 @@ def test_a_full_staging_disk_is_refused_and_the_upload_stays_resumable(tus_clien
     monkeypatch.undo()
     assert tus_client.head(url, headers=TUS)["Upload-Offset"] == "5"
     assert patch(tus_client, url, b"world", 5).status_code == 204
+
+
+def checksum_header(data: bytes, algorithm: str = "sha1") -> str:
+    import hashlib
+
+    return f"{algorithm} {base64.b64encode(hashlib.new(algorithm, data).digest()).decode()}"
+
+
+def test_a_chunk_with_a_matching_checksum_is_kept(tus_client, staging_dir):
+    url = create(tus_client, length=10)["Location"]
+    response = tus_client.generic("PATCH", url, b"hello", content_type=OCTETS,
+                                  headers={**TUS, "Upload-Offset": "0", "Upload-Checksum": checksum_header(b"hello")})
+    assert response.status_code == 204 and response["Upload-Offset"] == "5"
+
+
+def test_a_chunk_with_a_wrong_checksum_is_460_and_not_kept(tus_client, staging_dir):
+    url = create(tus_client, length=10)["Location"]
+    response = tus_client.generic("PATCH", url, b"hellO", content_type=OCTETS,
+                                  headers={**TUS, "Upload-Offset": "0", "Upload-Checksum": checksum_header(b"hello")})
+    assert response.status_code == 460
+    upload = Upload.objects.get()
+    assert upload.received_bytes == 0
+    assert (staging_dir / upload.staged_name).read_bytes() == b""
+    assert tus_client.head(url, headers=TUS)["Upload-Offset"] == "0"
+
+
+def test_an_unknown_checksum_algorithm_is_400(tus_client):
+    url = create(tus_client, length=10)["Location"]
+    response = tus_client.generic("PATCH", url, b"hello", content_type=OCTETS,
+                                  headers={**TUS, "Upload-Offset": "0", "Upload-Checksum": "crc32 AAAA"})
+    assert response.status_code == 400

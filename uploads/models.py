@@ -14,6 +14,8 @@ from django.urls import reverse
 class Status(models.TextChoices):
     RECEIVING = "receiving", "Receiving"  # the browser is sending bytes to staging (tus)
     RECEIVED = "received", "Received"  # all bytes staged; waiting for a worker to send them
+    CHECKING = "checking", "Checking the file"  # a worker inspects what the file really is
+    CONVERTING = "converting", "Converting"  # into a format IMS takes (qcow2)
     PUSHING = "pushing", "Sending to IMS"  # a worker streams the file to IMS
     PROCESSING = "processing", "IMS processing"  # IMS has the bytes and is checking them
     READY = "ready", "Ready"  # the image is active in IMS
@@ -25,7 +27,10 @@ class Status(models.TextChoices):
 # Every move an upload may make. Anything not listed here is refused by the services.
 ALLOWED_MOVES: dict[str, set[str]] = {
     Status.RECEIVING: {Status.RECEIVED, Status.CANCELLED, Status.FAILED},
-    Status.RECEIVED: {Status.PUSHING, Status.RECONNECT, Status.CANCELLED, Status.FAILED},
+    Status.RECEIVED: {Status.CHECKING, Status.RECONNECT, Status.CANCELLED, Status.FAILED},
+    # CHECKING/CONVERTING -> RECEIVED: a temporary problem (no room to convert, a dead worker).
+    Status.CHECKING: {Status.PUSHING, Status.CONVERTING, Status.FAILED, Status.RECEIVED, Status.CANCELLED},
+    Status.CONVERTING: {Status.PUSHING, Status.FAILED, Status.RECEIVED, Status.CANCELLED},
     # PUSHING -> RECEIVED: a transient fault; the push is queued again with backoff.
     Status.PUSHING: {
         Status.PROCESSING,
@@ -42,6 +47,8 @@ ALLOWED_MOVES: dict[str, set[str]] = {
 }
 
 FINISHED = {Status.READY, Status.CANCELLED}
+# States in which a worker is busy with the upload (and keeps its heartbeat fresh).
+WORKING = {Status.CHECKING, Status.CONVERTING, Status.PUSHING}
 # States in which the owner may press Retry / Cancel.
 RETRYABLE = {Status.FAILED, Status.RECONNECT}
 CANCELLABLE = {s for s, moves in ALLOWED_MOVES.items() if Status.CANCELLED in moves}
@@ -125,6 +132,16 @@ class Upload(models.Model):
     staged_deleted_at = models.DateTimeField(null=True, blank=True)
     receive_expires_at = models.DateTimeField(null=True, blank=True)
 
+    # What the file really is (uploads.inspect), and what is sent: the staged file, or its
+    # conversion to qcow2 (another staged file) when IMS does not take the detected format.
+    detected_format = models.CharField(max_length=8, blank=True)
+    virtual_size = models.BigIntegerField(null=True, blank=True)
+    inspection = models.JSONField(default=dict, blank=True, help_text="checks run and their results")
+    send_format = models.CharField(max_length=8, blank=True)
+    converted_name = models.CharField(max_length=255, blank=True, editable=False)
+    send_size = models.BigIntegerField(null=True, blank=True)
+    convert_percent = models.PositiveSmallIntegerField(default=0)
+
     # Sending to IMS.
     attempt = models.PositiveIntegerField(default=0)
     sent_bytes = models.BigIntegerField(default=0)
@@ -152,6 +169,8 @@ class Upload(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["status", "next_poll_at"])]
+        # Admins need it for the admin's Retry and Cancel actions; viewing needs only view_upload.
+        permissions = [("review_upload", "Can review, retry and cancel uploads")]
 
     def __str__(self):
         return f"{self.name} ({self.filename})"
@@ -178,8 +197,10 @@ class Upload(models.Model):
             return 0
         if self.status == Status.RECEIVING:
             done = self.received_bytes
+        elif self.status == Status.CONVERTING:
+            return self.convert_percent
         elif self.status == Status.PUSHING:
-            done = self.sent_bytes
+            return min(100, int(self.sent_bytes * 100 / (self.send_size or self.size)))
         elif self.status in {Status.PROCESSING, Status.READY}:
             done = self.size
         else:
@@ -190,7 +211,7 @@ class Upload(models.Model):
     def eta_seconds(self) -> int | None:
         if self.status != Status.PUSHING or self.send_rate <= 0:
             return None
-        return int((self.size - self.sent_bytes) / self.send_rate)
+        return int(((self.send_size or self.size) - self.sent_bytes) / self.send_rate)
 
 
 class UploadEvent(models.Model):

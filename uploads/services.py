@@ -6,6 +6,7 @@ written to the timeline as an UploadEvent in the same transaction. Tasks and vie
 they call these functions with ids and plain values.
 """
 
+import hashlib
 import logging
 import threading
 import time
@@ -19,9 +20,10 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from uploads import crypto, staging
-from uploads.ims import IamClient, ImsClient, ImsError
+from uploads import crypto, inspect, staging
+from uploads.ims import HINT_CONTACT_ADMIN, IamClient, ImsClient, ImsError
 from uploads.models import (
+    WORKING,
     CloudAccount,
     Status,
     Upload,
@@ -32,7 +34,6 @@ from uploads.models import (
 log = logging.getLogger(__name__)
 
 MAX_PUSH_ATTEMPTS = 5
-HEARTBEAT_SECONDS = 10
 # Before any push has been measured: a cautious guess of the speed to IMS (10 MiB/s).
 ASSUMED_SEND_RATE = 10 * 1024 * 1024
 # IAM tokens live 24 hours: a push that needs longer starts with a token at least this fresh.
@@ -109,13 +110,14 @@ NO_ERROR = {"error_message": "", "error_hint": "", "error_code": ""}
 def _enqueue_push(upload_id: int, countdown: float | None = None) -> None:
     from uploads import tasks  # tasks import services: import here to avoid the cycle
 
-    transaction.on_commit(lambda: tasks.push_upload.apply_async((upload_id,), countdown=countdown))
+    # robust: with Redis away the message is lost, not the request; the reconciler queues it later.
+    transaction.on_commit(lambda: tasks.push_upload.apply_async((upload_id,), countdown=countdown), robust=True)
 
 
 def _enqueue_discard(upload_id: int) -> None:
     from uploads import tasks
 
-    transaction.on_commit(lambda: tasks.discard_upload.delay(upload_id))
+    transaction.on_commit(lambda: tasks.discard_upload.delay(upload_id), robust=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +229,7 @@ def upload_expire(*, upload: Upload) -> None:
 
 def _delete_staged(upload: Upload, message: str) -> None:
     staging.delete(upload.staged_name)
+    staging.delete(upload.converted_name)
     now = timezone.now()
     if Upload.objects.filter(pk=upload.pk, staged_deleted_at__isnull=True).update(staged_deleted_at=now):
         upload.staged_deleted_at = now
@@ -250,6 +253,9 @@ def staging_cleanup() -> int:
     for upload in Upload.objects.filter(finished, staged_deleted_at__isnull=True):
         _delete_staged(upload, "Deleted the staged copy: no longer needed")
         count += 1
+    # A cancel whose clean-up message was lost (Redis away) still has its image in IMS.
+    for upload_id in Upload.objects.filter(status=Status.CANCELLED).exclude(ims_image_id="").values_list("pk", flat=True):
+        upload_discard(upload_id=upload_id)
     return count
 
 
@@ -261,17 +267,28 @@ class OffsetConflict(Exception):
         self.received_bytes = received_bytes
 
 
-def upload_receive(*, upload: Upload, offset: int, stream: BinaryIO, length: int) -> int:
+class ChecksumMismatch(Exception):
+    """The chunk's bytes do not match the checksum the client sent with them."""
+
+
+def upload_receive(
+    *, upload: Upload, offset: int, stream: BinaryIO, length: int, checksum: tuple[str, bytes] | None = None
+) -> int:
     """Append one tus chunk at `offset`; returns the new offset. The last byte starts the push.
 
     The offset is checked again once the staged file is locked, so that two requests racing
-    with the same offset can never both write.
+    with the same offset can never both write. With `checksum` (algorithm, digest) a chunk whose
+    bytes do not match is not kept (ChecksumMismatch).
     """
     with staging.locked_for_writing(upload.staged_name) as staged:
         status, received = Upload.objects.values_list("status", "received_bytes").get(pk=upload.pk)
         if status != Status.RECEIVING or received != offset:
             raise OffsetConflict(received)
-        new_offset = offset + staging.write_at(staged, offset, stream, length)
+        hasher = hashlib.new(checksum[0]) if checksum else None
+        new_offset = offset + staging.write_at(staged, offset, stream, length, hasher)
+        if checksum and hasher.digest() != checksum[1]:
+            staged.truncate(offset)
+            raise ChecksumMismatch()
         expires = timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
         Upload.objects.filter(pk=upload.pk).update(received_bytes=new_offset, receive_expires_at=expires)
     upload.received_bytes, upload.receive_expires_at = new_offset, expires
@@ -293,18 +310,19 @@ def uploads_to_reconcile() -> list[int]:
     unclaimed = Q(status=Status.RECEIVED, status_changed_at__lte=stale) & (
         Q(retry_at__isnull=True) | Q(retry_at__lte=stale)
     )
-    abandoned = Q(status=Status.PUSHING, heartbeat_at__lt=now - timedelta(seconds=settings.PUSH_STALE_SECONDS))
+    abandoned = Q(status__in=WORKING, heartbeat_at__lt=now - timedelta(seconds=settings.PUSH_STALE_SECONDS))
     return list(Upload.objects.filter(unclaimed | abandoned).values_list("pk", flat=True)[:500])
 
 
 def upload_push(*, upload_id: int) -> PushOutcome:
-    """Claim a received upload and stream it to IMS with its owner's token.
+    """Claim a received upload, check what the file really is (converting it when IMS does not
+    take its format), and stream it to IMS with its owner's token.
 
-    Safe to call twice: only one caller wins the claim (RECEIVED -> PUSHING).
+    Safe to call twice: only one caller wins the claim (RECEIVED -> CHECKING).
     """
     upload = Upload.objects.filter(pk=upload_id).first()
     if upload is not None and _push_is_abandoned(upload):
-        _move(upload, Status.RECEIVED, "The worker that was sending this upload stopped; sending again",
+        _move(upload, Status.RECEIVED, "The worker that was handling this upload stopped; starting again",
               on_attempt=upload.attempt)
     if upload is None or upload.status != Status.RECEIVED:
         return PushOutcome()
@@ -321,22 +339,35 @@ def upload_push(*, upload_id: int) -> PushOutcome:
         )
         return PushOutcome()
     attempt = upload.attempt + 1
-    now = timezone.now()
     if not _move(
         upload,
-        Status.PUSHING,
-        f"Sending to IMS (attempt {attempt})",
+        Status.CHECKING,
+        f"Checking the file (attempt {attempt})",
         on_attempt=upload.attempt,
-        **{"attempt": attempt, "sent_bytes": 0, "send_rate": 0, "push_started_at": now,
-           "heartbeat_at": now, "retry_at": None, **NO_ERROR},
+        **{"attempt": attempt, "sent_bytes": 0, "send_rate": 0, "heartbeat_at": timezone.now(),
+           "retry_at": None, **NO_ERROR},
     ):
         return PushOutcome()
     client = _ims(token)
     try:
         with _heartbeat(upload.pk, attempt):
-            already_there = _prepare_image(upload, client, attempt)
-            if not already_there:
+            _check_file(upload, attempt)
+            if not _move(upload, Status.PUSHING, "Sending to IMS", on_attempt=attempt,
+                         push_started_at=timezone.now()):
+                return PushOutcome()  # cancelled meanwhile
+            if not _prepare_image(upload, client, attempt):
                 _send_file(upload, client, attempt)
+    except _Stopped:
+        return PushOutcome()
+    except FileRefused as exc:
+        _refuse(upload, attempt, exc.problem)
+        return PushOutcome()
+    except inspect.FileChanged as exc:
+        _delete_quietly(upload, client)
+        _refuse(upload, attempt, exc.problem)
+        return PushOutcome()
+    except inspect.InspectError as exc:
+        return _check_failed(upload, attempt, exc)
     except ImsError as exc:
         return _push_failed(upload, client, attempt, exc)
     _move(
@@ -344,11 +375,131 @@ def upload_push(*, upload_id: int) -> PushOutcome:
         Status.PROCESSING,
         "IMS received the whole file and is processing it",
         on_attempt=attempt,
-        sent_bytes=upload.size,
+        sent_bytes=upload.send_size,
         next_poll_at=timezone.now(),
         ims_status="saving",
     )
     upload_poll(upload_id=upload.pk)
+    return PushOutcome()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking (and converting) the file before it is sent
+
+
+class FileRefused(Exception):
+    """The file may not be sent as it is: `problem` says why, in plain words."""
+
+    def __init__(self, problem: inspect.Problem):
+        super().__init__(problem.code)
+        self.problem = problem
+
+
+class _Stopped(Exception):
+    """The upload was cancelled (or taken over) while this worker was busy with it."""
+
+
+def _check_file(upload: Upload, attempt: int) -> None:
+    """Inspect the staged file; convert it when IMS does not take its format. Afterwards the
+    upload knows what to send: `send_format` and `send_size` of the staged or converted file."""
+    result = inspect.inspect_file(
+        staging.path(upload.staged_name), declared_format=upload.disk_format, max_bytes=settings.UPLOAD_MAX_BYTES + 1
+    )
+    _save(upload, attempt, detected_format=result.detected_format or "", virtual_size=result.virtual_size,
+          inspection=_inspection_record(result))
+    if result.problem:
+        raise FileRefused(result.problem)
+    _note(upload, f"Checked the file: {_describe(result)}", _checks_text(result))
+    needed_gb = result.suggested_min_disk_gb or 0
+    if needed_gb > upload.min_disk:
+        _save(upload, attempt, min_disk=needed_gb)
+        _note(upload, f"Min disk set to {needed_gb} GB: the disk inside the file is that large")
+    if result.needs_conversion(settings.IMS_DISK_FORMATS):
+        _convert(upload, attempt, result)
+        _save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name))
+    else:
+        _save(upload, attempt, send_format=result.upload_format(settings.IMS_DISK_FORMATS), send_size=upload.size,
+              converted_name="")
+
+
+def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
+    label = inspect.LABELS[result.detected_format]
+    if not _move(upload, Status.CONVERTING,
+                 f"Converting the {label} file to QCOW2: IMS does not take {label} files directly",
+                 on_attempt=attempt, convert_percent=0):
+        raise _Stopped()
+    name = staging.name_for(upload.uid, "qcow2")
+    staging.delete(name)  # what an earlier, interrupted attempt left
+    _save(upload, attempt, converted_name=name)
+    last_write = 0.0
+
+    def progress(percent: float) -> None:
+        nonlocal last_write
+        if time.monotonic() - last_write >= 1.0:
+            last_write = time.monotonic()
+            Upload.objects.filter(pk=upload.pk, status=Status.CONVERTING, attempt=attempt).update(
+                convert_percent=int(percent)
+            )
+
+    inspect.convert_to_qcow2(
+        staging.path(upload.staged_name), staging.path(name), src_format=result.detected_format,
+        virtual_size=result.virtual_size, on_progress=progress,
+    )
+    converted = inspect.inspect_file(staging.path(name), declared_format="qcow2")
+    if converted.problem:  # qemu-img wrote something unexpected: never send it
+        raise FileRefused(converted.problem)
+    _note(upload, f"Converted to QCOW2 ({staging.size(name)} bytes)")
+
+
+def _save(upload: Upload, attempt: int, **fields) -> None:
+    """Write fields of the upload this worker holds (same attempt), and keep the copy in step."""
+    Upload.objects.filter(pk=upload.pk, attempt=attempt).update(**fields)
+    for key, value in fields.items():
+        setattr(upload, key, value)
+
+
+def _inspection_record(result: inspect.Inspection) -> dict:
+    record = {"checks": result.checks, "actual_size": result.actual_size}
+    if result.problem:
+        record["problem"] = {"code": result.problem.code, "detail": result.problem.detail,
+                             "suggested_format": result.problem.suggested_format}
+    return record
+
+
+def _describe(result: inspect.Inspection) -> str:
+    text = f"a {inspect.LABELS.get(result.detected_format, result.detected_format)} disk"
+    if result.virtual_size:
+        text += f" of {result.virtual_size / 1024**3:.1f} GB"
+    return text
+
+
+def _checks_text(result: inspect.Inspection) -> str:
+    return "\n".join(f"{name}: {outcome}" for name, outcome in result.checks.items())
+
+
+def _refuse(upload: Upload, attempt: int, problem: inspect.Problem) -> None:
+    """The file cannot go as it is: say why; the staged file stays for the one-click fix or Retry."""
+    _move(
+        upload,
+        Status.FAILED,
+        f"Refused before sending: {problem.message}",
+        detail=problem.detail,
+        on_attempt=attempt,
+        error_message=problem.message,
+        error_hint=problem.hint,
+        error_code=problem.code,
+    )
+
+
+def _check_failed(upload: Upload, attempt: int, exc: inspect.InspectError) -> PushOutcome:
+    if not exc.permanent and attempt < MAX_PUSH_ATTEMPTS:
+        delay = min(300, 5 * 3 ** (attempt - 1))
+        moved = _move(upload, Status.RECEIVED, f"{exc.message} Trying again in {delay} seconds.",
+                      detail=exc.detail, on_attempt=attempt, retry_at=timezone.now() + timedelta(seconds=delay),
+                      error_message=exc.message, error_hint=exc.hint, error_code="check_failed")
+        return PushOutcome(retry_in=delay if moved else None)
+    _move(upload, Status.FAILED, exc.message, detail=exc.detail, on_attempt=attempt,
+          error_message=exc.message, error_hint=exc.hint or HINT_CONTACT_ADMIN, error_code="check_failed")
     return PushOutcome()
 
 
@@ -396,8 +547,8 @@ def _heartbeat(upload_id: int, attempt: int):
 
     def beat():
         try:
-            while not stop.wait(HEARTBEAT_SECONDS):
-                Upload.objects.filter(pk=upload_id, status=Status.PUSHING, attempt=attempt).update(
+            while not stop.wait(settings.PUSH_HEARTBEAT_SECONDS):
+                Upload.objects.filter(pk=upload_id, status__in=WORKING, attempt=attempt).update(
                     heartbeat_at=timezone.now()
                 )
         finally:
@@ -414,9 +565,9 @@ def _heartbeat(upload_id: int, attempt: int):
 
 def _push_is_abandoned(upload: Upload) -> bool:
     """A push whose worker died: its message may come again (late acknowledgement), or the
-    reconciler finds it, but the row still says pushing."""
+    reconciler finds it, but the row still says checking, converting or pushing."""
     return (
-        upload.status == Status.PUSHING
+        upload.status in WORKING
         and upload.heartbeat_at is not None
         and upload.heartbeat_at < timezone.now() - timedelta(seconds=settings.PUSH_STALE_SECONDS)
     )
@@ -433,9 +584,10 @@ def _prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
     if upload.ims_image_id:
         image = _find_image(client, upload.ims_image_id)
         if image is not None:
-            if image.status == "queued" and not image.checksum and not image.size:
+            empty = image.status == "queued" and not image.checksum and not image.size
+            if empty and image.raw.get("disk_format") == upload.send_format:
                 return False
-            if image.status == "active" and image.size == upload.size and (
+            if image.status == "active" and image.size == upload.send_size and (
                 not upload.md5 or not image.checksum or image.checksum == upload.md5
             ):
                 _note(upload, f"IMS image {image.id} already holds the file")
@@ -444,7 +596,7 @@ def _prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
             _note(upload, f"Deleted unusable IMS image {image.id} (status {image.status}) before starting again")
     image = client.create_image(
         name=upload.name,
-        disk_format=upload.disk_format,
+        disk_format=upload.send_format,
         os_version=upload.os_version,
         min_disk=upload.min_disk,
         min_ram=upload.min_ram,
@@ -466,16 +618,19 @@ def _find_image(client: ImsClient, image_id: str):
 
 
 def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
+    """Stream the file to the image; the bytes are inspected again on the way, so a file that
+    changed since it was checked stops the PUT (inspect.FileChanged)."""
     try:
-        staged = staging.open_for_reading(upload.staged_name)
+        staged = staging.open_for_reading(upload.converted_name or upload.staged_name)
     except FileNotFoundError:
         raise ImsError(
             "The staged copy of your file is missing, so it cannot be sent.",
             kind="missing", permanent=True, hint="Upload the file again.",
         ) from None
     with staged:
+        body = inspect.wrap_stream(staged, upload.send_format, size=upload.send_size)
         result = client.upload_file(
-            upload.ims_image_id, staged, upload.size, on_progress=_progress_recorder(upload, attempt)
+            upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
         )
     Upload.objects.filter(pk=upload.pk, attempt=attempt).update(md5=result.md5, sha512=result.sha512)
     upload.md5, upload.sha512 = result.md5, result.sha512
@@ -491,7 +646,7 @@ def _progress_recorder(upload: Upload, attempt: int):
     def record(sent: int) -> bool:
         nonlocal last_write
         now = time.monotonic()
-        if now - last_write < 1.0 and sent < upload.size:
+        if now - last_write < 1.0 and sent < upload.send_size:
             return True
         last_write = now
         rate = sent / max(now - started, 1e-6)
@@ -584,7 +739,7 @@ def upload_poll(*, upload_id: int) -> None:
     if image.status in IMS_DONE_STATUSES:
         _finish(upload, client, image)
     elif image.status in IMS_FAILED_STATUSES:
-        _move(
+        failed = _move(
             upload,
             Status.FAILED,
             f"IMS could not process the image (status {image.status})",
@@ -596,6 +751,8 @@ def upload_poll(*, upload_id: int) -> None:
             "or upload a corrected file.",
             error_code=f"ims_{image.status}",
         )
+        if failed:  # a failed attempt leaves no image behind
+            _delete_quietly(upload, client)
     else:
         _schedule_poll(upload, image.status)
 
@@ -624,8 +781,9 @@ def _poll_failed(upload: Upload, exc: ImsError) -> None:
 def _finish(upload: Upload, client: ImsClient, image) -> None:
     """The image is active: make sure it holds exactly the bytes we sent."""
     mismatch = []
-    if image.size is not None and image.size != upload.size:
-        mismatch.append(f"size {image.size} != {upload.size}")
+    stored_size = image.size if image.size is not None else image.raw.get("__image_size")
+    if stored_size is not None and int(stored_size) != upload.send_size:
+        mismatch.append(f"size {stored_size} != {upload.send_size}")
     if image.checksum and upload.md5 and image.checksum != upload.md5:
         mismatch.append(f"md5 {image.checksum} != {upload.md5}")
     if image.os_hash_value and upload.sha512 and image.os_hash_value != upload.sha512:
@@ -660,6 +818,26 @@ def upload_retry(*, upload: Upload, by) -> None:
     if not staging.exists(upload.staged_name):
         raise ServiceError("The staged copy of this file is gone: please upload the file again.")
     if not _move(upload, Status.RECEIVED, f"Retry requested by {by}", **NO_ERROR):
+        raise ServiceError("This upload changed in the meantime; reload the page and try again.")
+    _enqueue_push(upload.pk)
+
+
+def upload_suggested_format(upload: Upload) -> str | None:
+    """The format inspection found, when the file was refused for not being what the owner said."""
+    if upload.status != Status.FAILED or upload.error_code != "format_mismatch":
+        return None
+    return (upload.inspection.get("problem") or {}).get("suggested_format")
+
+
+def upload_use_format(*, upload: Upload, disk_format: str, by) -> None:
+    """The one-click fix: send the file as the format it really is."""
+    if disk_format != upload_suggested_format(upload):
+        raise ServiceError("This upload can no longer be changed that way; reload the page.")
+    if not staging.exists(upload.staged_name):
+        raise ServiceError("The staged copy of this file is gone: please upload the file again.")
+    label = inspect.LABELS.get(disk_format, disk_format)
+    if not _move(upload, Status.RECEIVED, f"{by} chose to send the file as {label}", disk_format=disk_format,
+                 **NO_ERROR):
         raise ServiceError("This upload changed in the meantime; reload the page and try again.")
     _enqueue_push(upload.pk)
 

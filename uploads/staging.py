@@ -28,20 +28,20 @@ def storage():
     return storages["staging"]
 
 
-def name_for(upload_uid) -> str:
-    return f"{upload_uid}.img"
+def name_for(upload_uid, suffix: str = "img") -> str:
+    return f"{upload_uid}.{suffix}"
 
 
-def _path(name: str) -> str:
+def path(name: str) -> str:
     # The staging storage is a local folder (FileSystemStorage); path() is how it names a file.
     return storage().path(name)
 
 
 def create(name: str) -> None:
     """Make an empty staged file (and the staging folder when it is missing)."""
-    path = _path(name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "xb"):
+    staged = path(name)
+    os.makedirs(os.path.dirname(staged), exist_ok=True)
+    with open(staged, "xb"):
         pass
 
 
@@ -49,7 +49,7 @@ def create(name: str) -> None:
 def locked_for_writing(name: str) -> Iterator[BinaryIO]:
     """The staged file, opened for writing and locked against any other writer (StagingBusy)."""
     # Unbuffered, so that a full disk shows up at write() and not later at close().
-    with open(_path(name), "r+b", buffering=0) as staged:
+    with open(path(name), "r+b", buffering=0) as staged:
         try:
             fcntl.flock(staged, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -57,12 +57,13 @@ def locked_for_writing(name: str) -> Iterator[BinaryIO]:
         yield staged
 
 
-def write_at(staged: BinaryIO, offset: int, stream: BinaryIO, length: int) -> int:
+def write_at(staged: BinaryIO, offset: int, stream: BinaryIO, length: int, hasher=None) -> int:
     """Copy up to `length` bytes from `stream` into the staged file at `offset`.
 
     Returns how many bytes were written; a client that goes away mid-chunk leaves what arrived,
     and the caller records that as the new offset. Bytes past the offset from an earlier,
     interrupted write are cut off first, so the file always ends at the recorded offset.
+    `hasher` (a hashlib object), when given, sees every byte written.
     """
     written = 0
     staged.truncate(offset)
@@ -74,11 +75,13 @@ def write_at(staged: BinaryIO, offset: int, stream: BinaryIO, length: int) -> in
             break
         if not chunk:
             break
+        if hasher is not None:
+            hasher.update(chunk)
         try:
             _write_all(staged, chunk)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                staged.truncate(offset + written)
+                staged.truncate(offset)  # give the space back: the chunk is sent again
                 raise StagingFull(staged.name) from None
             raise
         written += len(chunk)
@@ -93,7 +96,7 @@ def _write_all(staged, chunk: bytes) -> None:
 
 def size(name: str) -> int | None:
     try:
-        return os.path.getsize(_path(name))
+        return os.path.getsize(path(name))
     except FileNotFoundError:
         return None
 
@@ -103,7 +106,7 @@ def exists(name: str) -> bool:
 
 
 def open_for_reading(name: str) -> BinaryIO:
-    return open(_path(name), "rb")
+    return open(path(name), "rb")
 
 
 def delete(name: str) -> None:

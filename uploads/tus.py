@@ -22,11 +22,15 @@ from uploads.forms import UploadMetadataForm
 from uploads.models import Status, Upload
 
 TUS_VERSION = "1.0.0"
-EXTENSIONS = "creation,termination,expiration"
+EXTENSIONS = "creation,termination,expiration,checksum"
+REASONS = {460: "Checksum Mismatch"}  # tus's own status code, unknown to Django
+# Upload-Checksum algorithms (the tus checksum extension; sha1 is the one every server must know).
+CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256")
 
 
 def _response(status: int, text: str = "", **headers) -> HttpResponse:
-    response = HttpResponse(text, status=status, content_type="text/plain; charset=utf-8")
+    response = HttpResponse(text, status=status, content_type="text/plain; charset=utf-8",
+                            reason=REASONS.get(status))
     response["Tus-Resumable"] = TUS_VERSION
     response["Cache-Control"] = "no-store"
     for name, value in headers.items():
@@ -55,6 +59,19 @@ def parse_metadata(header: str) -> dict[str, str]:
     return metadata
 
 
+def parse_checksum(header: str) -> tuple[str, bytes] | None:
+    """Upload-Checksum: `<algorithm> <base64 digest>`; None when the client sent none."""
+    if not header:
+        return None
+    algorithm, _, encoded = header.strip().partition(" ")
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise ValueError(f"Upload-Checksum algorithm must be one of {', '.join(CHECKSUM_ALGORITHMS)}.")
+    try:
+        return algorithm, base64.b64decode(encoded.strip(), validate=True)
+    except binascii.Error:
+        raise ValueError("Upload-Checksum digest is not valid base64.") from None
+
+
 def _integer_header(request: HttpRequest, name: str) -> int | None:
     value = request.headers.get(name, "")
     return int(value) if value.isdigit() else None
@@ -74,6 +91,7 @@ def tus_collection(request: HttpRequest) -> HttpResponse:
             Tus_Version=TUS_VERSION,
             Tus_Extension=EXTENSIONS,
             Tus_Max_Size=str(settings.UPLOAD_MAX_BYTES),
+            Tus_Checksum_Algorithm=",".join(CHECKSUM_ALGORITHMS),
         )
     if request.method != "POST":
         return _response(405, "Method not allowed.", Allow="OPTIONS, POST")
@@ -180,7 +198,16 @@ def _patch(request: HttpRequest, upload: Upload) -> HttpResponse:
     if offset + length > upload.size:
         return _response(413, "This chunk goes past the end of the file (Upload-Length).")
     try:
-        new_offset = services.upload_receive(upload=upload, offset=offset, stream=request, length=length)
+        checksum = parse_checksum(request.headers.get("Upload-Checksum", ""))
+    except ValueError as exc:
+        return _response(400, str(exc))
+    try:
+        new_offset = services.upload_receive(
+            upload=upload, offset=offset, stream=request, length=length, checksum=checksum
+        )
+    except services.ChecksumMismatch:
+        return _response(460, "Checksum mismatch: this chunk arrived damaged and was not kept; send it again.",
+                         Upload_Offset=str(offset))
     except services.OffsetConflict as exc:
         return _response(409, f"Wrong offset: the server has {exc.received_bytes} bytes.",
                          Upload_Offset=str(exc.received_bytes))

@@ -70,6 +70,10 @@ def status_json(upload: Upload) -> dict:
         "send_rate": round(upload.send_rate),
         "eta_seconds": upload.eta_seconds,
         "progress_percent": upload.progress_percent,
+        "send_size": upload.send_size or upload.size,
+        "convert_percent": upload.convert_percent,
+        "detected_format": upload.detected_format,
+        "suggested_format": services.upload_suggested_format(upload),
         "ims_status": upload.ims_status,
         "ims_image_id": upload.ims_image_id,
         "attempt": upload.attempt,
@@ -102,6 +106,20 @@ def upload_retry(request, uid):
         messages.error(request, str(exc))
     else:
         messages.success(request, f"“{upload.name}” will be sent again.")
+    return _back(request, upload)
+
+
+@login_required
+@require_POST
+def upload_use_format(request, uid):
+    upload = _own_upload(request, uid)
+    try:
+        services.upload_use_format(upload=upload, disk_format=request.POST.get("disk_format", ""),
+                                   by=request.user.get_username())
+    except services.ServiceError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"“{upload.name}” will be sent as {upload.disk_format.upper()}.")
     return _back(request, upload)
 
 

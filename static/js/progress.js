@@ -13,7 +13,7 @@
   var WAITING_POLL_MS = 15000 // failed / reconnect: only a person moves these on
   var HIDDEN_POLL_MS = 10000
   var MAX_BACKOFF_MS = 60000
-  var ACTIVE = { receiving: true, pushing: true, processing: true }
+  var ACTIVE = { receiving: true, checking: true, converting: true, pushing: true, processing: true }
   var WAITING_FOR_A_PERSON = { failed: true, reconnect: true }
   var NBSP = '\u00a0'
 
@@ -57,8 +57,12 @@
         return s.retry_at
           ? 'Waiting to be sent again (attempt ' + (s.attempt + 1) + ') at ' + utcTime(s.retry_at)
           : 'Waiting to be sent to IMS'
+      case 'checking':
+        return 'Checking what the file really is'
+      case 'converting':
+        return 'Converting to QCOW2, which IMS takes · ' + s.convert_percent + '%'
       case 'pushing': {
-        var parts = [formatBytes(s.sent_bytes) + ' of ' + formatBytes(s.size) + ' sent']
+        var parts = [formatBytes(s.sent_bytes) + ' of ' + formatBytes(s.send_size || s.size) + ' sent']
         if (s.send_rate >= 1) parts.push(formatBytes(s.send_rate) + '/s')
         if (s.eta_seconds !== null && s.eta_seconds !== undefined) parts.push(formatDuration(s.eta_seconds) + ' left')
         return parts.join(' · ')
@@ -130,6 +134,11 @@
     show(part(block, 'error-hint'), !!s.error_hint)
     show(part(block, 'reconnect-link'), s.status === 'reconnect')
 
+    show(part(block, 'use-format'), !!s.suggested_format)
+    if (s.suggested_format) {
+      part(block, 'use-format-value').value = s.suggested_format
+      setText(part(block, 'use-format-label'), 'Upload it as ' + s.suggested_format.toUpperCase())
+    }
     show(part(block, 'retry'), s.can_retry)
     show(part(block, 'cancel'), s.can_cancel)
   }

@@ -1,0 +1,152 @@
+"""Before a byte leaves: the worker checks what each file really is, converts what IMS does not
+take, refuses what is unsafe or mislabelled (with a one-click fix), and checks again while sending."""
+
+import hashlib
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from uploads import services
+from uploads.models import Status, Upload
+
+pytestmark = pytest.mark.skipif(not Path("/usr/bin/qemu-img").exists(), reason="needs qemu-img (qemu-utils)")
+
+
+def qemu_img(*args):
+    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A raw disk with some data in it, to convert into any format."""
+    path = tmp_path / "disk.raw"
+    with open(path, "wb") as out:
+        out.truncate(3 * 1024**3 + 5)  # a 3 GiB disk (sparse): min_disk must become 4 GB
+        out.seek(1024 * 1024)
+        out.write(os.urandom(512 * 1024))
+    return path
+
+
+def received(owner, path: Path, disk_format: str, min_disk: int = 0) -> Upload:
+    data = path.read_bytes()
+    upload = services.upload_create(owner=owner, size=len(data), filename=f"{path.stem}.{disk_format}",
+                                    name=path.stem, disk_format=disk_format, min_disk=min_disk)
+    services.upload_receive(upload=upload, offset=0, stream=io.BytesIO(data), length=len(data))
+    return upload
+
+
+def ims_requests(sim) -> list[dict]:
+    return [r for r in sim.requests_seen() if r["path"].startswith("/v2")]
+
+
+def test_a_qcow2_is_checked_sent_as_is_and_min_disk_covers_its_disk(alice_connected, sim, disk, tmp_path):
+    image = tmp_path / "web.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", disk, image)
+    upload = received(alice_connected, image, "qcow2", min_disk=1)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY, upload.error_message
+    assert (upload.detected_format, upload.send_format, upload.min_disk) == ("qcow2", "qcow2", 4)
+    assert upload.virtual_size >= 3 * 1024**3 + 5  # qemu-img rounds the disk up to whole sectors
+    assert upload.inspection["checks"]["format_matches"] == "passed"
+    [stored] = sim.images()
+    assert stored["checksum"] == hashlib.md5(image.read_bytes()).hexdigest()
+    messages = [e.message for e in upload.events.all()]
+    assert any(m.startswith("Checked the file: a QCOW2 disk") for m in messages)
+    assert "Min disk set to 4 GB: the disk inside the file is that large" in messages
+
+
+def test_a_vmdk_is_converted_to_qcow2_first(alice_connected, sim, disk, tmp_path, staging_dir):
+    image = tmp_path / "legacy.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", disk, image)
+    upload = received(alice_connected, image, "vmdk")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY, upload.error_message
+    assert (upload.detected_format, upload.send_format) == ("vmdk", "qcow2")
+    converted = staging_dir / upload.converted_name
+    assert upload.send_size == converted.stat().st_size
+    [stored] = sim.images()
+    assert stored["checksum"] == hashlib.md5(converted.read_bytes()).hexdigest() == upload.md5
+    assert any(e.message.startswith("Converting the VMDK file to QCOW2") for e in upload.events.all())
+    # After the retention time, the clean-up removes the converted copy with the staged one.
+    Upload.objects.filter(pk=upload.pk).update(finished_at=upload.created_at.replace(year=2000))
+    services.staging_cleanup()
+    assert not converted.exists() and not (staging_dir / upload.staged_name).exists()
+
+
+def test_a_mislabelled_file_is_refused_with_a_one_click_fix(alice_connected, sim, disk, tmp_path, client):
+    image = tmp_path / "really-qcow2.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", disk, image)
+    upload = received(alice_connected, image, "vmdk")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "format_mismatch"
+    assert upload.error_message == "This file is a QCOW2 disk, not VMDK — upload it as QCOW2?"
+    assert ims_requests(sim) == []  # refused before any request to IMS
+
+    client.force_login(alice_connected)
+    assert client.get(f"/uploads/{upload.uid}/status").json()["suggested_format"] == "qcow2"
+    assert "Upload it as QCOW2" in client.get("/uploads/").content.decode()
+    response = client.post(f"/uploads/{upload.uid}/use-format", {"disk_format": "qcow2"})
+    assert response.status_code == 302
+    upload.refresh_from_db()
+    assert (upload.status, upload.disk_format) == (Status.RECEIVED, "qcow2")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY
+
+
+def test_the_one_click_fix_accepts_only_the_detected_format(alice_connected, sim, disk, tmp_path):
+    image = tmp_path / "really-qcow2.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", disk, image)
+    upload = received(alice_connected, image, "vmdk")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    with pytest.raises(services.ServiceError):
+        services.upload_use_format(upload=upload, disk_format="raw", by="alice")
+
+
+def test_a_qcow2_pointing_at_a_server_file_is_refused_before_any_request(alice_connected, sim, tmp_path):
+    image = tmp_path / "hostile.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", image, "1G")
+    upload = received(alice_connected, image, "qcow2")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "backing_file"
+    assert "/etc/passwd" not in upload.error_message  # technical detail is for admins only
+    assert any("/etc/passwd" in e.detail for e in upload.events.all())
+    assert ims_requests(sim) == []
+
+
+def test_random_bytes_named_qcow2_are_refused(alice_connected, sim, tmp_path):
+    image = tmp_path / "random.qcow2"
+    image.write_bytes(os.urandom(100_000))
+    upload = received(alice_connected, image, "qcow2")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED
+    assert "QCOW2" in upload.error_message and upload.error_hint
+    assert ims_requests(sim) == []
+
+
+def test_a_file_that_changes_after_the_check_is_stopped_mid_send(alice_connected, sim, disk, tmp_path,
+                                                                  staging_dir, monkeypatch):
+    image = tmp_path / "web.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", disk, image)
+    upload = received(alice_connected, image, "qcow2")
+    original = services._prepare_image
+
+    def overwrite_then_prepare(upload, client, attempt):
+        with open(staging_dir / upload.staged_name, "r+b") as staged:
+            staged.write(b"KDMV" + bytes(508))  # now it starts like a VMDK
+        return original(upload, client, attempt)
+
+    monkeypatch.setattr(services, "_prepare_image", overwrite_then_prepare)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "file_changed"
+    assert sim.images() == []  # the half-sent image was deleted
