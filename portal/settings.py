@@ -108,6 +108,9 @@ MIDDLEWARE = [
     "axes.middleware.AxesMiddleware",  # last, as django-axes asks: it turns a lock-out into its page
 ]
 
+# Error reports (e-mails, DEBUG pages) hide secret-looking POST fields and local variables too.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "uploads.reporting.SecretsHidingFilter"
+
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = "portal.wsgi.application"
 

@@ -153,7 +153,11 @@ def _database_url(settings_dict) -> str:
     auth = f"{user}{password}@" if user else ""
     host = settings_dict.get("HOST") or "127.0.0.1"
     port = settings_dict.get("PORT") or 5432
-    return f"postgres://{auth}{host}:{port}/{name}"
+    # Named, so that the test can tell the worker's sessions from its own.
+    return f"postgres://{auth}{host}:{port}/{name}?application_name={WORKER_APPLICATION_NAME}"
+
+
+WORKER_APPLICATION_NAME = "ims-portal-test-worker"
 
 
 # Every key this test session puts in Redis starts with this, so that two test runs on one
@@ -180,8 +184,11 @@ def test_broker():
 
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(tmp_path_factory):
-    """SQLite tests use a file, not memory, so that a worker process can share the database."""
+    """SQLite tests use a file, not memory, so that a worker process can share the database.
+    Connections close after each request: the live server's request threads end, and a
+    connection left open in one would keep the test database from being dropped."""
     db = django_settings.DATABASES["default"]
+    db["CONN_MAX_AGE"] = 0
     if db["ENGINE"].endswith("sqlite3"):
         db.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
 
@@ -254,10 +261,10 @@ def celery_worker_process(django_db_setup, django_db_blocker, session_sim, tmp_p
     for key in client.scan_iter(f"{KEY_PREFIX}*"):
         client.delete(key)
     with django_db_blocker.unblock():
-        _wait_for_other_sessions_to_end()
+        _wait_for_worker_sessions_to_end()
 
 
-def _wait_for_other_sessions_to_end():
+def _wait_for_worker_sessions_to_end():
     """PostgreSQL ends a dead client's session a moment after it is gone; dropping the test
     database before then fails. Wait for the worker's sessions to be gone."""
     from django.db import connection
@@ -268,7 +275,8 @@ def _wait_for_other_sessions_to_end():
     def others() -> int:
         with connection.cursor() as cursor:
             cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s",
+                [WORKER_APPLICATION_NAME],
             )
             return cursor.fetchone()[0]
 

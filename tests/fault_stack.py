@@ -31,7 +31,7 @@ import redis
 import requests
 from django.conf import settings as django_settings
 
-from tests.conftest import _database_url, _wait_for_other_sessions_to_end
+from tests.conftest import _database_url, _wait_for_worker_sessions_to_end
 from tools.ensure_redis import find_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,7 +349,7 @@ def fault_stack(django_db_setup, django_db_blocker, tmp_path_factory):
     finally:
         stack.stop()
         with django_db_blocker.unblock():
-            _wait_for_other_sessions_to_end()
+            _wait_for_worker_sessions_to_end()
 
 
 @pytest.fixture

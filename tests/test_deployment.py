@@ -208,7 +208,7 @@ def test_the_readme_layout_map_names_only_what_exists():
     layout = readme.split("## Layout", 1)[1].split("```")[1]
     for line in layout.splitlines():
         first = line.split()[0] if line.strip() else ""
-        if first.endswith("/") or first.endswith(".py") and not line.startswith("  "):
+        if (first.endswith("/") or first.endswith(".py")) and not line.startswith("  "):
             assert (ROOT / first).exists(), first
-        if line.startswith("  ") and first.endswith(".py"):
+        if line.startswith("  ") and (first.endswith(".py") or first.endswith("/")):
             assert (ROOT / "uploads" / first).exists(), first

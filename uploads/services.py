@@ -383,6 +383,24 @@ def upload_push(*, upload_id: int) -> PushOutcome:
     return PushOutcome()
 
 
+def upload_push_timed_out(*, upload_id: int) -> None:
+    """The push ran past its time limit (uploads slower than the slowest link we support)."""
+    upload = Upload.objects.filter(pk=upload_id, status__in=WORKING).first()
+    if upload is None:
+        return
+    token = _usable_token(upload.owner_id)
+    if token and upload.ims_image_id:
+        _delete_quietly(upload, _ims(token))
+    _move(
+        upload,
+        Status.FAILED,
+        "Sending took longer than the time limit of a push",
+        error_message="Sending this file took too long: the link to the cloud is slower than the portal supports.",
+        error_hint="Press Retry at a quieter time; if it happens again, ask an administrator.",
+        error_code="timed_out",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Checking (and converting) the file before it is sent
 
