@@ -181,3 +181,16 @@ def test_a_glance_schema_error_shows_its_sentence_without_markup():
     body = '{"message": "Provided object does not match schema \'image\'<br /><br />\\n\\n\\n", "code": "400"}'
     error = explain(_reply(400, body, "application/json"))
     assert error.message == "The cloud refused the image details: Provided object does not match schema 'image'"
+
+
+def test_a_sign_in_reply_that_makes_no_sense_is_explained_without_the_password(monkeypatch):
+    def html_201(self, url, **kwargs):
+        reply = _reply(201, "<html>a proxy's page</html>", "text/html")
+        reply.headers["X-Subject-Token"] = "t"
+        return reply
+
+    monkeypatch.setattr(requests.Session, "post", html_201)
+    with pytest.raises(ImsError) as error:
+        IamClient("http://iam.invalid/v3").get_token(domain="d", user="u", password="secret-pw", project="p")
+    assert error.value.permanent and "does not understand" in error.value.message
+    assert "secret-pw" not in error.value.raw

@@ -420,3 +420,49 @@ def test_staging_cleanup_deletes_only_what_no_upload_needs(alice_connected, sim,
     assert Upload.objects.get(pk=expired.pk).status == Status.FAILED
     assert services.staging_cleanup() == 0
     assert waiting.pk  # still received: its push is on its way
+
+
+def test_an_unexpected_error_in_a_push_never_leaves_the_upload_stuck(alice_connected, sim, monkeypatch):
+    from uploads import inspect
+
+    def broken(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(inspect, "inspect_file", broken)
+    upload = received_upload(alice_connected, DATA)
+    assert services.upload_push(upload_id=upload.pk).retry_in
+    upload.refresh_from_db()
+    assert upload.status == Status.RECEIVED and upload.error_code == "internal"
+    assert upload.error_message == "The portal ran into a problem of its own."
+    assert any("OSError: disk gone" in e.detail for e in upload.events.all())
+
+
+def test_a_push_abandoned_on_its_last_attempt_fails_instead_of_looping(alice_connected, sim):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    upload = received_upload(alice_connected, DATA)
+    Upload.objects.filter(pk=upload.pk).update(status=Status.PUSHING, attempt=services.MAX_PUSH_ATTEMPTS,
+                                               heartbeat_at=timezone.now() - timedelta(hours=1))
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "abandoned"
+
+
+def test_reconnecting_while_ims_processes_goes_on_checking_without_sending_again(alice_connected, sim):
+    sim.set_faults(processing_seconds=60)
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)
+    sim.set_faults(expire_tokens=True)
+    services.upload_poll(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.RECONNECT
+    connect_cloud(alice_connected)
+    upload.refresh_from_db()
+    assert upload.status == Status.PROCESSING
+    sim.set_image_status(upload.ims_image_id, "active")
+    services.upload_poll(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY
+    assert puts(sim) == [204]  # sent once

@@ -235,16 +235,27 @@ class IamClient:
             )
         if response.status_code != 201 or not response.headers.get("X-Subject-Token"):
             raise explain(response)
-        token = response.json()["token"]
-        project_info = token.get("project") or {}
-        return Token(
-            value=response.headers["X-Subject-Token"],
-            expires_at=parse_time(token["expires_at"]),
-            user_name=(token.get("user") or {}).get("name", user),
-            domain_name=((token.get("user") or {}).get("domain") or {}).get("name", domain),
-            project_name=project_info.get("name", ""),
-            project_id=project_info.get("id", ""),
-        )
+        try:
+            return _token(response, user, domain)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ImsError(
+                "The cloud's sign-in service gave an answer the portal does not understand.",
+                kind="server", permanent=True, hint="Check the IAM address the portal uses, or ask an administrator.",
+                status=response.status_code, raw=f"HTTP 201\n{response.text[:2000]}",
+            ) from None
+
+
+def _token(response: requests.Response, user: str, domain: str) -> Token:
+    token = response.json()["token"]
+    project_info = token.get("project") or {}
+    return Token(
+        value=response.headers["X-Subject-Token"],
+        expires_at=parse_time(token["expires_at"]),
+        user_name=(token.get("user") or {}).get("name", user),
+        domain_name=((token.get("user") or {}).get("domain") or {}).get("name", domain),
+        project_name=project_info.get("name", ""),
+        project_id=project_info.get("id", ""),
+    )
 
 
 def _looks_like_id(project: str) -> bool:

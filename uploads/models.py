@@ -41,7 +41,8 @@ ALLOWED_MOVES: dict[str, set[str]] = {
     },
     Status.PROCESSING: {Status.READY, Status.FAILED, Status.RECONNECT, Status.CANCELLED},
     Status.FAILED: {Status.RECEIVED, Status.CANCELLED},
-    Status.RECONNECT: {Status.RECEIVED, Status.CANCELLED},
+    # RECONNECT -> PROCESSING: IMS already has the whole file; only checking on it was cut short.
+    Status.RECONNECT: {Status.RECEIVED, Status.PROCESSING, Status.CANCELLED},
     Status.READY: set(),
     Status.CANCELLED: set(),
 }

@@ -1,7 +1,9 @@
-"""What an error report (Django's error e-mail, the DEBUG page, an error tracker fed by it) may
+"""What an error report in production (Django's error e-mail, an error tracker fed by it) may
 show: never a password or token. Django hides secret-looking *settings*; this hides POST fields
-and local variables with secret-looking names too, in every frame, including uploads/ims.py's,
-which knows nothing of Django and so cannot mark its own variables sensitive."""
+and local variables with secret-looking names too, and secret-looking keys inside dictionaries
+(the IAM request body), in every frame, including uploads/ims.py's, which knows nothing of Django
+and so cannot mark its own variables sensitive. Like Django's own filter it is off while DEBUG
+is on: never turn DEBUG on where real people sign in."""
 
 from django.views.debug import SafeExceptionReporterFilter
 
@@ -21,7 +23,5 @@ class SecretsHidingFilter(SafeExceptionReporterFilter):
         variables = super().get_traceback_frame_variables(request, tb_frame)
         if not self.is_active(request):
             return variables
-        return [
-            (name, self.cleansed_substitute if self.hidden_settings.search(name) else value)
-            for name, value in variables
-        ]
+        # cleanse_setting hides a secret-looking name, and secret-looking keys in nested dicts.
+        return [(name, self.cleanse_setting(name, value)) for name, value in variables]

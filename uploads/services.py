@@ -16,9 +16,10 @@ from datetime import timedelta
 from typing import BinaryIO
 
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import Q
+from django.db import DatabaseError, connection, transaction
+from django.db.models import F, Q
 from django.utils import timezone
+from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import crypto, inspect, staging
 from uploads.ims import HINT_CONTACT_ADMIN, IamClient, ImsClient, ImsError
@@ -34,6 +35,7 @@ from uploads.models import (
 log = logging.getLogger(__name__)
 
 MAX_PUSH_ATTEMPTS = 5
+MAX_RETRY_DELAY = 300  # seconds; far below the broker's visibility timeout (settings)
 # Before any push has been measured: a cautious guess of the speed to IMS (10 MiB/s).
 ASSUMED_SEND_RATE = 10 * 1024 * 1024
 # IAM tokens live 24 hours: a push that needs longer starts with a token at least this fresh.
@@ -66,12 +68,14 @@ def _move(
     *,
     detail: str = "",
     on_attempt: int | None = None,
+    where: Q | None = None,
     **fields,
 ) -> bool:
     """Move `upload` from its current status to `to` if nobody else moved it first.
 
-    `on_attempt` additionally requires the row to still be on that push attempt. Returns False,
-    changing nothing, when the move is not allowed or the row changed under us.
+    `on_attempt` additionally requires the row to still be on that push attempt, `where` any
+    other condition. Returns False, changing nothing, when the move is not allowed or the row
+    changed under us.
     """
     old = upload.status
     if not can_move(old, to):
@@ -83,6 +87,8 @@ def _move(
     rows = Upload.objects.filter(pk=upload.pk, status=old)
     if on_attempt is not None:
         rows = rows.filter(attempt=on_attempt)
+    if where is not None:
+        rows = rows.filter(where)
     with transaction.atomic():
         if rows.update(**fields) == 0:
             return False
@@ -107,11 +113,11 @@ def _error_fields(exc: ImsError) -> dict:
 NO_ERROR = {"error_message": "", "error_hint": "", "error_code": ""}
 
 
-def _enqueue_push(upload_id: int, countdown: float | None = None) -> None:
+def _enqueue_push(upload_id: int) -> None:
     from uploads import tasks  # tasks import services: import here to avoid the cycle
 
     # robust: with Redis away the message is lost, not the request; the reconciler queues it later.
-    transaction.on_commit(lambda: tasks.push_upload.apply_async((upload_id,), countdown=countdown), robust=True)
+    transaction.on_commit(lambda: tasks.push_upload.delay(upload_id), robust=True)
 
 
 def _enqueue_discard(upload_id: int) -> None:
@@ -145,7 +151,11 @@ def cloud_account_connect(*, user, domain: str, user_name: str, password: str, p
         },
     )
     for upload in Upload.objects.filter(owner=user, status=Status.RECONNECT):
-        if _move(upload, Status.RECEIVED, "Cloud account reconnected: sending continues", **NO_ERROR):
+        if upload.ims_image_id and upload.send_size and upload.sent_bytes == upload.send_size:
+            # IMS has the whole file: go on checking on it rather than sending it again.
+            _move(upload, Status.PROCESSING, "Cloud account reconnected: checking on the image continues",
+                  next_poll_at=timezone.now(), **NO_ERROR)
+        elif _move(upload, Status.RECEIVED, "Cloud account reconnected: sending continues", **NO_ERROR):
             _enqueue_push(upload.pk)
     return account
 
@@ -253,8 +263,11 @@ def staging_cleanup() -> int:
     for upload in Upload.objects.filter(finished, staged_deleted_at__isnull=True):
         _delete_staged(upload, "Deleted the staged copy: no longer needed")
         count += 1
-    # A cancel whose clean-up message was lost (Redis away) still has its image in IMS.
-    for upload_id in Upload.objects.filter(status=Status.CANCELLED).exclude(ims_image_id="").values_list("pk", flat=True):
+    # A cancel whose clean-up message was lost (Redis away) still has its image in IMS; only an
+    # owner with a usable sign-in can have it deleted.
+    signed_in = Q(owner__cloud_account__expires_at__gt=now + TOKEN_MARGIN)
+    lost_discards = Upload.objects.filter(signed_in, status=Status.CANCELLED).exclude(ims_image_id="")
+    for upload_id in lost_discards.values_list("pk", flat=True):
         upload_discard(upload_id=upload_id)
     return count
 
@@ -310,8 +323,7 @@ def uploads_to_reconcile() -> list[int]:
     unclaimed = Q(status=Status.RECEIVED, status_changed_at__lte=stale) & (
         Q(retry_at__isnull=True) | Q(retry_at__lte=stale)
     )
-    abandoned = Q(status__in=WORKING, heartbeat_at__lt=now - timedelta(seconds=settings.PUSH_STALE_SECONDS))
-    return list(Upload.objects.filter(unclaimed | abandoned).values_list("pk", flat=True)[:500])
+    return list(Upload.objects.filter(unclaimed | _abandoned()).values_list("pk", flat=True)[:500])
 
 
 def upload_push(*, upload_id: int) -> PushOutcome:
@@ -322,8 +334,7 @@ def upload_push(*, upload_id: int) -> PushOutcome:
     """
     upload = Upload.objects.filter(pk=upload_id).first()
     if upload is not None and _push_is_abandoned(upload):
-        _move(upload, Status.RECEIVED, "The worker that was handling this upload stopped; starting again",
-              on_attempt=upload.attempt)
+        _take_over(upload)
     if upload is None or upload.status != Status.RECEIVED:
         return PushOutcome()
     token, why_not = _token_for_push(upload)
@@ -344,8 +355,12 @@ def upload_push(*, upload_id: int) -> PushOutcome:
         Status.CHECKING,
         f"Checking the file (attempt {attempt})",
         on_attempt=upload.attempt,
-        **{"attempt": attempt, "sent_bytes": 0, "send_rate": 0, "heartbeat_at": timezone.now(),
-           "retry_at": None, **NO_ERROR},
+        attempt=attempt,
+        sent_bytes=0,
+        send_rate=0,
+        heartbeat_at=timezone.now(),
+        retry_at=None,
+        **NO_ERROR,
     ):
         return PushOutcome()
     client = _ims(token)
@@ -359,46 +374,50 @@ def upload_push(*, upload_id: int) -> PushOutcome:
                 _send_file(upload, client, attempt)
     except _Stopped:
         return PushOutcome()
-    except FileRefused as exc:
-        _refuse(upload, attempt, exc.problem)
-        return PushOutcome()
-    except inspect.FileChanged as exc:
-        _delete_quietly(upload, client)
-        _refuse(upload, attempt, exc.problem)
-        return PushOutcome()
+    except (FileRefused, inspect.FileChanged) as exc:  # the file cannot go as it is; it stays for Retry
+        problem = exc.problem
+        return _retry_or_fail(upload, client, attempt, problem.message, hint=problem.hint, code=problem.code,
+                              detail=problem.detail, permanent=True)
     except inspect.InspectError as exc:
-        return _check_failed(upload, attempt, exc)
+        return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code="check_failed",
+                              detail=exc.detail, permanent=exc.permanent)
     except ImsError as exc:
         return _push_failed(upload, client, attempt, exc)
+    except SoftTimeLimitExceeded:
+        return _retry_or_fail(
+            upload, client, attempt,
+            "Sending this file took too long: the link to the cloud is slower than the portal supports.",
+            hint="Press Retry at a quieter time; if it happens again, ask an administrator.",
+            code="timed_out", detail="Celery soft time limit of the push", permanent=True,
+        )
+    except Exception as exc:  # a bug or an outage of our own: never leave the upload stuck
+        log.exception("upload %s: the push failed unexpectedly", upload.pk)
+        return _retry_or_fail(upload, client, attempt, "The portal ran into a problem of its own.",
+                              hint=HINT_CONTACT_ADMIN, code="internal", detail=f"{type(exc).__name__}: {exc}",
+                              permanent=False)
+    # The next check is due after one interval: this one happens now, so beat does not race it.
     _move(
         upload,
         Status.PROCESSING,
         "IMS received the whole file and is processing it",
         on_attempt=attempt,
         sent_bytes=upload.send_size,
-        next_poll_at=timezone.now(),
+        next_poll_at=timezone.now() + timedelta(seconds=settings.UPLOAD_POLL_SECONDS),
         ims_status="saving",
     )
     upload_poll(upload_id=upload.pk)
     return PushOutcome()
 
 
-def upload_push_timed_out(*, upload_id: int) -> None:
-    """The push ran past its time limit (uploads slower than the slowest link we support)."""
-    upload = Upload.objects.filter(pk=upload_id, status__in=WORKING).first()
-    if upload is None:
-        return
-    token = _usable_token(upload.owner_id)
-    if token and upload.ims_image_id:
-        _delete_quietly(upload, _ims(token))
-    _move(
-        upload,
-        Status.FAILED,
-        "Sending took longer than the time limit of a push",
-        error_message="Sending this file took too long: the link to the cloud is slower than the portal supports.",
-        error_hint="Press Retry at a quieter time; if it happens again, ask an administrator.",
-        error_code="timed_out",
-    )
+def _take_over(upload: Upload) -> None:
+    """The worker of this push died (no heartbeat): start again, or give up after the last attempt."""
+    message = "The worker that was handling this upload stopped"
+    if upload.attempt >= MAX_PUSH_ATTEMPTS:
+        _move(upload, Status.FAILED, message, on_attempt=upload.attempt, where=_abandoned(),
+              error_message="The portal could not finish sending this file.", error_hint=HINT_CONTACT_ADMIN,
+              error_code="abandoned")
+    else:
+        _move(upload, Status.RECEIVED, f"{message}; starting again", on_attempt=upload.attempt, where=_abandoned())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +440,7 @@ def _check_file(upload: Upload, attempt: int) -> None:
     """Inspect the staged file; convert it when IMS does not take its format. Afterwards the
     upload knows what to send: `send_format` and `send_size` of the staged or converted file."""
     result = inspect.inspect_file(
-        staging.path(upload.staged_name), declared_format=upload.disk_format, max_bytes=settings.UPLOAD_MAX_BYTES + 1
+        staging.path(upload.staged_name), declared_format=upload.disk_format
     )
     _save(upload, attempt, detected_format=result.detected_format or "", virtual_size=result.virtual_size,
           inspection=_inspection_record(result))
@@ -436,6 +455,7 @@ def _check_file(upload: Upload, attempt: int) -> None:
         _convert(upload, attempt, result)
         _save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name))
     else:
+        staging.delete(upload.converted_name)
         _save(upload, attempt, send_format=result.upload_format(settings.IMS_DISK_FORMATS), send_size=upload.size,
               converted_name="")
 
@@ -455,9 +475,10 @@ def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
         nonlocal last_write
         if time.monotonic() - last_write >= 1.0:
             last_write = time.monotonic()
-            Upload.objects.filter(pk=upload.pk, status=Status.CONVERTING, attempt=attempt).update(
+            if not Upload.objects.filter(pk=upload.pk, status=Status.CONVERTING, attempt=attempt).update(
                 convert_percent=int(percent)
-            )
+            ):
+                raise _Stopped()  # cancelled or taken over: convert_to_qcow2 stops qemu-img
 
     inspect.convert_to_qcow2(
         staging.path(upload.staged_name), staging.path(name), src_format=result.detected_format,
@@ -493,32 +514,6 @@ def _describe(result: inspect.Inspection) -> str:
 
 def _checks_text(result: inspect.Inspection) -> str:
     return "\n".join(f"{name}: {outcome}" for name, outcome in result.checks.items())
-
-
-def _refuse(upload: Upload, attempt: int, problem: inspect.Problem) -> None:
-    """The file cannot go as it is: say why; the staged file stays for the one-click fix or Retry."""
-    _move(
-        upload,
-        Status.FAILED,
-        f"Refused before sending: {problem.message}",
-        detail=problem.detail,
-        on_attempt=attempt,
-        error_message=problem.message,
-        error_hint=problem.hint,
-        error_code=problem.code,
-    )
-
-
-def _check_failed(upload: Upload, attempt: int, exc: inspect.InspectError) -> PushOutcome:
-    if not exc.permanent and attempt < MAX_PUSH_ATTEMPTS:
-        delay = min(300, 5 * 3 ** (attempt - 1))
-        moved = _move(upload, Status.RECEIVED, f"{exc.message} Trying again in {delay} seconds.",
-                      detail=exc.detail, on_attempt=attempt, retry_at=timezone.now() + timedelta(seconds=delay),
-                      error_message=exc.message, error_hint=exc.hint, error_code="check_failed")
-        return PushOutcome(retry_in=delay if moved else None)
-    _move(upload, Status.FAILED, exc.message, detail=exc.detail, on_attempt=attempt,
-          error_message=exc.message, error_hint=exc.hint or HINT_CONTACT_ADMIN, error_code="check_failed")
-    return PushOutcome()
 
 
 def expected_send_rate() -> float:
@@ -566,9 +561,13 @@ def _heartbeat(upload_id: int, attempt: int):
     def beat():
         try:
             while not stop.wait(settings.PUSH_HEARTBEAT_SECONDS):
-                Upload.objects.filter(pk=upload_id, status__in=WORKING, attempt=attempt).update(
-                    heartbeat_at=timezone.now()
-                )
+                try:
+                    Upload.objects.filter(pk=upload_id, status__in=WORKING, attempt=attempt).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except DatabaseError:  # a locked or restarting database: beat again next time
+                    log.warning("upload %s: heartbeat not written", upload_id, exc_info=True)
+                    connection.close()
         finally:
             connection.close()
 
@@ -581,14 +580,15 @@ def _heartbeat(upload_id: int, attempt: int):
         thread.join()
 
 
+def _abandoned() -> Q:
+    """Pushes whose worker died: their message may come again (late acknowledgement), or the
+    reconciler finds them, but the row still says checking, converting or pushing."""
+    stale = timezone.now() - timedelta(seconds=settings.PUSH_STALE_SECONDS)
+    return Q(status__in=WORKING, heartbeat_at__lt=stale)
+
+
 def _push_is_abandoned(upload: Upload) -> bool:
-    """A push whose worker died: its message may come again (late acknowledgement), or the
-    reconciler finds it, but the row still says checking, converting or pushing."""
-    return (
-        upload.status in WORKING
-        and upload.heartbeat_at is not None
-        and upload.heartbeat_at < timezone.now() - timedelta(seconds=settings.PUSH_STALE_SECONDS)
-    )
+    return Upload.objects.filter(_abandoned(), pk=upload.pk).exists()
 
 
 def _prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
@@ -670,7 +670,7 @@ def _progress_recorder(upload: Upload, attempt: int):
         rate = sent / max(now - started, 1e-6)
         return bool(
             Upload.objects.filter(pk=upload.pk, status=Status.PUSHING, attempt=attempt).update(
-                sent_bytes=sent, send_rate=rate, heartbeat_at=timezone.now()
+                sent_bytes=sent, send_rate=rate
             )
         )
 
@@ -684,22 +684,25 @@ def _push_failed(upload: Upload, client: ImsClient, attempt: int, exc: ImsError)
     if exc.kind == "auth":
         _move(upload, Status.RECONNECT, exc.message, detail=exc.raw, on_attempt=attempt, **_error_fields(exc))
         return PushOutcome()
-    if not exc.permanent and attempt < MAX_PUSH_ATTEMPTS:
-        delay = min(300, 5 * 3 ** (attempt - 1))
-        retry_at = timezone.now() + timedelta(seconds=delay)
-        moved = _move(
-            upload,
-            Status.RECEIVED,
-            f"{exc.message} Trying again in {delay} seconds.",
-            detail=exc.raw,
-            on_attempt=attempt,
-            retry_at=retry_at,
-            **_error_fields(exc),
-        )
+    return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code=exc.code or exc.kind,
+                          detail=exc.raw, permanent=exc.permanent)
+
+
+def _retry_or_fail(
+    upload: Upload, client: ImsClient, attempt: int, message: str, *, hint: str, code: str, detail: str,
+    permanent: bool,
+) -> PushOutcome:
+    """End this attempt: back to RECEIVED to try again after a backoff when that can help and
+    attempts are left, else FAILED with no image left behind in IMS."""
+    fields = {"error_message": message, "error_hint": hint or HINT_CONTACT_ADMIN, "error_code": code}
+    if not permanent and attempt < MAX_PUSH_ATTEMPTS:
+        delay = min(MAX_RETRY_DELAY, 5 * 3 ** (attempt - 1))
+        moved = _move(upload, Status.RECEIVED, f"{message} Trying again in {delay} seconds.", detail=detail,
+                      on_attempt=attempt, retry_at=timezone.now() + timedelta(seconds=delay), **fields)
         return PushOutcome(retry_in=delay if moved else None)
     if upload.ims_image_id:
         _delete_quietly(upload, client)
-    _move(upload, Status.FAILED, exc.message, detail=exc.raw, on_attempt=attempt, **_error_fields(exc))
+    _move(upload, Status.FAILED, message, detail=detail, on_attempt=attempt, **fields)
     return PushOutcome()
 
 
@@ -781,7 +784,7 @@ def _schedule_poll(upload: Upload, ims_status: str) -> None:
         _note(upload, f"IMS reports the image as {ims_status}")
     Upload.objects.filter(pk=upload.pk, status=Status.PROCESSING).update(
         ims_status=ims_status,
-        poll_count=upload.poll_count + 1,
+        poll_count=F("poll_count") + 1,
         next_poll_at=timezone.now() + timedelta(seconds=delay),
     )
 
@@ -828,7 +831,7 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
 def upload_retry(*, upload: Upload, by) -> None:
     if not upload.can_retry:
         raise ServiceError("Only a failed upload, or one waiting for a new cloud sign-in, can be retried.")
-    if upload.status == Status.RECONNECT and _usable_token(upload.owner_id) is None:
+    if upload.status == Status.RECONNECT and _token_for_push(upload)[0] is None:
         raise ServiceError(
             "The cloud sign-in of this upload's owner has expired: reconnect on the Cloud account page, "
             "and the upload continues by itself."

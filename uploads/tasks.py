@@ -2,19 +2,13 @@
 about retrying. The database row guards every step, so a lost or repeated message is harmless."""
 
 from celery import shared_task
-from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import services
 
 
 @shared_task(bind=True, max_retries=None)
 def push_upload(self, upload_id: int) -> None:
-    try:
-        outcome = services.upload_push(upload_id=upload_id)
-    except SoftTimeLimitExceeded:
-        # Longer than the slowest link we support allows: trying again would take as long.
-        services.upload_push_timed_out(upload_id=upload_id)
-        return
+    outcome = services.upload_push(upload_id=upload_id)
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
 
