@@ -466,3 +466,18 @@ def test_reconnecting_while_ims_processes_goes_on_checking_without_sending_again
     upload.refresh_from_db()
     assert upload.status == Status.READY
     assert puts(sim) == [204]  # sent once
+
+
+def test_after_a_retry_temporary_faults_are_retried_afresh(alice_connected, sim):
+    sim.set_faults(fail_puts=services.MAX_PUSH_ATTEMPTS)
+    upload = received_upload(alice_connected, DATA)
+    for _ in range(services.MAX_PUSH_ATTEMPTS):
+        services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED
+    services.upload_retry(upload=upload, by="alice")
+    sim.set_faults(fail_puts=1)
+    assert services.upload_push(upload_id=upload.pk).retry_in  # a blip after Retry is retried again
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY

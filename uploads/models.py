@@ -145,6 +145,9 @@ class Upload(models.Model):
 
     # Sending to IMS.
     attempt = models.PositiveIntegerField(default=0)
+    # The attempt at which a person last sent it again (Retry, reconnect, format fix): automatic
+    # retries are counted from there.
+    requeued_at_attempt = models.PositiveIntegerField(default=0)
     sent_bytes = models.BigIntegerField(default=0)
     push_started_at = models.DateTimeField(null=True, blank=True)
     send_rate = models.FloatField(default=0, help_text="bytes per second")

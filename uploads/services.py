@@ -155,8 +155,8 @@ def cloud_account_connect(*, user, domain: str, user_name: str, password: str, p
             # IMS has the whole file: go on checking on it rather than sending it again.
             _move(upload, Status.PROCESSING, "Cloud account reconnected: checking on the image continues",
                   next_poll_at=timezone.now(), **NO_ERROR)
-        elif _move(upload, Status.RECEIVED, "Cloud account reconnected: sending continues", **NO_ERROR):
-            _enqueue_push(upload.pk)
+        else:
+            _requeue(upload, "Cloud account reconnected: sending continues")
     return account
 
 
@@ -412,7 +412,7 @@ def upload_push(*, upload_id: int) -> PushOutcome:
 def _take_over(upload: Upload) -> None:
     """The worker of this push died (no heartbeat): start again, or give up after the last attempt."""
     message = "The worker that was handling this upload stopped"
-    if upload.attempt >= MAX_PUSH_ATTEMPTS:
+    if upload.attempt - upload.requeued_at_attempt >= MAX_PUSH_ATTEMPTS:
         _move(upload, Status.FAILED, message, on_attempt=upload.attempt, where=_abandoned(),
               error_message="The portal could not finish sending this file.", error_hint=HINT_CONTACT_ADMIN,
               error_code="abandoned")
@@ -695,7 +695,7 @@ def _retry_or_fail(
     """End this attempt: back to RECEIVED to try again after a backoff when that can help and
     attempts are left, else FAILED with no image left behind in IMS."""
     fields = {"error_message": message, "error_hint": hint or HINT_CONTACT_ADMIN, "error_code": code}
-    if not permanent and attempt < MAX_PUSH_ATTEMPTS:
+    if not permanent and attempt - upload.requeued_at_attempt < MAX_PUSH_ATTEMPTS:
         delay = min(MAX_RETRY_DELAY, 5 * 3 ** (attempt - 1))
         moved = _move(upload, Status.RECEIVED, f"{message} Trying again in {delay} seconds.", detail=detail,
                       on_attempt=attempt, retry_at=timezone.now() + timedelta(seconds=delay), **fields)
@@ -836,11 +836,23 @@ def upload_retry(*, upload: Upload, by) -> None:
             "The cloud sign-in of this upload's owner has expired: reconnect on the Cloud account page, "
             "and the upload continues by itself."
         )
+    _requeue_for_person(upload, f"Retry requested by {by}")
+
+
+def _requeue(upload: Upload, message: str, **fields) -> bool:
+    """Send it again because a person acted: automatic retries count afresh from here."""
+    if not _move(upload, Status.RECEIVED, message, requeued_at_attempt=upload.attempt, **NO_ERROR, **fields):
+        return False
+    _enqueue_push(upload.pk)
+    return True
+
+
+def _requeue_for_person(upload: Upload, message: str, **fields) -> None:
+    """_requeue for a button press: say why it cannot be done."""
     if not staging.exists(upload.staged_name):
         raise ServiceError("The staged copy of this file is gone: please upload the file again.")
-    if not _move(upload, Status.RECEIVED, f"Retry requested by {by}", **NO_ERROR):
+    if not _requeue(upload, message, **fields):
         raise ServiceError("This upload changed in the meantime; reload the page and try again.")
-    _enqueue_push(upload.pk)
 
 
 def upload_suggested_format(upload: Upload) -> str | None:
@@ -854,13 +866,8 @@ def upload_use_format(*, upload: Upload, disk_format: str, by) -> None:
     """The one-click fix: send the file as the format it really is."""
     if disk_format != upload_suggested_format(upload):
         raise ServiceError("This upload can no longer be changed that way; reload the page.")
-    if not staging.exists(upload.staged_name):
-        raise ServiceError("The staged copy of this file is gone: please upload the file again.")
     label = inspect.LABELS.get(disk_format, disk_format)
-    if not _move(upload, Status.RECEIVED, f"{by} chose to send the file as {label}", disk_format=disk_format,
-                 **NO_ERROR):
-        raise ServiceError("This upload changed in the meantime; reload the page and try again.")
-    _enqueue_push(upload.pk)
+    _requeue_for_person(upload, f"{by} chose to send the file as {label}", disk_format=disk_format)
 
 
 def upload_cancel(*, upload: Upload, by) -> None:
