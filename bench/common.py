@@ -290,12 +290,13 @@ def wait_for(condition, *, timeout: float, what: str, process: subprocess.Popen 
         time.sleep(interval)
 
 
-def start_simulator(data_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """The IMS simulator (`python -m imssim`) on a free port; returns the process and its URL."""
+def start_simulator(data_dir: Path, log: Path, *, processing_seconds: float = 0) -> tuple[subprocess.Popen, str]:
+    """The IMS simulator (`python -m imssim`) on a free port; returns the process and its URL.
+    `processing_seconds`: how long an image stays "saving" after its PUT (IMS's own checks)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     process = start_process(
         [PYTHON, "-m", "imssim", "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir,
-         "--processing-seconds", "0", "--quiet"],
+         "--processing-seconds", processing_seconds, "--quiet"],
         log=log,
     )
 

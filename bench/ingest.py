@@ -84,17 +84,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def web_argv(port: int) -> tuple[list, str]:
-    """The production web command when the repository has one, else Django's own server."""
+def web_argv(port: int, gunicorn_args: tuple = ()) -> tuple[list, str]:
+    """The production web command when the repository has one, else Django's own server.
+    `gunicorn_args` are added to the gunicorn command (bench/load.py: `--workers 1`)."""
     if (ROOT / "gunicorn.conf.py").exists():
         return ([PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
-                 "portal.wsgi:application"], "gunicorn -c gunicorn.conf.py")
+                 *gunicorn_args, "portal.wsgi:application"],
+                " ".join(["gunicorn -c gunicorn.conf.py", *gunicorn_args]))
     return [PYTHON, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"], "manage.py runserver --noreload"
 
 
-def start_web(env: dict, log: Path) -> tuple[subprocess.Popen, str, str]:
+def start_web(env: dict, log: Path, gunicorn_args: tuple = ()) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
-    argv, how = web_argv(port)
+    argv, how = web_argv(port, gunicorn_args)
     process = start_process(argv, log=log, env=env)
     url = f"http://127.0.0.1:{port}"
 

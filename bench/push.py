@@ -20,7 +20,12 @@ is sampled at 20 Hz over the worker's process tree while it pushes (rss_mb_*), a
 process that ran the push (rss_mb_pusher_*). Every image is deleted after its run; the work
 folder is removed at the end.
 
-    .venv/bin/python bench/push.py [--sizes 1,4] [--targets sim,glance] [--quick]
+Before the pushes, the worker's file check alone (`uploads.inspect.inspect_file`, as the CHECKING
+step calls it) is timed on a 4 GiB raw file (the test file) and on a 4 GiB qcow2 made from it
+with `qemu-img convert -f raw -O qcow2` (4 GiB virtual, 4 GiB of data), best of 3 each:
+inspect_s_4g_raw, inspect_s_4g_qcow2 (goal: under 1 s each; it must not read the whole file).
+
+    .venv/bin/python bench/push.py [--sizes 1,4] [--targets sim,glance] [--quick] [--no-inspect]
 
 The last line holds the figures, e.g.
     sim_push_vs_curl_1g=0.91 sim_push_vs_curl_4g=0.62 glance_push_vs_curl_1g=0.95 ... rss_mb_1g=232 ...
@@ -307,6 +312,55 @@ def one_run(way, target, client, header_file, worker_pid, owner, server_pid, sou
     return run
 
 
+INSPECT_RUNS = 3
+
+
+def time_inspection(work: Path, raw: Path) -> dict:
+    """inspect_file() as the worker's CHECKING step calls it, on the 4 GiB raw file and on a
+    4 GiB qcow2 made from it; best of INSPECT_RUNS each. Also prints how many bytes it read and
+    how long the two qemu-img runs inside it take alone."""
+    from django.conf import settings
+
+    from uploads import inspect
+
+    qcow2 = work / "data-4g.qcow2"
+    t0 = time.monotonic()
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True)
+    info = inspect.qemu_img_info(qcow2, "qcow2")
+    say(f"made {qcow2.name} with qemu-img convert in {time.monotonic() - t0:.1f} s: virtual "
+        f"{info['virtual-size'] / GIB:.2f} GiB, file {qcow2.stat().st_size / GIB:.2f} GiB, "
+        f"{qcow2.stat().st_blocks * 512 / GIB:.2f} GiB allocated")
+    figures = {}
+    try:
+        for fmt, path in (("raw", raw), ("qcow2", qcow2)):
+            warm_cache(path)  # all runs alike; inspect_file reads only the head and the tail
+            settle_disk()
+            wait_for_quiet(longest=10, below=QUIET_CORES)
+            times = []
+            for _ in range(INSPECT_RUNS):
+                started = time.perf_counter()
+                result = inspect.inspect_file(path, declared_format=fmt, max_bytes=settings.UPLOAD_MAX_BYTES + 1)
+                times.append(time.perf_counter() - started)
+                if not result.ok or result.detected_format != fmt:
+                    raise RuntimeError(f"inspect_file refused the {fmt} test file: {result.problem} {result.checks}")
+            # Where the time goes: qemu-img alone (inspect_file runs info, then check for qcow2).
+            parts = []
+            for what in ("info", "check"):
+                if what == "check" and fmt not in inspect.QEMU_CHECKABLE:
+                    continue
+                started = time.perf_counter()
+                subprocess.run(["qemu-img", what, "-f", fmt, "--force-share", "--output=json", str(path)],
+                               check=True, capture_output=True)
+                parts.append(f"qemu-img {what} {time.perf_counter() - started:.3f} s")
+            say(f"inspect_file 4g {fmt}: " + ", ".join(f"{t:.3f} s" for t in times)
+                + f"; read {result.bytes_read} bytes of {path.stat().st_size}; {'; '.join(parts)}; "
+                f"virtual size {result.virtual_size}; checks {result.checks}")
+            figures[f"inspect_s_4g_{fmt}"] = f"{min(times):.3f}"
+    finally:
+        qcow2.unlink(missing_ok=True)
+    return figures
+
+
 def figures_for(all_results: dict, sizes: list[int], target_names: list[str]) -> dict:
     figures, chosen = {}, []
     for name in target_names:
@@ -348,6 +402,7 @@ def main() -> int:
     parser.add_argument("--targets", default="sim,glance", help="sim, glance or both (default)")
     parser.add_argument("--quick", action="store_true", help="one run each way (for trying the script)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) for a look")
+    parser.add_argument("--no-inspect", action="store_true", help="skip timing inspect_file on 4 GiB files")
     args = parser.parse_args()
     sizes = [int(float(s) * GIB) for s in args.sizes.split(",")]
     target_names = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -358,6 +413,7 @@ def main() -> int:
     say(f"work folder {work}")
     began = time.monotonic()
     all_results = {}
+    inspect_figures = {}
     try:
         env = portal_env(work)
         migrate(env, work / "migrate.log")
@@ -369,6 +425,11 @@ def main() -> int:
             t0 = time.monotonic()
             files[size] = make_random_file(work / f"data-{label(size)}.raw", size)
             say(f"made {files[size].name} ({size} random bytes) in {time.monotonic() - t0:.1f} s")
+        if not args.no_inspect:
+            raw4 = files.get(4 * GIB) or make_random_file(work / "inspect-4g.raw", 4 * GIB)
+            inspect_figures = time_inspection(work, raw4)
+            if raw4 not in files.values():
+                raw4.unlink()
         for name in target_names:
             target = simulator_target(work) if name == "sim" else glance_target(work)
             if target is None:
@@ -392,7 +453,7 @@ def main() -> int:
                 say(f"kept {work}")
             else:
                 cleanup(work)
-    print_result(figures_for(all_results, sizes, target_names))
+    print_result({**figures_for(all_results, sizes, target_names), **inspect_figures})
     return 0
 
 
