@@ -116,6 +116,7 @@ class Inspection:
     checks: dict[str, str] = field(default_factory=dict)
     problem: Problem | None = None
     bytes_read: int = 0  # by this process, not counting qemu-img
+    fixed_vhd: bool = False  # a VHD with its only footer at the end (the raw disk plus 512 bytes)
 
     @property
     def ok(self) -> bool:
@@ -129,9 +130,15 @@ class Inspection:
         return max(1, -(-self.virtual_size // GiB))
 
     def needs_conversion(self, accepted_formats: Collection[str]) -> bool:
-        """True when the target does not take this format: convert_to_qcow2() first."""
+        """True when the target does not take this format: convert_to_qcow2() first.
+
+        A fixed VHD is converted too: Glance's own inspector reads only the start of a file, so
+        it takes a fixed VHD for raw and refuses it as vhd (415); IMS is built on Glance. As
+        qcow2 it is lossless, and smaller (the disk's empty parts are left out)."""
         fmt = self.detected_format
-        return fmt is not None and fmt not in PASS_THROUGH_FORMATS and fmt not in accepted_formats
+        if fmt is None or fmt in PASS_THROUGH_FORMATS:
+            return False
+        return fmt not in accepted_formats or self.fixed_vhd
 
     def upload_format(self, accepted_formats: Collection[str]) -> str:
         """The disk_format to create the image with (after conversion, when one is needed)."""
@@ -595,6 +602,7 @@ def inspect_file(
         result.checks["qemu_img_info"] = f"skipped: qemu-img cannot read {fmt}"
         return result
 
+    result.fixed_vhd = fmt == "vhd" and not evidence.head.startswith(b"conectix")
     result.virtual_size = _virtual_size(evidence, fmt, inspector)
     result.problem = _check_virtual_size(result, max_virtual_bytes)
     if result.problem:
