@@ -150,3 +150,27 @@ def test_a_file_that_changes_after_the_check_is_stopped_mid_send(alice_connected
     upload.refresh_from_db()
     assert upload.status == Status.FAILED and upload.error_code == "file_changed"
     assert sim.images() == []  # the half-sent image was deleted
+
+
+def test_the_owner_sees_the_sha512_of_the_file_they_uploaded(alice_connected, sim, disk, tmp_path, client):
+    image = tmp_path / "legacy.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", disk, image)
+    upload = received(alice_connected, image, "vmdk")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    own = hashlib.sha512(image.read_bytes()).hexdigest()
+    assert upload.staged_sha512 == own and upload.sha512 != own  # the converted copy was sent
+    client.force_login(alice_connected)
+    page = client.get(f"/uploads/{upload.uid}/").content.decode()
+    assert own in page and "SHA-512 of your file" in page
+    assert "sent to IMS as QCOW2: converted" in page
+    assert "Disk inside the file" in page
+
+
+def test_without_conversion_the_sent_bytes_are_the_uploaded_file(alice_connected, sim, disk, tmp_path):
+    image = tmp_path / "web.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", disk, image)
+    upload = received(alice_connected, image, "qcow2")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.staged_sha512 == upload.sha512 == hashlib.sha512(image.read_bytes()).hexdigest()

@@ -153,8 +153,11 @@ class Upload(models.Model):
     send_rate = models.FloatField(default=0, help_text="bytes per second")
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     retry_at = models.DateTimeField(null=True, blank=True)
+    # Checksums of the bytes sent to IMS (the converted copy, when converted), and the SHA-512 of
+    # the file as the person uploaded it, for them to compare with their own copy.
     md5 = models.CharField(max_length=32, blank=True)
     sha512 = models.CharField(max_length=128, blank=True)
+    staged_sha512 = models.CharField(max_length=128, blank=True)
 
     # IMS's view of the image.
     ims_image_id = models.CharField(max_length=64, blank=True, db_index=True)

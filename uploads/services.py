@@ -466,6 +466,9 @@ def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
                  f"Converting the {label} file to QCOW2: IMS does not take {label} files directly",
                  on_attempt=attempt, convert_percent=0):
         raise _Stopped()
+    # The file as uploaded is never sent: its SHA-512 is taken here, for the owner to compare.
+    with staging.open_for_reading(upload.staged_name) as staged:
+        _save(upload, attempt, staged_sha512=hashlib.file_digest(staged, "sha512").hexdigest())
     name = staging.name_for(upload.uid, "qcow2")
     staging.delete(name)  # what an earlier, interrupted attempt left
     _save(upload, attempt, converted_name=name)
@@ -650,8 +653,10 @@ def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
         result = client.upload_file(
             upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
         )
-    Upload.objects.filter(pk=upload.pk, attempt=attempt).update(md5=result.md5, sha512=result.sha512)
-    upload.md5, upload.sha512 = result.md5, result.sha512
+    sums = {"md5": result.md5, "sha512": result.sha512}
+    if not upload.converted_name:  # what was sent is the file as uploaded
+        sums["staged_sha512"] = result.sha512
+    _save(upload, attempt, **sums)
     _note(upload, f"Sent {result.sent_bytes} bytes to IMS (md5 {result.md5})")
 
 
