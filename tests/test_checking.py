@@ -174,3 +174,25 @@ def test_without_conversion_the_sent_bytes_are_the_uploaded_file(alice_connected
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.staged_sha512 == upload.sha512 == hashlib.sha512(image.read_bytes()).hexdigest()
+
+
+def test_a_token_that_would_not_last_the_converted_file_waits_for_reconnect(alice_connected, sim, disk, tmp_path,
+                                                                          monkeypatch):
+    image = tmp_path / "legacy.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", disk, image)
+    upload = received(alice_connected, image, "vmdk")
+    asked = []
+    original = services._token_for_push
+
+    def lasts_only_for_the_original(upload):
+        asked.append(upload.send_size)
+        if upload.converted_name:  # asked again about the converted copy: not long enough
+            return None, "Your cloud sign-in ends before the converted file could be sent."
+        return original(upload)
+
+    monkeypatch.setattr(services, "_token_for_push", lasts_only_for_the_original)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.RECONNECT
+    assert upload.error_message == "Your cloud sign-in ends before the converted file could be sent."
+    assert [r for r in sim.requests_seen() if r["path"].startswith("/v2")] == []

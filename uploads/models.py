@@ -29,8 +29,11 @@ ALLOWED_MOVES: dict[str, set[str]] = {
     Status.RECEIVING: {Status.RECEIVED, Status.CANCELLED, Status.FAILED},
     Status.RECEIVED: {Status.CHECKING, Status.RECONNECT, Status.CANCELLED, Status.FAILED},
     # CHECKING/CONVERTING -> RECEIVED: a temporary problem (no room to convert, a dead worker).
-    Status.CHECKING: {Status.PUSHING, Status.CONVERTING, Status.FAILED, Status.RECEIVED, Status.CANCELLED},
-    Status.CONVERTING: {Status.PUSHING, Status.FAILED, Status.RECEIVED, Status.CANCELLED},
+    # CHECKING/CONVERTING -> RECONNECT: the converted file takes longer to send than the token lasts.
+    Status.CHECKING: {
+        Status.PUSHING, Status.CONVERTING, Status.FAILED, Status.RECEIVED, Status.RECONNECT, Status.CANCELLED,
+    },
+    Status.CONVERTING: {Status.PUSHING, Status.FAILED, Status.RECEIVED, Status.RECONNECT, Status.CANCELLED},
     # PUSHING -> RECEIVED: a transient fault; the push is queued again with backoff.
     Status.PUSHING: {
         Status.PROCESSING,

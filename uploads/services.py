@@ -22,7 +22,7 @@ from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import crypto, inspect, staging
-from uploads.ims import HINT_CONTACT_ADMIN, IamClient, ImsClient, ImsError
+from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, IamClient, ImsClient, ImsError
 from uploads.models import (
     WORKING,
     CloudAccount,
@@ -339,15 +339,7 @@ def upload_push(*, upload_id: int) -> PushOutcome:
         return PushOutcome()
     token, why_not = _token_for_push(upload)
     if token is None:
-        _move(
-            upload,
-            Status.RECONNECT,
-            "Waiting for the owner to reconnect the cloud account",
-            error_message=why_not,
-            error_hint="Reconnect on the Cloud account page: sending then continues by itself. "
-            "Your file is kept until then.",
-            error_code="token_expired",
-        )
+        _wait_for_reconnect(upload, why_not)
         return PushOutcome()
     attempt = upload.attempt + 1
     if not _move(
@@ -367,6 +359,10 @@ def upload_push(*, upload_id: int) -> PushOutcome:
     try:
         with _heartbeat(upload.pk, attempt):
             _check_file(upload, attempt)
+            if upload.converted_name and _token_for_push(upload)[0] is None:
+                # Converting took a while and may have made the file bigger: ask again.
+                _wait_for_reconnect(upload, _token_for_push(upload)[1], on_attempt=attempt)
+                return PushOutcome()
             if not _move(upload, Status.PUSHING, "Sending to IMS", on_attempt=attempt,
                          push_started_at=timezone.now()):
                 return PushOutcome()  # cancelled meanwhile
@@ -407,6 +403,18 @@ def upload_push(*, upload_id: int) -> PushOutcome:
     )
     upload_poll(upload_id=upload.pk)
     return PushOutcome()
+
+
+def _wait_for_reconnect(upload: Upload, why: str, on_attempt: int | None = None) -> None:
+    _move(
+        upload,
+        Status.RECONNECT,
+        "Waiting for the owner to reconnect the cloud account",
+        on_attempt=on_attempt,
+        error_message=why,
+        error_hint=HINT_RECONNECT + " Your file is kept until then.",
+        error_code="token_expired",
+    )
 
 
 def _take_over(upload: Upload) -> None:
@@ -538,7 +546,7 @@ def _token_for_push(upload: Upload) -> tuple[str | None, str]:
     account = CloudAccount.objects.filter(user_id=upload.owner_id).first()
     if not cloud_account_usable(account):
         return None, "Your cloud sign-in has expired (or was never made), so the file cannot be sent yet."
-    needed = timedelta(seconds=upload.size / expected_send_rate())
+    needed = timedelta(seconds=(upload.send_size or upload.size) / expected_send_rate())
     if account.expires_at < timezone.now() + min(needed, LONGEST_TOKEN_WAIT) + TOKEN_MARGIN:
         return None, (
             f"Your cloud sign-in ends in {_duration(account.expires_at - timezone.now())}, but sending this "
