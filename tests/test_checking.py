@@ -196,3 +196,59 @@ def test_a_token_that_would_not_last_the_converted_file_waits_for_reconnect(alic
     assert upload.status == Status.RECONNECT
     assert upload.error_message == "Your cloud sign-in ends before the converted file could be sent."
     assert [r for r in sim.requests_seen() if r["path"].startswith("/v2")] == []
+
+
+@pytest.fixture
+def small_staging_disk(tmp_path, settings):
+    """A 64 MiB file system (tmpfs) as the staging folder: a disk that fills up for real."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    settings.STORAGES = {**settings.STORAGES, "staging": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(folder)}}}
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_no_room_to_convert_is_explained_and_the_file_kept_for_retry(alice_connected, sim, disk, tmp_path,
+                                                                   small_staging_disk):
+    image = tmp_path / "legacy.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", disk, image)  # a 3 GiB disk in a small file
+    upload = received(alice_connected, image, "vmdk")
+    assert services.upload_push(upload_id=upload.pk).retry_in  # maybe there is room later
+    upload.refresh_from_db()
+    assert upload.status == Status.RECEIVED
+    assert upload.error_message == "There is not enough free disk space on the server to convert this image."
+    for _ in range(services.MAX_PUSH_ATTEMPTS - 1):
+        services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.can_retry
+    assert (small_staging_disk / upload.staged_name).read_bytes() == image.read_bytes()  # kept for Retry
+    assert not list(small_staging_disk.glob("*.qcow2"))
+    assert [r for r in sim.requests_seen() if r["path"].startswith("/v2")] == []
+
+
+def test_ims_storing_something_else_fails_the_upload_and_deletes_the_image(alice_connected, sim, disk, tmp_path,
+                                                                          monkeypatch):
+    from uploads.ims import ImsClient
+
+    image = tmp_path / "web.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", disk, image)
+    upload = received(alice_connected, image, "qcow2")
+    original = ImsClient.get_image
+
+    def corrupted(self, image_id):
+        found = original(self, image_id)
+        if found.status == "active":
+            found.checksum = "0" * 32
+        return found
+
+    monkeypatch.setattr(ImsClient, "get_image", corrupted)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "checksum_mismatch"
+    assert upload.error_message == "The cloud stored something other than what you uploaded."
+    assert upload.can_retry and sim.images() == []

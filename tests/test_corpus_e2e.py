@@ -67,3 +67,16 @@ def test_a_good_image_ends_active_in_glance(sample, corpus, openstack_peers, set
     image = services._ims(services._usable_token(alice.pk)).get_image(upload.ims_image_id)
     assert image.status == "active" and image.raw["disk_format"] == upload.send_format
     assert image.checksum == upload.md5 and image.os_hash_value == upload.sha512
+
+
+@pytest.mark.parametrize("sample", [s for s in GOOD if s.declared == "iso"], ids=str)
+def test_an_iso_is_refused_at_the_door_with_the_formats_that_are_taken(sample, corpus, client, alice_with_token):  # noqa: F811
+    import base64
+
+    client.force_login(alice_with_token)
+    name = base64.b64encode(sample.file.encode()).decode()
+    response = client.post("/tus/", headers={"Tus-Resumable": "1.0.0", "Upload-Length": "1000",
+                                             "Upload-Metadata": f"filename {name}"})
+    assert response.status_code == 400
+    assert "is not a disk image file this portal knows" in response.content.decode()
+    assert not Upload.objects.exists()
