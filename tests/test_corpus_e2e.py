@@ -2,7 +2,8 @@
 (converted first when IMS does not take its format) with matching checksums, in the simulator
 and in real Glance; each hostile or mislabelled one is refused before any request to IMS.
 
-ISO images are left out: the portal's upload page does not take .iso files (IMS's list has none).
+ISO images are refused at the door instead: the portal does not take .iso files (IMS's list of
+upload formats has none), and says which endings it takes.
 """
 
 import io
