@@ -10,10 +10,12 @@ import os
 bind = f"127.0.0.1:{os.environ.get('PORT', '8000')}"
 
 # Threads, not processes, carry requests: a tus PATCH that streams a chunk for minutes holds one
-# thread and blocks nobody else, and a thread waiting on the network costs little memory.
+# thread and blocks nobody else, and a thread waiting on the network costs little memory. Enough
+# threads that a page or status request never queues behind the uploads in progress (20 uploads
+# at once held all of 16 threads; uploads/request_body.py keeps each one nearly off the GIL).
 worker_class = "gthread"
 workers = 2
-threads = 16
+threads = 64
 
 # `timeout` is not a limit on a request here. With gthread the worker's main loop reports to the
 # master every second whatever its threads are doing, so an upload may take as long as it takes;

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -227,6 +228,49 @@ def test_a_tus_upload_cut_by_a_killed_web_server_resumes_from_the_servers_offset
 
     wait_status(stack, upload, *DONE)
     assert_ready_in_ims(stack, [(upload, path)])
+
+
+def test_gunicorn_answers_a_head_pipelined_behind_a_patch_on_the_same_connection(stack, client, tmp_path):
+    """The PATCH body is read from the socket, past gunicorn's buffers (uploads/request_body.py):
+    the request sent right behind it must still reach gunicorn whole, even when gunicorn's first
+    read took in both (a small chunk)."""
+    path = make_image(tmp_path / "pipelined.raw", 3 * MiB)
+    data = path.read_bytes()[:1000]
+    first = uploader(stack, client, path)
+    first.set_url(first.create_url())
+    upload = upload_of(first)
+    resource = urlsplit(first.url).path
+    headers = {**tus_headers(client), "Host": "127.0.0.1", "Tus-Resumable": "1.0.0"}
+
+    def request(method: str, extra: dict, body: bytes = b"") -> bytes:
+        lines = [f"{method} {resource} HTTP/1.1", *(f"{k}: {v}" for k, v in {**headers, **extra}.items())]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    web = urlsplit(stack.web_url)
+    with socket.create_connection((web.hostname, web.port), timeout=30) as connection:
+        connection.sendall(
+            request("PATCH", {"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
+                              "Content-Length": str(len(data))}, data)
+            + request("HEAD", {})
+        )
+        replies = b""
+        while replies.count(b"\r\n\r\n") < 2:  # neither answer has a body (204; HEAD)
+            received = connection.recv(65536)
+            assert received, f"the connection closed after {replies!r}"
+            replies += received
+    patch, head = (dict(header_lines(block)) for block in replies.split(b"\r\n\r\n")[:2])
+
+    assert patch["status"] == "204" and patch["upload-offset"] == "1000", replies
+    assert head["status"] == "200" and head["upload-offset"] == "1000", replies
+    assert stack.staged_path(upload).read_bytes() == data
+
+
+def header_lines(block: bytes):
+    status_line, *lines = block.decode("latin-1").split("\r\n")
+    yield "status", status_line.split()[1]
+    for line in lines:
+        name, _, value = line.partition(":")
+        yield name.strip().lower(), value.strip()
 
 
 # ---------------------------------------------------------------------------------------------

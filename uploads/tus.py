@@ -17,7 +17,7 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.http import http_date
 
-from uploads import services, staging
+from uploads import request_body, services, staging
 from uploads.forms import UploadMetadataForm
 from uploads.models import Status, Upload
 
@@ -203,7 +203,8 @@ def _patch(request: HttpRequest, upload: Upload) -> HttpResponse:
         return _response(400, str(exc))
     try:
         new_offset = services.upload_receive(
-            upload=upload, offset=offset, stream=request, length=length, checksum=checksum
+            upload=upload, offset=offset, stream=request_body.body_of(request, length), length=length,
+            checksum=checksum,
         )
     except services.ChecksumMismatch:
         return _response(460, "Checksum mismatch: this chunk arrived damaged and was not kept; send it again.",
