@@ -137,11 +137,13 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-    # A web process and a worker write to the same SQLite file: wait for the lock instead of
-    # failing at once, and don't reuse connections across threads.
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # A web process and the workers write to the same SQLite file. WAL lets readers (the status
+    # polls) go on while a writer commits, and synchronous=NORMAL syncs at checkpoints rather
+    # than at every commit: a commit no longer waits behind the staging disk's writeback. A
+    # writer waits for the lock (timeout) instead of failing at once.
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
     DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
+    DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
