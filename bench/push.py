@@ -110,6 +110,7 @@ class Run:
     worker_cpu: float = 0.0  # push only: CPU seconds of the worker tree
     rss_tree: int = 0  # push only: peak bytes, whole worker tree
     rss_pusher: int = 0  # push only: peak bytes, the pool process that pushed
+    pss_tree: int = 0  # push only: peak PSS summed over the worker tree (shared pages once)
 
     @property
     def quiet(self) -> bool:
@@ -299,7 +300,7 @@ def one_run(way, target, client, header_file, worker_pid, owner, server_pid, sou
             client_cpu = _children_cpu_seconds() - curl_cpu
         else:
             seconds, put, rss = portal_push(worker_pid, owner, client, source, size)
-            run = Run("push", seconds, 0.0, put, rss.cpu_seconds, rss.peak_tree, rss.peak_busiest)
+            run = Run("push", seconds, 0.0, put, rss.cpu_seconds, rss.peak_tree, rss.peak_busiest, rss.peak_tree_pss)
             client_cpu = rss.cpu_seconds
     run.others = others.cores
     server_cpu = tree_cpu_seconds(server_pid) - server_cpu
@@ -307,7 +308,7 @@ def one_run(way, target, client, header_file, worker_pid, owner, server_pid, sou
             f"CPU {client_cpu:.1f} s {way}, {server_cpu:.1f} s server; others used {others.cores:.2f} cores")
     if way == "push":
         line += (f"; PUT {put or 0:.2f} s; worker peak RSS {mb(rss.peak_tree)} MB tree, "
-                 f"{mb(rss.peak_busiest)} MB pushing process")
+                 f"{mb(rss.peak_busiest)} MB pushing process; peak PSS {mb(rss.peak_tree_pss)} MB tree")
     say(line)
     return run
 
@@ -387,6 +388,7 @@ def figures_for(all_results: dict, sizes: list[int], target_names: list[str]) ->
         if mine:
             figures[f"rss_mb_{label(size)}"] = mb(max(run.rss_tree for run in mine))
             figures[f"rss_mb_pusher_{label(size)}"] = mb(max(run.rss_pusher for run in mine))
+            figures[f"pss_mb_{label(size)}"] = mb(max(run.pss_tree for run in mine))
     if pushes:
         sizes_of = {id(run): size for results in all_results.values() for size, runs in results.items() for run in runs}
         figures["worker_cpu_s_per_gib"] = (
