@@ -13,9 +13,11 @@ bind = f"127.0.0.1:{os.environ.get('PORT', '8000')}"
 # thread and blocks nobody else, and a thread waiting on the network costs little memory. Enough
 # threads that a page or status request never queues behind the uploads in progress (20 uploads
 # at once held all of 16 threads; uploads/request_body.py keeps each one nearly off the GIL).
+# Each thread keeps a database connection of its own (CONN_MAX_AGE): 2 x 32 plus the workers
+# stay under PostgreSQL's default max_connections of 100.
 worker_class = "gthread"
 workers = 2
-threads = 64
+threads = 32
 
 # `timeout` is not a limit on a request here. With gthread the worker's main loop reports to the
 # master every second whatever its threads are doing, so an upload may take as long as it takes;

@@ -1,7 +1,7 @@
 """Many uploads at once: 20 uploads of 200 MiB from 5 users into one web process and two workers.
 
 The portal runs as in production, on this machine's 2 cores: one web process (gunicorn with the
-repository's gunicorn.conf.py but `--workers 1`: one process of 64 threads), two Celery workers
+repository's gunicorn.conf.py but `--workers 1`: one process of 32 threads), two Celery workers
 (`celery -A portal worker -Q uploads,celery -c 1 -n wN@%h`) and beat, against the IMS simulator
 (`--processing-seconds 1`), on a throwaway database (SQLite by default; `--db postgres` creates and
 drops a PostgreSQL database on 127.0.0.1:5432, user postgres) and Redis db 14.
