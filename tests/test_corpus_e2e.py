@@ -41,7 +41,7 @@ def pushed(owner, path, disk_format: str) -> Upload:
 @pytest.mark.parametrize("sample", UPLOADABLE, ids=str)
 def test_a_good_image_ends_ready_in_the_simulator(sample, corpus, alice_connected, sim):  # noqa: F811
     upload = pushed(alice_connected, corpus / sample.file, sample.declared)
-    assert upload.status == Status.READY, upload.error_message
+    assert upload.status == Status.READY, f"{upload.error_message} {upload.events.last().detail}"
     assert upload.detected_format == sample.detected
     [image] = sim.images()
     assert image["checksum"] == upload.md5 and image["size"] == upload.send_size

@@ -72,8 +72,11 @@ class Limits:
 
 # Glance and Nova run `qemu-img info` with 1 GiB of address space; reading headers needs < 1 s CPU.
 INFO_LIMITS = Limits(cpu_seconds=10, address_space=1 * GiB, timeout=60)
-# Converting is real work (about 1 CPU second per GB of data) but never needs much memory.
-CONVERT_LIMITS = Limits(cpu_seconds=4 * 3600, address_space=1 * GiB, timeout=None)
+# Converting is real work (about 1 CPU second per GB of data) but never needs much memory. It does
+# reserve address space, though: a stack for each coroutine and each I/O thread, and a malloc arena
+# per thread (64 MiB each); on a busy machine it starts more I/O threads, and 1 GiB failed now and
+# then ("failed to allocate memory for stack"). The limit still stops a runaway.
+CONVERT_LIMITS = Limits(cpu_seconds=4 * 3600, address_space=4 * GiB, timeout=None)
 
 PORTAL_FORMATS = ("qcow2", "qcow", "vmdk", "vhd", "vhdx", "vdi", "qed", "raw", "iso", "zvhd", "zvhd2")
 PASS_THROUGH_FORMATS = ("zvhd", "zvhd2")  # Huawei formats neither the inspector nor qemu-img reads
