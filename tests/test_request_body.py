@@ -5,6 +5,7 @@ socket pair stand for the connection of a request whose headers gunicorn has par
 writes what the browser sends into the other end.
 """
 
+import io
 import socket
 import threading
 
@@ -108,3 +109,47 @@ def test_other_servers_get_the_portable_path(tmp_path):
 
     assert isinstance(request_body.body_of(request, len(payload)), request_body.RequestBody)
     assert store(request, len(payload), tmp_path) == payload
+
+
+class StalledBrowser:
+    """A body whose first bytes arrive, then nothing until `go` is set (a stalled connection)."""
+
+    def __init__(self):
+        self.go = threading.Event()
+        self.stalled = threading.Event()
+        self.sent_first = False
+
+    def readinto(self, buffer: memoryview) -> int:
+        if self.sent_first:
+            self.stalled.set()
+            self.go.wait()
+            return 0  # then it goes away
+        self.sent_first = True
+        buffer[:3] = b"abc"
+        return 3
+
+
+def test_a_stalled_upload_does_not_hold_up_the_writes_of_another(tmp_path):
+    """Staging writes take turns (staging._ONE_WRITER), but waiting for the network is not a turn."""
+    stalled = StalledBrowser()
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    first.write_bytes(b"")
+    second.write_bytes(b"")
+
+    def write(target, body, length):
+        with open(target, "r+b", buffering=0) as staged:
+            return staging.write_at(staged, 0, body, length)
+
+    waiting = threading.Thread(target=write, args=(first, stalled, MiB), daemon=True)
+    waiting.start()
+    try:
+        assert stalled.stalled.wait(timeout=10)
+        other = threading.Thread(target=write, args=(second, io.BytesIO(b"x" * (3 * MiB)), 3 * MiB), daemon=True)
+        other.start()
+        other.join(timeout=10)
+        assert not other.is_alive(), "the second upload waited for the stalled one"
+        assert second.read_bytes() == b"x" * (3 * MiB)
+    finally:
+        stalled.go.set()
+        waiting.join(timeout=10)
+    assert first.read_bytes() == b"abc"
