@@ -193,7 +193,7 @@ def test_a_token_that_would_not_last_the_converted_file_waits_for_reconnect(alic
     monkeypatch.setattr(services, "_token_for_push", lasts_only_for_the_original)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
-    assert upload.status == Status.RECONNECT
+    assert upload.status == Status.RECONNECT, f"{upload.error_message} {upload.events.last().detail}"
     assert upload.error_message == "Your cloud sign-in ends before the converted file could be sent."
     assert [r for r in sim.requests_seen() if r["path"].startswith("/v2")] == []
 

@@ -72,11 +72,8 @@ class Limits:
 
 # Glance and Nova run `qemu-img info` with 1 GiB of address space; reading headers needs < 1 s CPU.
 INFO_LIMITS = Limits(cpu_seconds=10, address_space=1 * GiB, timeout=60)
-# Converting is real work (about 1 CPU second per GB of data) but never needs much memory. It does
-# reserve address space, though: a stack for each coroutine and each I/O thread, and a malloc arena
-# per thread (64 MiB each); on a busy machine it starts more I/O threads, and 1 GiB failed now and
-# then ("failed to allocate memory for stack"). The limit still stops a runaway.
-CONVERT_LIMITS = Limits(cpu_seconds=4 * 3600, address_space=4 * GiB, timeout=None)
+# Converting is real work (about 1 CPU second per GB of data) but never needs much memory.
+CONVERT_LIMITS = Limits(cpu_seconds=4 * 3600, address_space=1 * GiB, timeout=None)
 
 PORTAL_FORMATS = ("qcow2", "qcow", "vmdk", "vhd", "vhdx", "vdi", "qed", "raw", "iso", "zvhd", "zvhd2")
 PASS_THROUGH_FORMATS = ("zvhd", "zvhd2")  # Huawei formats neither the inspector nor qemu-img reads
@@ -739,7 +736,7 @@ def _run_limited(cmd: list[str], limits: Limits) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
             _limited(cmd, limits), capture_output=True, text=True, errors="replace",
-            timeout=limits.timeout, env=_c_locale(), stdin=subprocess.DEVNULL,
+            timeout=limits.timeout, env=_qemu_env(), stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
         raise InspectError(
@@ -749,8 +746,13 @@ def _run_limited(cmd: list[str], limits: Limits) -> subprocess.CompletedProcess:
         ) from None
 
 
-def _c_locale() -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+def _qemu_env() -> dict[str, str]:
+    # C locale: qemu-img's messages are matched in English. One malloc arena: glibc reserves 64 MiB
+    # of address space for each thread's own arena, and qemu-img starts more I/O threads when the
+    # machine is busy, until the address-space limit makes it abort ("qemu_thread_create: Resource
+    # temporarily unavailable", which read as a damaged file, or "failed to allocate memory for
+    # stack" in a conversion).
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "MALLOC_ARENA_MAX": "1"}
 
 
 def _last_lines(text: str, n: int = 3) -> str:
@@ -848,7 +850,7 @@ def _run_with_progress(cmd: list[str], limits: Limits, on_progress) -> tuple[int
     # stderr goes to a file: a pipe nobody reads while we follow stdout could fill and stall.
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
-            limited, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, env=_c_locale()
+            limited, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, env=_qemu_env()
         )
         try:
             _follow_progress(proc.stdout, on_progress)
