@@ -58,6 +58,61 @@ def test_other_peoples_uploads_are_404(upload, bob):
     assert upload.status == Status.RECEIVING
 
 
+def test_status_json_costs_one_query_for_the_owner(alice_client, upload, django_assert_num_queries):
+    # Polled by every open page: session, owner and upload come in one round trip.
+    with django_assert_num_queries(1):
+        response = alice_client.get(f"/uploads/{upload.uid}/status")
+    assert response.json()["id"] == str(upload.uid)
+    assert "no-store" in response["Cache-Control"] and "Cookie" in response["Vary"]
+
+
+def test_status_json_of_someone_elses_upload_is_404_on_either_path(upload, bob, settings):
+    other = Client()
+    other.force_login(bob)
+    assert other.get(f"/uploads/{upload.uid}/status").status_code == 404
+    assert other.get("/uploads/00000000-0000-0000-0000-000000000000/status").status_code == 404
+    settings.SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"  # Django's own path
+    other = Client()
+    other.force_login(bob)
+    assert other.get(f"/uploads/{upload.uid}/status").status_code == 404
+
+
+def test_status_json_signs_out_a_session_whose_password_changed(alice_client, alice, upload):
+    assert alice_client.get(f"/uploads/{upload.uid}/status").status_code == 200
+    alice.set_password("a new one")
+    alice.save()
+    response = alice_client.get(f"/uploads/{upload.uid}/status")
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_status_json_refuses_an_inactive_owner(alice_client, alice, upload):
+    type(alice).objects.filter(pk=alice.pk).update(is_active=False)
+    response = alice_client.get(f"/uploads/{upload.uid}/status")
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_status_json_refuses_an_expired_or_unknown_session(alice_client, upload):
+    from django.contrib.sessions.models import Session
+
+    Session.objects.update(expire_date="2000-01-01T00:00:00Z")
+    assert alice_client.get(f"/uploads/{upload.uid}/status").status_code == 302
+    alice_client.cookies["sessionid"] = "made-up"
+    assert alice_client.get(f"/uploads/{upload.uid}/status").status_code == 302
+
+
+def test_status_json_refuses_a_session_of_a_backend_not_allowed(alice_client, upload, settings):
+    settings.AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend"]
+    response = alice_client.get(f"/uploads/{upload.uid}/status")
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_status_json_works_with_other_session_engines(alice, upload, settings):
+    settings.SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+    client = Client()
+    client.force_login(alice)
+    assert client.get(f"/uploads/{upload.uid}/status").json()["id"] == str(upload.uid)
+
+
 def test_pages_need_sign_in(client, upload):
     for url in ["/", "/upload/", "/uploads/", f"/uploads/{upload.uid}/", f"/uploads/{upload.uid}/status"]:
         response = client.get(url)

@@ -4,9 +4,11 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
+from django.views.decorators.vary import vary_on_cookie
 
-from uploads import services
+from uploads import services, status_access
 from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm
 from uploads.ims import ImsError
 from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
@@ -86,8 +88,18 @@ def status_json(upload: Upload) -> dict:
     }
 
 
-@login_required
+@never_cache
+@vary_on_cookie
 def upload_status(request, uid):
+    # Polled by every open page: one query in the usual case (see status_access.py).
+    upload = status_access.owned_upload(request, uid)
+    if upload is None:
+        return _upload_status_checked_by_django(request, uid)
+    return JsonResponse(status_json(upload))
+
+
+@login_required
+def _upload_status_checked_by_django(request, uid):
     return JsonResponse(status_json(_own_upload(request, uid)))
 
 
