@@ -14,8 +14,10 @@ from the pollers and inflate the latencies measured), one thread per upload, 50 
 upload page sends them. The files are raw disk images (first 512
 bytes zero, then random bytes), each different. Meanwhile one poller thread per user GETs
 `/uploads/<uid>/status` of each of its unfinished uploads every 0.5 s (as the My uploads page
-does, but faster: the page waits 2 s), on a keep-alive session, and records each latency (request
-sent to JSON read). The peak RSS samplers run in a process of their own, so that their reads of
+does, but faster: the page waits 2 s), on a keep-alive connection, and records each latency
+(request sent to JSON read). The pollers use the standard library's http.client, as lean as a
+browser's fetch: with requests (about 1 ms of Python per GET) p95 read 10-17 ms higher on this
+saturated machine, time spent in the client and not in the portal. The peak RSS samplers run in a process of their own, so that their reads of
 /proc do not hold the GIL that the pollers wait for.
 
 The run ends when all 20 are finished (READY, FAILED, ...) or at the deadline. Then each image in
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import multiprocessing
 import os
@@ -46,6 +49,7 @@ import secrets
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,11 +230,10 @@ class Run:
                         user.last[user.uids[name]] = "failed"
 
     def poll(self, user: User) -> None:
-        """GET each unfinished upload's status every POLL_SECONDS on one keep-alive session."""
-        import requests
-
-        session = requests.Session()
-        session.headers.update({"Cookie": user.headers["Cookie"], "Accept": "application/json"})
+        """GET each unfinished upload's status every POLL_SECONDS on one keep-alive connection."""
+        address = urllib.parse.urlsplit(self.status_url)
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        headers = {"Cookie": user.headers["Cookie"], "Accept": "application/json"}
         tick = time.perf_counter()
         while time.perf_counter() < self.deadline:
             with self.lock:
@@ -242,12 +245,14 @@ class Run:
                 uploading = self.tus_running > 0
                 sent = time.perf_counter()
                 try:
-                    reply = session.get(f"{self.status_url}/uploads/{uid}/status", timeout=60)
-                    status = reply.json().get("status", "?") if reply.status_code == 200 else "?"
-                    code = reply.status_code
+                    connection.request("GET", f"/uploads/{uid}/status", headers=headers)
+                    reply = connection.getresponse()
+                    body, code = reply.read(), reply.status
+                    status = json.loads(body).get("status", "?") if code == 200 else "?"
                 except Exception as exc:  # noqa: BLE001
                     user.errors.append(f"status {uid}: {exc!r}")
                     status, code = "?", 0
+                    connection.close()  # http.client opens a new connection on the next request
                 ms = (time.perf_counter() - sent) * 1000
                 user.polls.append(Poll(sent - self.started, ms, code, status, uploading))
                 if code == 200:
