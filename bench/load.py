@@ -17,8 +17,9 @@ bytes zero, then random bytes), each different. Meanwhile one poller thread per 
 does, but faster: the page waits 2 s), on a keep-alive connection, and records each latency
 (request sent to JSON read). The pollers use the standard library's http.client, as lean as a
 browser's fetch: with requests (about 1 ms of Python per GET) p95 read 10-17 ms higher on this
-saturated machine, time spent in the client and not in the portal. The peak RSS samplers run in a process of their own, so that their reads of
-/proc do not hold the GIL that the pollers wait for.
+saturated machine, time spent in the client and not in the portal. The peak RSS samplers run
+in a process of their own, so that their reads of /proc do not hold the GIL that the pollers
+wait for.
 
 The run ends when all 20 are finished (READY, FAILED, ...) or at the deadline. Then each image in
 the simulator (`GET /_sim/images`) must be active with the md5 of its source file, and there must be
