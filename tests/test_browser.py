@@ -28,8 +28,13 @@ def browser_page(monkeypatch):
     # Playwright's sync API runs an event loop in this thread; the ORM calls the live server and
     # this test make are still plain synchronous code.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    from django.db import connections
     from playwright.sync_api import sync_playwright
 
+    # Django keeps a connection per context, and the event loop brings a context of its own: a
+    # connection opened on either side of it and left open would outlive the test and keep the
+    # test database from being dropped at the end of the run. Close them on both sides.
+    connections.close_all()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
@@ -39,9 +44,13 @@ def browser_page(monkeypatch):
         errors = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-        yield page
+        try:
+            yield page
+        finally:
+            connections.close_all()
         browser.close()
-        assert errors == [], errors
+    connections.close_all()
+    assert errors == [], errors
 
 
 def screenshot(page, tmp_path, name: str) -> Path:
