@@ -209,6 +209,7 @@ def small_staging_disk(tmp_path, settings):
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     settings.STORAGES = {**settings.STORAGES, "staging": {
         "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(folder)}}}
+    settings.STAGING_FREE_RESERVE_BYTES = 0  # the whole small disk is for the test
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
 

@@ -16,14 +16,18 @@ from datetime import timedelta
 from typing import BinaryIO
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import DatabaseError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, Q, QuerySet, Sum
+from django.template.defaultfilters import filesizeformat
+from django.urls import reverse
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import crypto, inspect, staging
 from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, IamClient, ImsClient, ImsError
 from uploads.models import (
+    FINISHED,
     WORKING,
     CloudAccount,
     Status,
@@ -183,6 +187,14 @@ def _ims(token: str) -> ImsClient:
 # Receiving (tus)
 
 
+class UploadLimitReached(ServiceError):
+    """The owner already holds as many unfinished uploads (or bytes) as one person may."""
+
+
+class StagingNoRoom(ServiceError):
+    """The staging disk has too little free space for the declared size plus the reserve."""
+
+
 def upload_create(
     *,
     owner,
@@ -195,6 +207,9 @@ def upload_create(
     min_ram: int = 0,
     tags: list[str] | None = None,
 ) -> Upload:
+    """A new upload and its empty staged file, if the owner's limits and the staging disk allow
+    (UploadLimitReached, StagingNoRoom)."""
+    _check_staging_room(size)
     upload = Upload(
         owner=owner,
         size=size,
@@ -208,11 +223,55 @@ def upload_create(
         receive_expires_at=timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS),
     )
     upload.staged_name = staging.name_for(upload.uid)
-    staging.create(upload.staged_name)
     with transaction.atomic():
+        # The owner's row, locked until this commits: two creations at once are counted one
+        # after the other, so that they cannot both slip past the limits.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
+        _check_owner_limits(owner, size)
+        staging.create(upload.staged_name)
         upload.save()
         _note(upload, f"Upload started: {filename} ({size} bytes)")
     return upload
+
+
+def _human_size(n: int) -> str:
+    return filesizeformat(n).replace("\xa0", " ")
+
+
+def _check_staging_room(size: int) -> None:
+    free = staging.free_bytes()
+    if free < size + settings.STAGING_FREE_RESERVE_BYTES:
+        log.warning("staging: refused a new upload of %s bytes, %s bytes free", size, free)
+        raise StagingNoRoom(
+            f"The portal's staging disk does not have room for this file ({_human_size(size)}) "
+            "just now. Nothing was uploaded: try again later, and if it keeps happening, tell your "
+            "portal administrator."
+        )
+
+
+def _unfinished_uploads(owner) -> QuerySet:
+    """The owner's uploads that still hold a staged file and are not done with (neither ready
+    nor cancelled): failed, refused or waiting ones count, because their bytes stay on disk."""
+    return Upload.objects.filter(owner=owner, staged_deleted_at__isnull=True).exclude(status__in=FINISHED)
+
+
+def _check_owner_limits(owner, size: int) -> None:
+    held = _unfinished_uploads(owner).aggregate(count=Count("pk"), size=Sum("size"))
+    what_to_do = f"Finish or cancel some of them on My uploads ({reverse('my_uploads')}), then add this file again."
+    most = settings.UPLOAD_MAX_UNFINISHED_PER_USER
+    if held["count"] >= most:
+        raise UploadLimitReached(
+            f"You already have {held['count']} unfinished uploads (in progress, stopped or waiting for "
+            f"you), and {most} is the most one person may have at once. {what_to_do}"
+        )
+    most_bytes = settings.UPLOAD_MAX_UNFINISHED_BYTES_PER_USER
+    held_bytes = held["size"] or 0
+    if held_bytes + size > most_bytes:
+        raise UploadLimitReached(
+            f"Your unfinished uploads already take {_human_size(held_bytes)}; with this file "
+            f"({_human_size(size)}) they would pass {_human_size(most_bytes)}, the most one person "
+            f"may have at once. {what_to_do}"
+        )
 
 
 def upload_is_expired(upload: Upload) -> bool:
