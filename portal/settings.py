@@ -202,6 +202,8 @@ WHITENOISE_USE_FINDERS = DEBUG
 UPLOAD_MAX_BYTES = 128 * 1024**3 - 1  # IMS takes files under 128 GB (137438953472 bytes).
 # The disk formats the target's POST /v2/images takes; files in other formats are converted to qcow2.
 IMS_DISK_FORMATS = env_list("IMS_DISK_FORMATS", "qcow2,vhd,raw,zvhd2")
+# An unfinished browser upload expires this long after it was created (sending more bytes does
+# not push it back, so that a trickle cannot hold staging space for ever).
 TUS_UPLOAD_EXPIRY_SECONDS = int(os.environ.get("TUS_UPLOAD_EXPIRY_SECONDS", 7 * 24 * 3600))
 # What one person may hold in staging at once: unfinished uploads (neither ready nor cancelled)
 # whose staged file is still there, counted and summed by their declared sizes. Without a limit,

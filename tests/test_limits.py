@@ -194,6 +194,52 @@ def test_a_real_small_disk_refuses_a_file_that_does_not_fit(tus_client, settings
 
 
 # ---------------------------------------------------------------------------------------------
+# Expiry: counted from creation
+
+
+def test_sending_bytes_does_not_push_the_expiry_back(tus_client, settings):
+    settings.TUS_UPLOAD_EXPIRY_SECONDS = 3600
+    created = create(tus_client, length=10)
+    url, deadline = created["Location"], expires_of(created)
+    assert abs(deadline - (timezone.now() + timedelta(hours=1)).timestamp()) < 5
+    # As if it had been created 40 minutes ago (the deadline stays what creation said).
+    earlier = timezone.now() - timedelta(minutes=40)
+    Upload.objects.update(created_at=earlier, receive_expires_at=earlier + timedelta(hours=1))
+    deadline = int((earlier + timedelta(hours=1)).timestamp())
+    sent = patch(tus_client, url, b"hello", 0)
+    assert sent.status_code == 204
+    assert expires_of(sent) == deadline
+    assert expires_of(tus_client.head(url, headers=TUS)) == deadline
+    assert int(Upload.objects.get().receive_expires_at.timestamp()) == deadline
+
+
+def test_an_upload_older_than_the_expiry_expires_even_if_its_deadline_was_pushed_back(tus_client, settings,
+                                                                                      staging_dir):
+    """Rows from before the rule carry a deadline that each PATCH moved; creation caps it."""
+    settings.TUS_UPLOAD_EXPIRY_SECONDS = 3600
+    url = create(tus_client, length=10)["Location"]
+    Upload.objects.update(created_at=timezone.now() - timedelta(hours=2),
+                          receive_expires_at=timezone.now() + timedelta(days=6))
+    assert patch(tus_client, url, b"hello", 0).status_code == 410
+    upload = Upload.objects.get()
+    assert upload.status == Status.FAILED and upload.error_code == "expired"
+    assert upload.error_message == "This upload was not finished within 60 minutes of its start, so it has expired."
+    assert not (staging_dir / upload.staged_name).exists()
+
+
+def test_the_hourly_clean_up_expires_uploads_by_their_creation_time(alice, settings, staging_dir):
+    settings.TUS_UPLOAD_EXPIRY_SECONDS = 3600
+    old = services.upload_create(owner=alice, size=10, filename="o.raw", name="o", disk_format="raw")
+    young = services.upload_create(owner=alice, size=10, filename="y.raw", name="y", disk_format="raw")
+    Upload.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(hours=2),
+                                            receive_expires_at=timezone.now() + timedelta(days=6))
+    assert services.staging_cleanup() == 1
+    old.refresh_from_db(), young.refresh_from_db()
+    assert (old.status, young.status) == (Status.FAILED, Status.RECEIVING)
+    assert not (staging_dir / old.staged_name).exists() and (staging_dir / young.staged_name).exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # What the upload page shows
 
 

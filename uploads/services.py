@@ -208,7 +208,7 @@ def upload_create(
     tags: list[str] | None = None,
 ) -> Upload:
     """A new upload and its empty staged file, if the owner's limits and the staging disk allow
-    (UploadLimitReached, StagingNoRoom)."""
+    (UploadLimitReached, StagingNoRoom). It expires TUS_UPLOAD_EXPIRY_SECONDS from now."""
     _check_staging_room(size)
     upload = Upload(
         owner=owner,
@@ -274,22 +274,26 @@ def _check_owner_limits(owner, size: int) -> None:
         )
 
 
+def _receive_deadline(upload: Upload):
+    """When an unfinished upload expires: TUS_UPLOAD_EXPIRY_SECONDS after it was created. Rows
+    from before this rule may carry a later receive_expires_at (each PATCH pushed it back): the
+    creation time caps it."""
+    cap = upload.created_at + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
+    return min(upload.receive_expires_at or cap, cap)
+
+
 def upload_is_expired(upload: Upload) -> bool:
-    return (
-        upload.status == Status.RECEIVING
-        and upload.receive_expires_at is not None
-        and upload.receive_expires_at <= timezone.now()
-    )
+    return upload.status == Status.RECEIVING and _receive_deadline(upload) <= timezone.now()
 
 
 def upload_expire(*, upload: Upload) -> None:
     """An unfinished upload whose time ran out: free its staging space."""
-    hours = settings.TUS_UPLOAD_EXPIRY_SECONDS // 3600
+    allowed = _duration(timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS))
     if _move(
         upload,
         Status.FAILED,
         "The unfinished upload expired",
-        error_message=f"This upload was left unfinished for more than {hours} hours and has expired.",
+        error_message=f"This upload was not finished within {allowed} of its start, so it has expired.",
         error_hint="Upload the file again.",
         error_code="expired",
     ):
@@ -314,7 +318,9 @@ def staging_cleanup() -> int:
     """
     now = timezone.now()
     count = 0
-    for upload in Upload.objects.filter(status=Status.RECEIVING, receive_expires_at__lte=now):
+    started_before = now - timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
+    expired = Q(receive_expires_at__lte=now) | Q(created_at__lte=started_before)  # see _receive_deadline
+    for upload in Upload.objects.filter(expired, status=Status.RECEIVING):
         upload_expire(upload=upload)
         count += 1
     kept_until = now - timedelta(hours=settings.STAGING_RETENTION_HOURS)
@@ -361,9 +367,9 @@ def upload_receive(
         if checksum and hasher.digest() != checksum[1]:
             staged.truncate(offset)
             raise ChecksumMismatch()
-        expires = timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
-        Upload.objects.filter(pk=upload.pk).update(received_bytes=new_offset, receive_expires_at=expires)
-    upload.received_bytes, upload.receive_expires_at = new_offset, expires
+        # The expiry stays where creation put it: bytes that trickle in do not push it back.
+        Upload.objects.filter(pk=upload.pk).update(received_bytes=new_offset)
+    upload.received_bytes = new_offset
     if new_offset == upload.size and _move(upload, Status.RECEIVED, "All bytes received"):
         _enqueue_push(upload.pk)
     return new_offset
