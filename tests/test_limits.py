@@ -240,6 +240,91 @@ def test_the_hourly_clean_up_expires_uploads_by_their_creation_time(alice, setti
 
 
 # ---------------------------------------------------------------------------------------------
+# My uploads: paged, filtered by state, with a summary line
+
+
+def many_uploads(owner, statuses: dict[str, int]) -> None:
+    rows = [
+        Upload(owner=owner, name=f"{status}-{i}", filename=f"{status}-{i}.raw", disk_format="raw", size=MiB,
+               staged_name=f"{status}-{i}.img", status=status)
+        for status, count in statuses.items() for i in range(count)
+    ]
+    Upload.objects.bulk_create(rows)
+
+
+MIXED = {Status.RECEIVING: 40, Status.PUSHING: 10, Status.READY: 200, Status.FAILED: 30, Status.RECONNECT: 5,
+         Status.CANCELLED: 15}
+
+
+def cards(page: str) -> int:
+    return page.count("data-upload")
+
+
+def test_my_uploads_stays_small_and_cheap_with_hundreds_of_uploads(alice_client, alice, bob,
+                                                                   django_assert_max_num_queries):
+    many_uploads(alice, MIXED)
+    many_uploads(bob, {Status.FAILED: 50})
+    with django_assert_max_num_queries(10):
+        response = alice_client.get("/uploads/")
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert len(response.content) < 150_000, len(response.content)
+    assert cards(page) == 25
+    assert "300 uploads: 50 in progress, 200 ready, 30 failed, 5 reconnect needed, 15 cancelled" in page
+    assert "Page 1 of 12" in page
+    assert 'href="?page=2"' in page
+
+
+def test_the_summary_always_names_in_progress_ready_and_failed(alice_client, alice):
+    many_uploads(alice, {Status.READY: 2})
+    page = alice_client.get("/uploads/").content.decode()
+    assert "2 uploads: 0 in progress, 2 ready, 0 failed</p>" in page
+    assert "Page 1 of" not in page  # one page: no page links
+
+
+def test_my_uploads_filters_by_state_and_pages_within_the_filter(alice_client, alice):
+    many_uploads(alice, MIXED)
+    failed = alice_client.get("/uploads/?state=failed").content.decode()
+    assert cards(failed) == 25 and failed.count('data-status="failed"') >= 25
+    assert 'data-status="ready"' not in failed
+    assert 'href="?state=failed&amp;page=2"' in failed
+    rest = alice_client.get("/uploads/?state=failed&page=2").content.decode()
+    assert cards(rest) == 5
+    assert 'href="?state=failed&amp;page=1"' in rest
+    in_progress = alice_client.get("/uploads/?state=in_progress").content.decode()
+    assert in_progress.count('data-status="receiving"') and in_progress.count('data-status="pushing"')
+    assert cards(alice_client.get("/uploads/?state=in_progress&page=2").content.decode()) == 25
+    assert cards(alice_client.get("/uploads/?state=reconnect").content.decode()) == 5
+
+
+def test_a_filter_with_nothing_in_it_says_so(alice_client, alice):
+    many_uploads(alice, {Status.READY: 1})
+    page = alice_client.get("/uploads/?state=failed").content.decode()
+    assert cards(page) == 0
+    assert "Nothing to show under “Failed” right now." in page
+    assert "Show all your uploads" in page
+
+
+@pytest.mark.parametrize("query", ["?state=<script>", "?page=abc", "?page=999", "?page=-1", "?state=failed&page=0"])
+def test_odd_filters_and_page_numbers_show_a_page_rather_than_an_error(alice_client, alice, query):
+    many_uploads(alice, MIXED)
+    response = alice_client.get(f"/uploads/{query}")
+    assert response.status_code == 200
+    assert cards(response.content.decode()) > 0
+    assert "<script>" not in response.content.decode().split("</header>", 1)[1]
+
+
+def test_unfinished_uploads_on_the_page_keep_their_live_status(alice_client, alice):
+    """progress.js polls the uploads of the page shown: each unfinished one carries its status URL."""
+    many_uploads(alice, {Status.READY: 30, Status.RECEIVING: 3})
+    page = alice_client.get("/uploads/").content.decode()
+    assert page.count("data-status-url=") == 3
+    assert "js/progress.js" in page
+    older = alice_client.get("/uploads/?page=2").content.decode()
+    assert older.count("data-status-url=") == 0 and cards(older) == 8
+
+
+# ---------------------------------------------------------------------------------------------
 # What the upload page shows
 
 
