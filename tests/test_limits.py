@@ -353,27 +353,42 @@ def browser_page(monkeypatch):
     assert script_errors == []
 
 
-@pytest.mark.browser
-@pytest.mark.slow
-def test_the_upload_page_shows_why_a_new_upload_was_refused(live_server, alice_with_token, settings, browser_page,
-                                                            tmp_path):
+def refused_on_the_upload_page(page, url: str, tmp_path) -> str:
+    """Sign alice in, add a file, press Upload: what the page says went wrong."""
     from tests.test_browser import qcow2_file
 
-    settings.UPLOAD_MAX_UNFINISHED_PER_USER = 1
-    row(alice_with_token)
-    page = browser_page
     page.set_default_timeout(30_000)
-    page.goto(f"{live_server.url}/")
+    page.goto(f"{url}/")
     page.fill("#id_username", "alice")
     page.fill("#id_password", "alice-pw-1234")
     page.click("button[type=submit]")
-    page.goto(f"{live_server.url}/upload/")
+    page.goto(f"{url}/upload/")
     page.locator(".uppy-Dashboard-input").first.set_input_files(str(qcow2_file(tmp_path)))
     page.locator(".uppy-Dashboard-FileCard").get_by_text("Save details").click()
     page.click(".uppy-StatusBar-actionBtn--upload")
     problems = page.locator("#upload-problems")
-    problems.wait_for(state="visible")
-    assert "You already have 1 unfinished uploads" in problems.inner_text()
-    assert "Finish or cancel some of them on My uploads" in problems.inner_text()
-    assert page.locator("#upload-retrying").is_hidden()  # not sent again and again
+    problems.wait_for(state="visible", timeout=10_000)  # at once: not after minutes of retries
+    assert page.locator("#upload-retrying").is_hidden()
+    return problems.inner_text()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_upload_page_shows_why_a_new_upload_was_refused(live_server, alice_with_token, settings, browser_page,
+                                                            tmp_path):
+    settings.UPLOAD_MAX_UNFINISHED_PER_USER = 1
+    row(alice_with_token)
+    said = refused_on_the_upload_page(browser_page, live_server.url, tmp_path)
+    assert "You already have 1 unfinished uploads" in said
+    assert "Finish or cancel some of them on My uploads" in said
     assert Upload.objects.count() == 1
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_upload_page_says_at_once_when_the_staging_disk_has_no_room(live_server, alice_with_token, monkeypatch,
+                                                                        browser_page, tmp_path):
+    monkeypatch.setattr(staging, "free_bytes", lambda: 0)  # the live server runs in this process
+    said = refused_on_the_upload_page(browser_page, live_server.url, tmp_path)
+    assert "The portal's staging disk does not have room for this file" in said
+    assert not Upload.objects.exists()

@@ -292,6 +292,7 @@
     headers: function () { return { 'X-CSRFToken': csrfToken() } },
     // Tus decides whether to try again (network trouble, 5xx, 409, 423); we only say so.
     onShouldRetry: function (error, attempt, options, next) {
+      if (noRoomForNewUpload(error)) return false
       var again = next(error)
       if (again) retryingNote.hidden = false
       return again
@@ -326,6 +327,14 @@
     var req = error && error.originalRequest
     var res = error && error.originalResponse
     return !!(req && res && req.getMethod && req.getMethod() === 'POST' && res.getStatus() === 400)
+  }
+
+  // True when the server has no room for a new file just now (507 to the creation request): its
+  // message says to try later, and asking again within the minute would only repeat it.
+  function noRoomForNewUpload (error) {
+    var req = error && error.originalRequest
+    var res = error && error.originalResponse
+    return !!(req && res && req.getMethod && req.getMethod() === 'POST' && res.getStatus() === 507)
   }
 
   uppy.on('upload-error', function (file, error, response) {
