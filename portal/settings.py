@@ -189,7 +189,8 @@ STATICFILES_DIRS = [
 ]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    # Hashed names (css/portal.<hash>.css): nginx and whitenoise let browsers keep them a year.
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
     # Where uploaded bytes wait between the browser and IMS (a folder on local disk).
     "staging": {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
