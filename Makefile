@@ -54,8 +54,7 @@ $(NPM_STAMP): package.json $(wildcard package-lock.json)
 	 else npm install --no-audit --no-fund --no-package-lock --loglevel=error; fi
 	@touch $@
 
-# settings.py names the static storage (hashed file names): a change there collects again.
-$(STATIC_STAMP): $(PIP_STAMP) $(NPM_STAMP) $(STATIC_SOURCES) portal/settings.py
+$(STATIC_STAMP): $(PIP_STAMP) $(NPM_STAMP) $(STATIC_SOURCES)
 	@echo "setup: collecting static files"
 	@$(PY) manage.py collectstatic --noinput --clear -v 0
 	@touch $@

@@ -189,8 +189,7 @@ STATICFILES_DIRS = [
 ]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    # Hashed names (css/portal.<hash>.css): nginx and whitenoise let browsers keep them a year.
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
     # Where uploaded bytes wait between the browser and IMS (a folder on local disk).
     "staging": {
         "BACKEND": "django.core.files.storage.FileSystemStorage",

@@ -17,6 +17,7 @@ Usage: `from tests.nginx_fixture import nginx_stack  # noqa: F401` in a test mod
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,9 @@ class NginxStack:
         self.logs.mkdir()
         self.staging = folder / "staging"
         self.staging.mkdir()
+        # A copy of the collected static files, which a test may add to.
+        self.static_root = folder / "static"
+        shutil.copytree(django_settings.STATIC_ROOT, self.static_root)
         http_port, https_port, redis_port, sim_port = (free_port() for _ in range(4))
         self.url = f"https://127.0.0.1:{https_port}"
         self.http_url = f"http://127.0.0.1:{http_port}"
@@ -102,7 +106,7 @@ class NginxStack:
             "TLS_CERTIFICATE_KEY": str(key),
             "WEB_SERVERS": render.server_lines([process.address for process in self.web]),
             "INGEST_SERVERS": render.server_lines([process.address for process in self.ingest]),
-            "STATIC_ROOT": str(django_settings.STATIC_ROOT),
+            "STATIC_ROOT": str(self.static_root),
             "CLIENT_BODY_TIMEOUT": f"{CLIENT_BODY_TIMEOUT_SECONDS}s",
             "HSTS_SECONDS": "3600",
         })

@@ -220,6 +220,23 @@ def test_https_only_redirects_secure_cookies_and_hsts_over_real_tls(stack, clien
     assert spoofed.status_code == 200
 
 
+def long_cache_for(asset: str) -> str:
+    """A name with its content's hash (portal.0123456789ab.css) never changes: a year. Any other
+    may change with a release: an hour, so that pages and their scripts never disagree for long."""
+    if re.search(r"\.[0-9a-f]{12}\.[A-Za-z0-9]+$", asset):
+        return "public, max-age=31536000, immutable"
+    return "public, max-age=3600"
+
+
+def test_long_cache_headers_only_for_names_that_change_with_their_content(stack):
+    css = stack.static_root / "css"
+    (css / "portal.0123456789ab.css").write_bytes((css / "portal.css").read_bytes())  # a hashed name
+    for asset in ("css/portal.css", "css/portal.0123456789ab.css", "vendor/uppy/uppy.min.js"):
+        static = requests.get(f"{stack.url}/static/{asset}", timeout=10)
+        assert static.status_code == 200, asset
+        assert static.headers["Cache-Control"] == long_cache_for(asset), asset
+
+
 def test_pages_keep_the_portals_security_headers_and_static_files_get_them_from_nginx(stack, client):
     page = requests.get(f"{stack.url}/accounts/login/", timeout=10)
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
@@ -234,8 +251,7 @@ def test_pages_keep_the_portals_security_headers_and_static_files_get_them_from_
         assert static.status_code == 200, asset
         for name in SECURITY_HEADERS:
             assert static.headers.get(name) == page.headers[name], (asset, name)
-        # The pages name static files by their content's hash: browsers keep them a year.
-        assert static.headers["Cache-Control"] == "public, max-age=31536000, immutable", asset
+        assert static.headers["Cache-Control"] == long_cache_for(asset), asset
     assert not any(served(process, "GET", assets[0]) for process in stack.web), "static went to gunicorn"
 
 
