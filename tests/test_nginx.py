@@ -267,3 +267,15 @@ def test_sign_in_attempts_beyond_the_burst_get_a_429_in_plain_words(stack):
     assert refused.headers["Retry-After"] == "60"
     # Only POSTs count: the sign-in page itself still opens.
     assert requests.get(f"{stack.url}/accounts/login/", timeout=10).status_code == 200
+
+
+def test_upload_creations_beyond_the_burst_get_a_429_and_other_tus_requests_do_not_count(stack, client):
+    """Last in this module too: it uses up 127.0.0.1's upload-creation allowance for a while."""
+    tus = {"Tus-Resumable": "1.0.0", "Upload-Length": "1", "Origin": stack.url}
+    session = requests.Session()
+    for _ in range(60):  # HEADs and OPTIONS of uploads are not creations
+        assert session.options(f"{stack.url}/tus/", headers=tus, timeout=10).status_code == 204
+    # Unsigned-in creations are refused by the portal, but nginx counts them all the same.
+    statuses = [session.post(f"{stack.url}/tus/", headers=tus, timeout=10).status_code for _ in range(60)]
+    assert statuses[0] == 403 and 429 in statuses, statuses
+    assert statuses.count(403) >= 50  # the burst
