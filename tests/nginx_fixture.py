@@ -35,6 +35,7 @@ from tools.prodserver import gunicorn_argv
 
 PYTHON = sys.executable
 CLIENT_BODY_TIMEOUT_SECONDS = 2
+THREADS_PER_PROCESS = 4
 
 
 def answers(url: str) -> bool:
@@ -116,9 +117,10 @@ class NginxStack:
     def _gunicorn(self, pool: str, number: int) -> Process:
         """One process of a pool: a gunicorn with one worker, so that requests that nginx sends to
         `web` or `ingest` in turn are served by two processes that share nothing but the database
-        and the staging folder."""
+        and the staging folder; with a few threads, so that a few slow uploads fill the pool."""
         port = free_port()
-        process = Process(f"{pool}{number}", gunicorn_argv(pool, f"127.0.0.1:{port}", workers=1), self.env,
+        argv = gunicorn_argv(pool, f"127.0.0.1:{port}", workers=1, threads=THREADS_PER_PROCESS)
+        process = Process(f"{pool}{number}", argv, self.env,
                           self.logs / f"{pool}{number}.log", lambda p: answers(f"http://127.0.0.1:{port}/accounts/login/"))
         process.address = f"127.0.0.1:{port}"
         return process

@@ -9,6 +9,7 @@ import hashlib
 import re
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -19,7 +20,8 @@ from django.conf import settings as django_settings
 from tusclient.client import TusClient
 
 from tests.conftest import CSRF_SECRET, connect_cloud, make_image, wait_for
-from tests.nginx_fixture import CLIENT_BODY_TIMEOUT_SECONDS, NginxStack, nginx_stack  # noqa: F401
+from tests.nginx_fixture import (  # noqa: F401  (nginx_stack: a fixture)
+    CLIENT_BODY_TIMEOUT_SECONDS, THREADS_PER_PROCESS, NginxStack, nginx_stack)
 from uploads.models import Status, Upload
 
 pytestmark = [pytest.mark.nginx, pytest.mark.e2e, pytest.mark.slow]
@@ -151,6 +153,17 @@ def tls_connection(stack: NginxStack) -> ssl.SSLSocket:
     return context.wrap_socket(raw, server_hostname=address.hostname)
 
 
+def start_patch(stack: NginxStack, client, resource: str, length: int) -> ssl.SSLSocket:
+    """A PATCH from offset 0 whose headers are sent, and none of its `length` bytes yet."""
+    headers = {**signed_in_headers(stack, client), "Host": urlsplit(stack.url).netloc, "Tus-Resumable": "1.0.0",
+               "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
+               "Content-Length": str(length)}
+    connection = tls_connection(stack)
+    connection.sendall(f"PATCH {resource} HTTP/1.1\r\n".encode()
+                       + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
+    return connection
+
+
 def test_a_client_that_stalls_mid_body_is_cut_by_nginx_and_the_upload_resumes_from_what_arrived(
     stack, client, tmp_path
 ):
@@ -162,12 +175,7 @@ def test_a_client_that_stalls_mid_body_is_cut_by_nginx_and_the_upload_resumes_fr
     resource = urlsplit(first.url).path
 
     # A PATCH that announces 5 MiB, sends 2 MiB and goes quiet.
-    headers = {**signed_in_headers(stack, client), "Host": urlsplit(stack.url).netloc, "Tus-Resumable": "1.0.0",
-               "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
-               "Content-Length": str(5 * MiB)}
-    stalled = tls_connection(stack)
-    stalled.sendall(f"PATCH {resource} HTTP/1.1\r\n".encode()
-                    + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
+    stalled = start_patch(stack, client, resource, 5 * MiB)
     stalled.sendall(data[: 2 * MiB])
     went_quiet = time.monotonic()
 
@@ -191,6 +199,44 @@ def test_a_client_that_stalls_mid_body_is_cut_by_nginx_and_the_upload_resumes_fr
     assert (stack.staging / upload.staged_name).read_bytes() == data[:offset]
     again.upload()
     assert_ready_with_the_same_bytes(stack, wait_done(stack, upload), path)
+
+
+def test_pages_and_the_live_status_answer_while_slow_uploads_hold_every_ingest_thread(stack, client, tmp_path):
+    path = make_image(tmp_path / "slow.raw", MiB)
+    uploaders = [uploader(stack, client, path) for _ in range(THREADS_PER_PROCESS * len(stack.ingest) + 2)]
+    for tus_uploader in uploaders:
+        tus_uploader.set_url(tus_uploader.create_url())
+    slow = [start_patch(stack, client, urlsplit(u.url).path, MiB) for u in uploaders]
+    stop = threading.Event()
+
+    def trickle():  # a byte each on every connection, often enough that nginx never cuts them
+        while not stop.wait(CLIENT_BODY_TIMEOUT_SECONDS / 4):
+            for connection in slow:
+                connection.sendall(b"\0")
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        def ingest_is_full() -> bool:
+            try:
+                requests.head(uploaders[0].url, headers={**signed_in_headers(stack, client), "Tus-Resumable": "1.0.0"},
+                              timeout=1)
+            except requests.Timeout:
+                return True
+            return False
+
+        wait_for(ingest_is_full, timeout=20, interval=0.1, what="the slow uploads to hold every ingest thread")
+        page = requests.Session()
+        page.headers.update(signed_in_headers(stack, client))
+        for url in (f"{stack.url}/uploads/{upload_of(uploaders[0]).uid}/status", f"{stack.url}/uploads/"):
+            started = time.monotonic()
+            assert page.get(url, timeout=10).status_code == 200
+            assert time.monotonic() - started < 1, f"{url} waited behind the uploads"
+    finally:
+        stop.set()
+        trickler.join(timeout=5)
+        for connection in slow:
+            connection.close()
 
 
 def test_https_only_redirects_secure_cookies_and_hsts_over_real_tls(stack, client, alice):
@@ -278,4 +324,4 @@ def test_upload_creations_beyond_the_burst_get_a_429_and_other_tus_requests_do_n
     # Unsigned-in creations are refused by the portal, but nginx counts them all the same.
     statuses = [session.post(f"{stack.url}/tus/", headers=tus, timeout=10).status_code for _ in range(60)]
     assert statuses[0] == 403 and 429 in statuses, statuses
-    assert statuses.count(403) >= 50  # the burst
+    assert statuses.count(403) >= 30  # the burst, less what this module's uploads have used

@@ -27,12 +27,14 @@ from tools.devserver import BIN, PYTHON, VAR, Devserver, Failed, Interrupted, po
 PROD = VAR / "prod"
 
 
-def gunicorn_argv(pool: str, bind: str, *, workers: int | None = None) -> list[str]:
+def gunicorn_argv(pool: str, bind: str, *, workers: int | None = None, threads: int | None = None) -> list[str]:
     """One gunicorn of the `web` or `ingest` pool: the same project and config, its own name
-    (shown by ps) and address. Without `workers`, gunicorn.conf.py's count."""
+    (shown by ps) and address. Without `workers` and `threads`, gunicorn.conf.py's counts."""
     argv = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--name", f"ims-portal-{pool}", "--bind", bind]
     if workers is not None:
         argv += ["--workers", str(workers)]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
     return [*argv, "portal.wsgi:application"]
 
 
