@@ -120,8 +120,8 @@ class NginxStack:
         and the staging folder; with a few threads, so that a few slow uploads fill the pool."""
         port = free_port()
         argv = gunicorn_argv(pool, f"127.0.0.1:{port}", workers=1, threads=THREADS_PER_PROCESS)
-        process = Process(f"{pool}{number}", argv, self.env,
-                          self.logs / f"{pool}{number}.log", lambda p: answers(f"http://127.0.0.1:{port}/accounts/login/"))
+        process = Process(f"{pool}{number}", argv, self.env, self.logs / f"{pool}{number}.log",
+                          lambda p: answers(f"http://127.0.0.1:{port}/accounts/login/"))
         process.address = f"127.0.0.1:{port}"
         return process
 
