@@ -289,6 +289,7 @@ def test_it_records_every_check_it_ran(corpus):
         "backing_file": "passed",
         "data_file": "passed",
         "unknown_features": "passed",
+        "qcow2_header": "passed",
         "format_matches": "passed",
         "virtual_size": "passed",
         "qemu_img_info": "passed",
