@@ -614,7 +614,7 @@ def vmdk_descriptor_problem(data: bytes, capacity: int) -> Problem | None:
     for line in (raw.strip() for raw in text.split("\n")):  # strip() also takes CR and tabs
         if not line or line.startswith("#"):
             continue
-        if not line.isprintable():
+        if not line.replace("\t", " ").isprintable():
             return _unsafe(f"VMDK descriptor line with control characters: {line[:200]!r}")
         field = _VMDK_FIELD.fullmatch(line)
         if field is None:
