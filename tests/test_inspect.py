@@ -616,6 +616,7 @@ def test_qemu_img_stopped_by_its_cpu_limit_is_a_refusal(tmp_path):
     fake.write_text("#!/bin/sh\nwhile :; do :; done\n")
     fake.chmod(0o755)
     limits = inspect.Limits(cpu_seconds=1, address_space=GiB, timeout=30)
+    (tmp_path / "any").write_bytes(bytes(512))
 
     with pytest.raises(inspect.QemuImgFailed) as caught:
         inspect.qemu_img_info(tmp_path / "any", "raw", qemu_img=str(fake), limits=limits)
@@ -892,6 +893,111 @@ def test_qemu_img_catches_a_pointer_our_checks_missed_without_following_it(tmp_p
     assert result.problem.code == "backing_file"
     assert result.checks["qemu_img_info"].startswith("failed: qemu-img reports backing-filename")
     assert "qemu_img_check" not in result.checks
+
+
+# ---------------------------------------------------------------------------------------------
+# qemu-img runs alone with the file: a relative name in it finds nothing next to the staged file
+
+
+def test_qemu_img_runs_in_a_private_folder_holding_only_the_file(tmp_path):
+    fake = tmp_path / "qemu-img"  # reports where it ran, what it saw there, and the file it got
+    fake.write_text(
+        "#!/bin/sh\nfor last; do :; done\n"
+        """printf '{"format": "raw", "cwd": "%s", "seen": "%s", "file": "%s"}' "$PWD" "$(ls -A)" "$last"\n"""
+    )
+    fake.chmod(0o755)
+    staged = tmp_path / "uploads" / "upload.img"
+    staged.parent.mkdir()
+    staged.write_bytes(bytes(4096))
+    (staged.parent / "someone-elses-upload.img").write_bytes(b"theirs")
+
+    info = inspect.qemu_img_info(staged, "raw", qemu_img=str(fake))
+
+    assert info["seen"] == "disk"
+    assert info["file"] == f"{info['cwd']}/disk"
+    assert Path(info["cwd"]).parent == staged.parent  # same file system: a hard link, no copy
+    assert sorted(p.name for p in staged.parent.iterdir()) == ["someone-elses-upload.img", "upload.img"]
+
+
+def test_without_hard_links_qemu_img_gets_a_descriptor_in_an_empty_folder(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError("no hard links here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    fake = tmp_path / "qemu-img"
+    fake.write_text(
+        "#!/bin/sh\nfor last; do :; done\n"
+        """printf '{"format": "raw", "seen": "%s", "size": "%s"}' "$(ls -A)" "$(wc -c < "$last")"\n"""
+    )
+    fake.chmod(0o755)
+    staged = tmp_path / "upload.img"
+    staged.write_bytes(bytes(4096))
+
+    info = inspect.qemu_img_info(staged, "raw", qemu_img=str(fake))
+
+    assert (info["seen"], info["size"].strip()) == ("", "4096")
+
+
+def run_in_time(function, watch: FifoWatch, *, seconds: float = 20):
+    """Run function() in a thread: a reader blocked on the pipe would make this time out."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(function)
+        try:
+            return future.exception(timeout=seconds), watch.release()
+        finally:
+            watch.release()
+
+
+def unchecked_neighbour_pointer(kind: str, staging: Path) -> tuple[Path, str]:
+    """A staged image naming "neighbour" (relative: the file next to it), which our checks would
+    refuse; the tests below hand it to qemu-img directly, as if a check had been missed."""
+    image = staging / f"{kind}.img"
+    if kind == "vmdk-text-extent":
+        image.write_bytes(vmdk_descriptor('RW 2048 FLAT "neighbour" 0', create_type="monolithicFlat"))
+        return image, "vmdk"
+    if kind == "qcow2-backing":
+        qemu_img("create", "-f", "qcow2", "-u", "-b", "neighbour", "-F", "raw", str(image), "64M")
+        return image, "qcow2"
+    raise ValueError(kind)
+
+
+QEMU_IMG_RUNS = {
+    "info": lambda image, fmt: inspect.qemu_img_info(image, fmt),
+    "check": lambda image, fmt: inspect._run_qemu_check(
+        str(image), fmt, qemu_img="qemu-img", limits=inspect.INFO_LIMITS),
+    "convert": lambda image, fmt: convert_to_qcow2(
+        image, image.with_suffix(".qcow2"), src_format=fmt, virtual_size=DISK_SIZE),
+}
+
+
+@pytest.mark.parametrize("kind", ["vmdk-text-extent", "qcow2-backing"])
+@pytest.mark.parametrize("run", list(QEMU_IMG_RUNS))
+def test_qemu_img_never_reaches_a_file_next_to_the_staged_one(tmp_path, kind, run):
+    staging = tmp_path / "uploads"
+    staging.mkdir()
+    image, fmt = unchecked_neighbour_pointer(kind, staging)
+    watch = FifoWatch(staging / "neighbour")  # another upload, as the relative name finds it
+
+    _, opened = run_in_time(lambda: QEMU_IMG_RUNS[run](image, fmt), watch)
+
+    assert not opened, f"qemu-img {run} opened the file next to the staged one"
+    assert sorted(p.name for p in staging.iterdir()) == sorted([image.name, "neighbour"])
+
+
+def test_a_missed_check_still_leaves_qemu_img_nothing_to_follow(tmp_path, monkeypatch):
+    monkeypatch.setattr(inspect, "_check_safety", lambda *args: None)  # every check of ours missed
+    image, fmt = unchecked_neighbour_pointer("vmdk-text-extent", tmp_path)
+    watch = FifoWatch(tmp_path / "neighbour")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(inspect_file, image, declared_format=fmt)
+        try:
+            result = future.result(timeout=20)
+        finally:
+            opened = watch.release()
+
+    assert not opened
+    assert result.problem is not None and "qemu_img_check" not in result.checks
 
 
 # ---------------------------------------------------------------------------------------------

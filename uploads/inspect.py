@@ -36,6 +36,7 @@ differently:
     zvhd2   format that cannot be a ZVHD (such as QCOW2)
 """
 
+import contextlib
 import json
 import os
 import re
@@ -43,7 +44,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -929,8 +930,9 @@ def _judge_qemu_info(info: dict, fmt: str) -> Problem | None:
 
 def _run_qemu_check(path: str, fmt: str, *, qemu_img: str, limits: Limits) -> Problem | None:
     """`qemu-img check` reads the format's tables and finds data that points past the end."""
-    cmd = [qemu_img, "check", "-f", QEMU_DRIVERS[fmt], "--force-share", "--output=json", path]
-    proc = _run_limited(cmd, limits)
+    with _alone(path) as alone:
+        cmd = [qemu_img, "check", "-f", QEMU_DRIVERS[fmt], "--force-share", "--output=json", alone.path]
+        proc = _run_limited(cmd, limits, alone)
     # 0: clean; 3: only leaked clusters (wasted space, harmless); 63: check not supported.
     if proc.returncode in (0, 3, 63):
         return None
@@ -942,6 +944,47 @@ def _says_truncated(message: str) -> bool:
     """qemu-img's words for data that points past the end of the file."""
     message = message.lower()
     return any(w in message for w in ("end of the file", "end of file", "truncated", "beyond eof"))
+
+
+# ---------------------------------------------------------------------------------------------
+# qemu-img alone with the file
+
+
+@dataclass(frozen=True)
+class _Alone:
+    """Where qemu-img runs: `folder` (its working directory) holds nothing but the file."""
+
+    folder: str
+    path: str  # the file, as qemu-img is to name it
+    pass_fds: tuple[int, ...] = ()
+
+
+@contextlib.contextmanager
+def _alone(path: str | os.PathLike) -> Iterator[_Alone]:
+    """A fresh private folder beside the file, holding only a hard link to it named "disk".
+
+    qemu-img resolves a relative name in an image (a backing file, an extent) against the
+    image's own folder: next to a staged file, that is other people's uploads. Here it finds
+    nothing, even if our checks missed the name. Where hard links are not possible, qemu-img
+    gets the file as /proc/self/fd/N of a descriptor it inherits, and the folder stays empty.
+    The folder is removed afterwards, with anything qemu-img left in it.
+    """
+    path = os.path.abspath(path)
+    folder = tempfile.mkdtemp(prefix=".qemu-img-", dir=os.path.dirname(path))
+    try:
+        link = os.path.join(folder, "disk")
+        try:
+            os.link(path, link)
+            linked = True
+        except OSError:  # a file system without hard links (or not ours to link)
+            linked = False
+        if linked:
+            yield _Alone(folder, link)
+        else:
+            with open(path, "rb") as f:
+                yield _Alone(folder, f"/proc/self/fd/{f.fileno()}", (f.fileno(),))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -959,14 +1002,16 @@ def _limited(cmd: list[str], limits: Limits) -> list[str]:
                 hint="Ask an administrator: qemu-img (Debian's qemu-utils) and prlimit must be installed.",
                 detail=f"{program} not found", permanent=True,
             )
-    return ["prlimit", f"--cpu={limits.cpu_seconds}", f"--as={limits.address_space}", "--", *cmd]
+    program = os.path.abspath(shutil.which(cmd[0]))  # it runs in another working directory
+    return ["prlimit", f"--cpu={limits.cpu_seconds}", f"--as={limits.address_space}", "--", program, *cmd[1:]]
 
 
-def _run_limited(cmd: list[str], limits: Limits) -> subprocess.CompletedProcess:
+def _run_limited(cmd: list[str], limits: Limits, alone: _Alone) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
             _limited(cmd, limits), capture_output=True, text=True, errors="replace",
             timeout=limits.timeout, env=_qemu_env(), stdin=subprocess.DEVNULL,
+            cwd=alone.folder, pass_fds=alone.pass_fds,
         )
     except subprocess.TimeoutExpired:
         raise InspectError(
@@ -995,10 +1040,12 @@ def qemu_img_info(
     """`qemu-img info -f <driver> --output=json --force-share` under limits; fmt is a portal name.
 
     The format is always forced: letting qemu-img guess is what made backing-file attacks possible.
-    qemu-img info does not open backing files. Raises QemuImgFailed when it refuses the file.
+    qemu-img info does not open backing files, and runs alone with the file (_alone).
+    Raises QemuImgFailed when it refuses the file.
     """
-    cmd = [qemu_img, "info", "-f", QEMU_DRIVERS[fmt], "--output=json", "--force-share", os.fspath(path)]
-    proc = _run_limited(cmd, limits)
+    with _alone(path) as alone:
+        cmd = [qemu_img, "info", "-f", QEMU_DRIVERS[fmt], "--output=json", "--force-share", alone.path]
+        proc = _run_limited(cmd, limits, alone)
     if proc.returncode != 0:
         raise QemuImgFailed(
             "qemu-img could not read the file.",
@@ -1027,7 +1074,7 @@ def convert_to_qcow2(
     limits: Limits = CONVERT_LIMITS,
     on_progress: Callable[[float], None] | None = None,
 ) -> None:
-    """Convert an inspected, safe file to QCOW2 at dst (removed again if anything fails).
+    """Convert an inspected, safe file to QCOW2 at dst (only there once it is complete).
 
     Only call this for a file inspect_file() passed: the source format is forced, never guessed.
     on_progress(percent) is called as qemu-img reports progress (0.0 .. 100.0).
@@ -1036,18 +1083,21 @@ def convert_to_qcow2(
     if src_format in PASS_THROUGH_FORMATS or src_format not in QEMU_DRIVERS:
         raise ValueError(f"qemu-img cannot convert {src_format!r}")
     dst = os.fspath(dst)
-    _check_free_space(os.path.dirname(os.path.abspath(dst)), virtual_size)
-    cmd = [
-        qemu_img, "convert", "-p", "--force-share", "-f", QEMU_DRIVERS[src_format],
-        "-O", "qcow2", "-o", "compat=1.1", os.fspath(src), dst,
-    ]
-    try:
-        returncode, stderr = _run_with_progress(cmd, limits, on_progress)
-    except BaseException:
-        _remove(dst)
-        raise
+    _remove(dst)
+    with _alone(src) as alone:  # the QCOW2 is written in the private folder too, then moved
+        _check_free_space(alone.folder, virtual_size)
+        cmd = [
+            qemu_img, "convert", "-p", "--force-share", "-f", QEMU_DRIVERS[src_format],
+            "-O", "qcow2", "-o", "compat=1.1", alone.path, "converted.qcow2",
+        ]
+        returncode, stderr = _run_with_progress(cmd, limits, on_progress, alone)
+        if returncode == 0:
+            try:
+                shutil.move(os.path.join(alone.folder, "converted.qcow2"), dst)
+            except BaseException:
+                _remove(dst)  # a copy to another file system stopped half-way
+                raise
     if returncode != 0:
-        _remove(dst)
         if "no space left" in stderr.lower():
             raise InspectError(
                 "The server ran out of disk space while converting the image.",
@@ -1074,13 +1124,14 @@ def _check_free_space(folder: str, virtual_size: int) -> None:
         )
 
 
-def _run_with_progress(cmd: list[str], limits: Limits, on_progress) -> tuple[int, str]:
+def _run_with_progress(cmd: list[str], limits: Limits, on_progress, alone: _Alone) -> tuple[int, str]:
     """Run qemu-img -p under limits, passing each "(12.34/100%)" it prints to on_progress."""
     limited = _limited(cmd, limits)
     # stderr goes to a file: a pipe nobody reads while we follow stdout could fill and stall.
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
-            limited, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, env=_qemu_env()
+            limited, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, env=_qemu_env(),
+            cwd=alone.folder, pass_fds=alone.pass_fds,
         )
         try:
             _follow_progress(proc.stdout, on_progress)
