@@ -7,6 +7,7 @@ declared it; the test knows the format or the refusal it must get. No database n
 """
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
@@ -936,6 +937,30 @@ def test_without_hard_links_qemu_img_gets_a_descriptor_in_an_empty_folder(tmp_pa
     info = inspect.qemu_img_info(staged, "raw", qemu_img=str(fake))
 
     assert (info["seen"], info["size"].strip()) == ("", "4096")
+
+
+def test_private_folders_left_by_a_killed_run_are_removed_and_live_ones_kept(tmp_path):
+    staged = tmp_path / "upload.img"
+    staged.write_bytes(bytes(4096))
+    folders = {}
+    for state in ("abandoned", "in-use", "just-made"):
+        folders[state] = tmp_path / f"{inspect.PRIVATE_PREFIX}{state}"
+        folders[state].mkdir()
+        os.link(staged, folders[state] / "disk")  # what a worker killed mid-run leaves
+        (folders[state] / "converted.qcow2").write_bytes(b"half a conversion")
+    for state in ("abandoned", "in-use"):
+        os.utime(folders[state], (time.time() - 3600,) * 2)
+    lock = os.open(folders["in-use"], os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # its run is still going
+    try:
+        inspect.qemu_img_info(staged, "raw")
+    finally:
+        os.close(lock)
+
+    assert not folders["abandoned"].exists()
+    assert folders["in-use"].exists() and folders["just-made"].exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(inspect.PRIVATE_PREFIX)
+                and p not in folders.values()]  # its own folder is gone too
 
 
 def run_in_time(function, watch: FifoWatch, *, seconds: float = 20):

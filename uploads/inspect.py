@@ -37,6 +37,7 @@ differently:
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -44,6 +45,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -959,6 +961,10 @@ class _Alone:
     pass_fds: tuple[int, ...] = ()
 
 
+PRIVATE_PREFIX = ".qemu-img-"
+ABANDONED_AFTER_SECONDS = 60  # a new private folder is locked within microseconds
+
+
 @contextlib.contextmanager
 def _alone(path: str | os.PathLike) -> Iterator[_Alone]:
     """A fresh private folder beside the file, holding only a hard link to it named "disk".
@@ -970,8 +976,11 @@ def _alone(path: str | os.PathLike) -> Iterator[_Alone]:
     The folder is removed afterwards, with anything qemu-img left in it.
     """
     path = os.path.abspath(path)
-    folder = tempfile.mkdtemp(prefix=".qemu-img-", dir=os.path.dirname(path))
+    _remove_abandoned(os.path.dirname(path))
+    folder = tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=os.path.dirname(path))
+    lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while in use: see _remove_abandoned
         link = os.path.join(folder, "disk")
         try:
             os.link(path, link)
@@ -985,6 +994,30 @@ def _alone(path: str | os.PathLike) -> Iterator[_Alone]:
                 yield _Alone(folder, f"/proc/self/fd/{f.fileno()}", (f.fileno(),))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
+
+
+def _remove_abandoned(parent: str) -> None:
+    """Remove the private folders of processes that died in a run (a worker killed mid-way):
+    each holds a link to a staged file and perhaps half a conversion. A folder in use is locked
+    (flock: the kernel releases it when its process dies, in any container on this disk)."""
+    now = time.time()
+    for entry in os.scandir(parent):
+        if not entry.name.startswith(PRIVATE_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < ABANDONED_AFTER_SECONDS:
+                continue  # perhaps created a moment ago and not locked yet
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue  # removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except BlockingIOError:
+            pass  # in use
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
