@@ -220,6 +220,9 @@ def make_references(d: Path) -> None:
     for name, (descriptor, _) in VMDK_DESCRIPTORS.items():
         replace_embedded_descriptor(d / "sparse.vmdk", d / name, descriptor.encode())
     replace_embedded_descriptor(d / "sparse.vmdk", d / "vmware-style.vmdk", GOOD_VMDK_DESCRIPTOR.encode())
+    # A descriptor area of 2 MiB: past what the inspector reads, text could hide.
+    (d / "huge-descriptor.vmdk").write_bytes((d / "sparse.vmdk").read_bytes().ljust(3 * MiB, b"\x00"))
+    patch(d / "huge-descriptor.vmdk", 36, struct.pack("<Q", 4096))
     passwd = ["-u", "-b", "/etc/passwd", "-F", "raw"]
     qemu_img("create", "-f", "qcow", *passwd, str(d / "backing-passwd.qcow"), str(DISK_SIZE))
     qemu_img("create", "-f", "qcow2", "-u", "-b", "neighbour.raw", "-F", "raw",
@@ -357,6 +360,7 @@ REFERENCES = [
     *[Sample(name, "vmdk", "vmdk", code) for name, (_, code) in VMDK_DESCRIPTORS.items()],
     Sample("extent-shadow-sparse.vmdk", "vmdk", "vmdk", "data_file"),
     Sample("parent-hint.vmdk", "vmdk", "vmdk", "backing_file"),
+    Sample("huge-descriptor.vmdk", "vmdk", "vmdk", "unsafe"),
     Sample("backing-passwd.qcow", "qcow", "qcow", "backing_file"),
     Sample("backing-passwd.qcow2", "qcow2", "qcow2", "backing_file"),
     Sample("backing-relative.qcow2", "qcow2", "qcow2", "backing_file"),

@@ -5,8 +5,10 @@ caller passes settings in. Three steps, each cheap and each reading only what it
 
 1. `inspect_file()` reads the first few hundred KiB (and the last 512 bytes) with OpenStack's own
    pure-Python inspector, `oslo_utils.imageutils.format_inspector` (what Glance and Nova use),
-   runs its safety checks plus a few of ours, and only if all passed asks `qemu-img info` (and
-   `qemu-img check`) for a second opinion, under CPU and memory limits as Glance does. The answer
+   runs its safety checks plus ours (OWN_CHECKS: every way a format has of naming another file,
+   such as a VMDK descriptor's extents, which we parse ourselves), and only if all passed asks
+   `qemu-img info` (and `qemu-img check`) for a second opinion, under CPU and memory limits as
+   Glance does, and alone with the file in a private folder (`_alone`). The answer
    is an `Inspection`; a refusal is its `problem`, in words a non-technical person can act on,
    with the technical detail kept for admins.
 2. `convert_to_qcow2()` turns a safe file in a format the target does not accept into QCOW2.
@@ -577,6 +579,9 @@ def _check_vmdk(ev: _Evidence, inspector) -> Problem | None:
     if not ev.head.startswith(b"KDMV"):
         return _data_file("VMDK text descriptor without data: its extents are other files")
     (capacity,) = struct.unpack_from("<Q", ev.head, 12)  # sectors
+    (descriptor_sectors,) = struct.unpack_from("<Q", ev.head, 36)
+    if descriptor_sectors * 512 > oslo.VMDKInspector.DESC_MAX_SIZE:  # the inspector reads no more
+        return _unsafe(f"VMDK embedded descriptor of {descriptor_sectors} sectors: larger than 1 MiB")
     if not inspector.has_region("descriptor") or not inspector.region("descriptor").complete:
         return _unsafe("VMDK embedded descriptor could not be read")
     return vmdk_descriptor_problem(bytes(inspector.region("descriptor").data), capacity)
