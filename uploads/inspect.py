@@ -706,8 +706,10 @@ def _check_vhdx(ev: _Evidence, inspector) -> Problem | None:
         return _unsafe("VHDX metadata table could not be read")
     table = bytes(inspector.region("metadata").data)
     (count,) = struct.unpack_from("<H", table, 10)
+    if 32 + 32 * count > len(table):
+        return _unsafe(f"VHDX metadata table of {count} entries could not be read whole")
     items = {}
-    for entry in range(32, min(32 + 32 * count, len(table) - 31), 32):
+    for entry in range(32, 32 + 32 * count, 32):
         guid = oslo.VHDXInspector._guid(table[entry : entry + 16])
         items[guid] = struct.unpack_from("<I", table, entry + 16)[0]
     if VHDX_PARENT_LOCATOR in items:
