@@ -196,13 +196,13 @@ VMDK_DESCRIPTORS = {  # file name: (descriptor, the refusal)
     "one-extent-backslash.vmdk": (VMDK_HEADER + 'RW 131072 SPARSE "..\\\\disk.vmdk"\n', "data_file"),
     "one-extent-too-small.vmdk": (VMDK_HEADER + 'RW 4096 SPARSE "disk.vmdk"\n', "data_file"),
     "no-extent.vmdk": (VMDK_HEADER, "data_file"),
-    **{f"create-type-{t.lower()}.vmdk": (VMDK_HEADER.replace("monolithicSparse", t) + SELF + "\n", "data_file")
+    **{f"create-type-{t.lower()}.vmdk": (VMDK_HEADER.replace("monolithicSparse", t) + SELF, "data_file")
        for t in ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "vmfs", "vmfsSparse",
                  "custom", "fullDevice")},
     "create-type-twice.vmdk": ('# createType="monolithicFlat"\n' + VMDK_HEADER + SELF + "\n", "unsafe"),
     "create-type-missing.vmdk": (VMDK_HEADER.replace('createType="monolithicSparse"\n', "") + SELF, "unsafe"),
     "parent-hint-relative.vmdk": (VMDK_HEADER + 'parentFileNameHint="base.vmdk"\n' + SELF, "backing_file"),
-    "parent-hint-in-comment.vmdk": (VMDK_HEADER + SELF + '\n# parentFileNameHint="base.vmdk"\n', "backing_file"),
+    "parent-hint-in-comment.vmdk": (f'{VMDK_HEADER}{SELF}\n# parentFileNameHint="x"', "backing_file"),
     "parent-cid.vmdk": (VMDK_HEADER.replace("ffffffff", "12345678") + SELF, "backing_file"),
     "change-tracking.vmdk": (VMDK_HEADER + 'changeTrackPath="disk-ctk.vmdk"\n' + SELF, "unsafe"),
     "hidden-after-end.vmdk": (VMDK_HEADER + SELF + '\n\x00RW 2048 FLAT "shadow" 0\n', "unsafe"),

@@ -641,7 +641,8 @@ def _judge_vmdk_fields(fields: dict[str, str]) -> Problem | None:
         return _data_file(f"VMDK createType {create_type[:64]!r}: only monolithicSparse or "
                           "streamOptimized keep the whole disk in one file")
     if fields.get("parentcid", VMDK_NO_PARENT).lower() != VMDK_NO_PARENT:
-        return _backing_file(f"VMDK parentCID {fields['parentcid'][:64]!r}: it was made on top of a parent disk")
+        parent = fields["parentcid"][:64]
+        return _backing_file(f"VMDK parentCID {parent!r}: it was made on top of a parent disk")
     return None
 
 
@@ -734,7 +735,8 @@ def _check_vdi(ev: _Evidence, inspector) -> Problem | None:
     name the image a differencing (or undo) image was made from."""
     (image_type,) = struct.unpack_from("<I", ev.head, 0x4C)
     if image_type in (VDI_UNDO, VDI_DIFFERENCING) or any(ev.head[0x1A8:0x1C8]):
-        return _backing_file(f"VDI image type {image_type} with link/parent UUID {ev.head[0x1A8:0x1C8].hex()}")
+        uuids = ev.head[0x1A8:0x1C8].hex()
+        return _backing_file(f"VDI image type {image_type} with link and parent UUIDs {uuids}")
     if image_type not in (VDI_DYNAMIC, VDI_STATIC):
         return _unsafe(f"VDI image type {image_type} is unknown")
     return None
