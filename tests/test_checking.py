@@ -122,6 +122,46 @@ def test_a_qcow2_pointing_at_a_server_file_is_refused_before_any_request(alice_c
     assert ims_requests(sim) == []
 
 
+@pytest.mark.parametrize("second", ["shadow", "neighbour", "./neighbour", "NEIGHBOUR", "own server name",
+                                    "absolute neighbour"])
+def test_a_vmdk_naming_a_second_extent_never_reaches_qemu_img_nor_ims(alice_connected, bob, sim, tmp_path,
+                                                                    staging_dir, monkeypatch, second):
+    """Issue 14: a monolithicSparse VMDK whose descriptor adds `RW 2048 FLAT "<name>" 0` to its
+    own extent, the name pointing next to it in staging (another person's upload)."""
+    from tests.test_inspect import replace_embedded_descriptor, vmdk_descriptor
+
+    neighbour = services.upload_create(owner=bob, size=6, filename="theirs.raw", name="theirs",
+                                       disk_format="raw", min_disk=0)
+    services.upload_receive(upload=neighbour, offset=0, stream=io.BytesIO(b"theirs"), length=6)
+    sparse = tmp_path / "sparse.vmdk"
+    qemu_img("create", "-f", "vmdk", sparse, "4M")  # 8192 sectors
+    data = sparse.read_bytes()
+    upload = services.upload_create(owner=alice_connected, size=len(data), filename="two-extents.vmdk",
+                                    name="two-extents", disk_format="vmdk", min_disk=0)
+    name = {"neighbour": neighbour.staged_name, "./neighbour": f"./{neighbour.staged_name}",
+            "NEIGHBOUR": neighbour.staged_name.upper(), "own server name": upload.staged_name,
+            "absolute neighbour": str(staging_dir / neighbour.staged_name)}.get(second, second)
+    extents = f'RW 8192 SPARSE "two-extents.vmdk"\nRW 2048 FLAT "{name}" 0'
+    replace_embedded_descriptor(sparse, tmp_path / "two-extents.vmdk", vmdk_descriptor(extents))
+    hostile = (tmp_path / "two-extents.vmdk").read_bytes()
+    services.upload_receive(upload=upload, offset=0, stream=io.BytesIO(hostile), length=len(hostile))
+
+    def no_qemu_img(*args, **kwargs):
+        raise AssertionError("qemu-img ran on the hostile file")
+
+    monkeypatch.setattr(services.inspect, "_run_limited", no_qemu_img)
+    monkeypatch.setattr(services.inspect, "_run_with_progress", no_qemu_img)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "data_file", upload.error_message
+    assert upload.error_message == (
+        "This disk image keeps its data in other files, so the file you chose is not the whole disk."
+    )
+    assert name not in upload.error_message + upload.error_hint
+    assert ims_requests(sim) == []
+    assert (staging_dir / neighbour.staged_name).read_bytes() == b"theirs"
+
+
 def test_random_bytes_named_qcow2_are_refused(alice_connected, sim, tmp_path):
     image = tmp_path / "random.qcow2"
     image.write_bytes(os.urandom(100_000))
