@@ -1066,3 +1066,19 @@ def test_qemu_img_info_reports_json(corpus):
 
     assert info["format"] == "vpc"
     json.dumps(info)  # plain data, storable on the upload as it is
+
+
+@pytest.mark.parametrize("file", ["differencing.vhd", "parent-locator.vhd"])
+@pytest.mark.parametrize("declared", ["zvhd", "zvhd2"])
+def test_a_vhd_naming_a_parent_is_refused_even_when_declared_as_zvhd(corpus, file, declared, no_qemu_img):
+    result = inspect_file(corpus / file, declared_format=declared)
+
+    assert result.problem is not None and result.problem.code == "backing_file", result.checks
+    assert_plain_words(result.problem)
+
+
+def test_a_plain_dynamic_vhd_declared_as_zvhd2_still_passes_through(corpus):
+    result = inspect_file(corpus / "dynamic.vhd", declared_format="zvhd2")
+
+    assert result.problem is None, result.checks
+    assert result.detected_format == "zvhd2"

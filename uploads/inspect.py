@@ -695,6 +695,20 @@ def _check_vhd_dynamic_header(ev: _Evidence, offset: int) -> Problem | None:
     return None
 
 
+def _check_pass_through_parent(ev: _Evidence) -> Problem | None:
+    """ZVHD/ZVHD2 are VHD-based and pass through unread, but the VHD ways of naming a parent
+    disk still apply: a differencing disk type or a dynamic header naming a parent is refused.
+    Nothing else of the VHD checks is applied, since a genuine ZVHD need not follow them."""
+    footer = ev.head if ev.head.startswith(b"conectix") else _fixed_vhd_footer(ev.tail, ev.size)
+    footers = [f for f in (footer, ev.tail) if f and f.startswith(b"conectix")]
+    if any(struct.unpack_from(">I", f, 60)[0] == VHD_DIFFERENCING for f in footers):
+        return _backing_file("VHD disk type 4 (differencing): it has a parent disk")
+    header = ev.bytes_at(struct.unpack_from(">Q", footers[0], 16)[0], 1024) if footers else None
+    if header and header.startswith(b"cxsparse") and any(header[VHD_PARENT_FIELDS]):
+        return _backing_file("VHD dynamic header names a parent disk (parent UUID, name or locators set)")
+    return None
+
+
 VHDX_FILE_PARAMETERS = "CAA16737-FA36-4D43-B3B6-33F0AA44E76B"
 VHDX_PARENT_LOCATOR = "A8D35F2D-B30B-454D-ABF7-D3D84834AB0C"
 VHDX_HAS_PARENT = 0x02  # File Parameters flags
@@ -780,6 +794,10 @@ def _judge(
     if problem:
         return fmt, inspector, problem
     if declared in PASS_THROUGH_FORMATS and fmt in PASS_THROUGH_LOOKS_LIKE:
+        problem = _check_pass_through_parent(ev) if fmt == "vhd" else None
+        checks["pass_through_parent"] = f"failed: {problem.detail}" if problem else "passed"
+        if problem:
+            return fmt, inspector, problem
         checks["format_matches"] = f"skipped: {declared} cannot be inspected; passed through as declared"
         return declared, inspector, None
     problem = _check_safety(ev, fmt, inspector, checks)
