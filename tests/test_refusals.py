@@ -4,6 +4,7 @@ again. Names with characters that do not show are refused at the door, naming th
 
 import base64
 import importlib
+import io
 import os
 import shutil
 from datetime import timedelta
@@ -12,8 +13,10 @@ import pytest
 from django.apps import apps as django_apps
 from django.utils import timezone
 
+from tests.test_inspect import REFUSED, corpus  # noqa: F401  (corpus: a session fixture)
 from tests.test_pipeline import received_upload
 from uploads import services
+from uploads.inspect import LABELS
 from uploads.models import ALLOWED_MOVES, CloudAccount, Status, Upload, UploadEvent, can_move
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img (qemu-utils)")
@@ -201,6 +204,38 @@ def test_uploads_the_check_refused_before_this_status_existed_become_refused(ali
     assert statuses == {"refused": "refused", "ims": "failed", "later": "failed"}
     assert UploadEvent.objects.filter(upload=refused, to_status="refused").exists()
     assert not UploadEvent.objects.filter(upload__in=[ims_failure, retried_then_ims]).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every refusal of the corpus: one clear next step, never Retry
+
+
+@needs_qemu
+@pytest.mark.slow
+@pytest.mark.parametrize("sample", REFUSED, ids=str)
+def test_every_refused_sample_offers_its_format_fix_or_remove_and_never_retry(
+    sample, corpus, alice_connected, sim, client  # noqa: F811
+):
+    data = (corpus / sample.file).read_bytes()
+    upload = services.upload_create(owner=alice_connected, size=len(data), filename=sample.file, name="sample",
+                                    disk_format=sample.declared)
+    services.upload_receive(upload=upload, offset=0, stream=io.BytesIO(data), length=len(data))
+    services.upload_push(upload_id=upload.pk)
+    client.force_login(alice_connected)
+    answer = status(client, upload)
+    assert (answer["status"], answer["needs_action"], answer["can_retry"]) == ("refused", True, False)
+    assert "retry" not in [action["kind"] for action in answer["actions"]]
+    primary = answer["primary_action"]
+    if sample.suggested is None:
+        assert (primary["kind"], primary["label"]) == ("remove", "Remove")
+        return
+    assert (primary["kind"], primary["format"]) == ("use_format", sample.suggested)
+    assert primary["label"] == f"Upload it as {LABELS[sample.suggested]}"
+    upload.refresh_from_db()
+    services.upload_use_format(upload=upload, disk_format=sample.suggested, by="alice")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY, upload.error_message
 
 
 # ---------------------------------------------------------------------------------------------
