@@ -10,7 +10,7 @@ import os
 import pytest
 
 from tests.conftest import connect_cloud
-from tests.test_browser import browser_page  # noqa: F401  (a fixture)
+from tests.test_browser import browser_page, screenshot  # noqa: F401  (browser_page: a fixture)
 from tests.test_pipeline import received_upload
 from uploads import services
 from uploads.models import Status, Upload
@@ -36,7 +36,8 @@ def alice_signed_in(live_server, alice, sim, task_queue, browser_page):  # noqa:
     return browser_page
 
 
-def test_a_refused_file_turns_refused_live_with_upload_it_as_raw_first(live_server, alice, alice_signed_in, sim):
+def test_a_refused_file_turns_refused_live_with_upload_it_as_raw_first(live_server, alice, alice_signed_in, sim,
+                                                                       tmp_path):
     page = alice_signed_in
     upload = received_upload(alice, RANDOM, disk_format="qcow2", name="random")
     page.goto(f"{live_server.url}/uploads/")
@@ -52,6 +53,7 @@ def test_a_refused_file_turns_refused_live_with_upload_it_as_raw_first(live_serv
     assert not card.locator('[data-live="retry"]').is_visible()
     remove = card.locator('[data-live="stop-button"]')
     assert remove.inner_text() == "Remove" and "button--primary" not in remove.get_attribute("class")
+    screenshot(page, tmp_path, "refused.png")
 
     questions = []
     page.once("dialog", lambda dialog: (questions.append(dialog.message), dialog.dismiss()))
@@ -72,7 +74,8 @@ def test_a_refused_file_turns_refused_live_with_upload_it_as_raw_first(live_serv
     assert not card.locator('[data-live="use_format"]').is_visible()
 
 
-def test_the_detail_page_fills_in_the_image_id_and_timeline_when_ready(live_server, alice, alice_signed_in, sim):
+def test_the_detail_page_fills_in_the_image_id_and_timeline_when_ready(live_server, alice, alice_signed_in, sim,
+                                                                       tmp_path):
     page = alice_signed_in
     upload = received_upload(alice, RANDOM, disk_format="raw", name="web")
     page.goto(f"{live_server.url}/uploads/{upload.uid}/")
@@ -86,7 +89,7 @@ def test_the_detail_page_fills_in_the_image_id_and_timeline_when_ready(live_serv
     page.locator('[data-live-section="details"]', has_text=upload.ims_image_id).wait_for()
     timeline = page.locator('[data-live-section="timeline"]').inner_text()
     assert f"Image {upload.ims_image_id} is active in IMS" in timeline
-    assert "Min disk" not in timeline or "raised" in timeline
     assert page.evaluate("window.notReloaded") is True
     assert not page.locator('[data-live="page-stale"]').is_visible()
     assert "Not created yet" not in page.locator('[data-live-section="details"]').inner_text()
+    screenshot(page, tmp_path, "detail-ready.png")
