@@ -19,6 +19,7 @@
   var ACTIVE = { receiving: true, checking: true, converting: true, pushing: true, processing: true }
   // The part of the status block that shows each kind of action (status_block.html).
   var SLOTS = { use_format: 'use_format', retry: 'retry', reconnect: 'reconnect', remove: 'stop', cancel: 'stop' }
+  var SLOT_NAMES = ['use_format', 'retry', 'reconnect', 'stop']
 
   // ---- the page --------------------------------------------------------------------------
 
@@ -78,8 +79,7 @@
   function renderActions (block, actions) {
     var offered = {}
     actions.forEach(function (action) { offered[SLOTS[action.kind]] = action })
-    Object.keys(SLOTS).forEach(function (kind) {
-      var name = SLOTS[kind]
+    SLOT_NAMES.forEach(function (name) {
       var slot = part(block, name)
       var action = offered[name]
       show(slot, !!action)
@@ -93,14 +93,19 @@
     })
   }
 
-  /* The upload's own page: swap in the details and the timeline of a fresh copy of the page. */
+  /* The upload's own page: swap in the details and the timeline of a fresh copy of the page.
+   * Only the latest of overlapping refreshes is applied, so an older copy never wins. */
+  var refreshes = 0
+
   function refreshSections (block) {
+    var number = ++refreshes
     return window.fetch(block.dataset.detailPage, { credentials: 'same-origin', cache: 'no-store' })
       .then(function (response) {
         if (!response.ok || response.redirected) throw new Error('HTTP ' + response.status)
         return response.text()
       })
       .then(function (html) {
+        if (number !== refreshes) return
         var fresh = new window.DOMParser().parseFromString(html, 'text/html')
         document.querySelectorAll('[data-live-section]').forEach(function (section) {
           var name = section.dataset.liveSection
