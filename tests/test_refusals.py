@@ -69,6 +69,17 @@ def test_random_bytes_named_qcow2_are_refused_with_upload_it_as_raw_first(alice_
     assert "Stopped" not in page and "Cancel upload" not in page
 
 
+def test_my_uploads_counts_and_filters_refused_files_apart_from_failed_ones(alice_client, alice):
+    made = dict(owner=alice, filename="x.qcow2", disk_format="qcow2", size=1, staged_name="x")
+    Upload.objects.create(name="refused-one", status=Status.REFUSED, **made)
+    Upload.objects.create(name="failed-one", status=Status.FAILED, **made)
+    page = alice_client.get("/uploads/").content.decode()
+    assert "2 uploads: 0 in progress, 0 ready, 1 failed, 1 refused" in page
+    refused = alice_client.get("/uploads/?state=refused").content.decode()
+    assert "refused-one" in refused and "failed-one" not in refused
+    assert "refused-one" not in alice_client.get("/uploads/?state=failed").content.decode()
+
+
 @needs_qemu
 def test_upload_it_as_raw_sends_the_same_file_without_a_new_upload(alice_connected, sim, client):
     upload = refused_upload(alice_connected)

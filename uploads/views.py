@@ -55,7 +55,9 @@ IN_PROGRESS = [Status.RECEIVING, Status.RECEIVED, Status.CHECKING, Status.CONVER
 UPLOAD_GROUPS = {
     "in_progress": ("In progress", Q(status__in=IN_PROGRESS)),
     "ready": ("Ready", Q(status=Status.READY)),
-    "failed": ("Failed", ~Q(status__in=[*IN_PROGRESS, Status.READY, Status.RECONNECT, Status.CANCELLED])),
+    "failed": ("Failed", ~Q(status__in=[*IN_PROGRESS, Status.READY, Status.REFUSED, Status.RECONNECT,
+                                         Status.CANCELLED])),
+    "refused": ("Refused", Q(status=Status.REFUSED)),  # not a failure: the check refused the file
     "reconnect": ("Reconnect needed", Q(status=Status.RECONNECT)),
     "cancelled": ("Cancelled", Q(status=Status.CANCELLED)),
 }
