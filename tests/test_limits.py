@@ -158,7 +158,7 @@ def test_creation_is_refused_with_507_when_the_disk_lacks_room_for_the_file_and_
     assert refused.status_code == 507
     assert refused["Content-Type"].startswith("text/plain")
     text = refused.content.decode()
-    assert "The portal's staging disk does not have room for this file (10.0 GB) just now." in text
+    assert "The portal's staging disk does not have room for this file (10 GB) just now." in text
     assert "Nothing was uploaded: try again later" in text
     assert not Upload.objects.exists() and not list(staging_dir.iterdir())
     assert create(tus_client, length=10 * GiB).status_code == 201

@@ -19,7 +19,6 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import DatabaseError, connection, transaction
 from django.db.models import Count, F, Q, QuerySet, Sum
-from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
@@ -237,16 +236,12 @@ def upload_create(
     return upload
 
 
-def _human_size(n: int) -> str:
-    return filesizeformat(n).replace("\xa0", " ")
-
-
 def _check_staging_room(size: int) -> None:
     free = staging.free_bytes()
     if free < size + settings.STAGING_FREE_RESERVE_BYTES:
         log.warning("staging: refused a new upload of %s bytes, %s bytes free", size, free)
         raise StagingNoRoom(
-            f"The portal's staging disk does not have room for this file ({_human_size(size)}) "
+            f"The portal's staging disk does not have room for this file ({human_size(size)}) "
             "just now. Nothing was uploaded: try again later, and if it keeps happening, tell your "
             "portal administrator."
         )
@@ -271,8 +266,8 @@ def _check_owner_limits(owner, size: int) -> None:
     held_bytes = held["size"] or 0
     if held_bytes + size > most_bytes:
         raise UploadLimitReached(
-            f"Your unfinished uploads already take {_human_size(held_bytes)}; with this file "
-            f"({_human_size(size)}) they would pass {_human_size(most_bytes)}, the most one person "
+            f"Your unfinished uploads already take {human_size(held_bytes)}; with this file "
+            f"({human_size(size)}) they would pass {human_size(most_bytes)}, the most one person "
             f"may have at once. {what_to_do}"
         )
 
