@@ -153,7 +153,7 @@ def test_a_vmdk_naming_a_second_extent_never_reaches_qemu_img_nor_ims(alice_conn
     monkeypatch.setattr(services.inspect, "_run_with_progress", no_qemu_img)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
-    assert upload.status == Status.FAILED and upload.error_code == "data_file", upload.error_message
+    assert upload.status == Status.REFUSED and upload.error_code == "data_file", upload.error_message
     assert upload.error_message == (
         "This disk image keeps its data in other files, so the file you chose is not the whole disk."
     )
