@@ -931,10 +931,8 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
 
 def upload_retry(*, upload: Upload, by) -> None:
     if upload.status == Status.REFUSED:
-        raise ServiceError(
-            "This file was refused by the check, and sending the same file again would be refused the same way. "
-            + (upload.error_hint or "")
-        )
+        why = "This file was refused by the check, and sending the same file again would be refused the same way."
+        raise ServiceError(f"{why} {upload.error_hint}".strip())
     if upload.status not in RETRYABLE:
         raise ServiceError("Only a failed upload, or one waiting for a new cloud sign-in, can be retried.")
     if upload.status == Status.RECONNECT and _token_for_push(upload)[0] is None:

@@ -110,7 +110,9 @@ def status_json(upload: Upload) -> dict:
     file as uploaded). `attempt`, `retry_at` (ISO time or null), `finished_at` (or null).
     `details_version` changes whenever the upload's own page would show other details or
     timeline lines (progress.js then fetches them).
-    Why it stopped: `error_message`, `error_hint` (plain words; empty while all is well).
+    Why it stopped and what to do: `error_message`, `error_hint` (plain words; empty while all
+    is well); `stopped` is true for failed and refused uploads (the page shows an error, not a
+    warning).
 
     Whether to ask again:
     - `final`: true when nothing will ever change (ready, cancelled): stop asking.
