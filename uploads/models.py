@@ -67,6 +67,7 @@ ALLOWED_MOVES: dict[str, set[str]] = {
 FINISHED = {Status.READY, Status.CANCELLED}
 # Nothing changes until a person acts: Retry or Remove, a format fix, or a new cloud sign-in.
 WAITING_FOR_A_PERSON = {Status.FAILED, Status.REFUSED, Status.RECONNECT}
+# Who moves an unfinished upload on next (Upload.waiting_on; the status JSON's `waiting_on`).
 WAITING_ON = {
     Status.RECEIVING: "browser",
     Status.RECEIVED: "portal", Status.CHECKING: "portal", Status.CONVERTING: "portal", Status.PUSHING: "portal",
