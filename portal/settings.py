@@ -238,6 +238,12 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A worker that lost Redis tries again for as long as it takes (Celery stops after 100 attempts,
+# about 50 minutes, and the worker process with them): an outage must never cost a worker.
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+# kombu's Redis transport with a channel that closes cleanly when Redis has gone: kombu's own
+# ended the worker when Redis went away while a push ran (portal/celery.py says how).
+CELERY_BROKER_TRANSPORT = "portal.celery:RedisTransport" if REDIS_URL.startswith("redis://") else None
 # Pushes (hours long) have a queue of their own, so that polls and clean-ups never wait behind them.
 CELERY_TASK_ROUTES = {"uploads.tasks.push_upload": {"queue": "uploads"}}
 # How long a push may take. The slowest link to IMS we support is 2 MiB/s (16 Mbit/s): at that

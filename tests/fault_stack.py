@@ -252,13 +252,17 @@ class FaultStack:
         self.worker("w1")
 
     # ---- processes ----
-    def worker(self, name: str) -> Process:
-        """The Celery worker `name` (made on first use; not started)."""
+    def worker(self, name: str, *, like_make_run: bool = False) -> Process:
+        """The Celery worker `name` (made on first use; not started): one pool process, or with
+        `like_make_run` the options of `make run` (two pool processes, gossip and mingle on), so
+        that the worker waits for more messages while a push runs."""
         if name not in self.workers:
+            options = (["-c", "2"] if like_make_run
+                       else ["-c", "1", "--without-gossip", "--without-mingle"])
             self.workers[name] = Process(
                 name,
-                [PYTHON, "-m", "celery", "-A", "portal", "worker", "-Q", "uploads,celery", "-c", "1",
-                 "-n", f"{name}@%h", "-l", "info", "--without-gossip", "--without-mingle"],
+                [PYTHON, "-m", "celery", "-A", "portal", "worker", "-Q", "uploads,celery", *options,
+                 "-n", f"{name}@%h", "-l", "info"],
                 self.env, self.logs / f"{name}.log", lambda p: " ready." in p.output(),
             )
         return self.workers[name]

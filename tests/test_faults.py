@@ -471,3 +471,29 @@ def test_an_admin_retry_of_an_upload_being_pushed_is_refused_with_a_message(
     assert_ready_in_ims(stack, [(upload, path)])
     assert upload.attempt == 1
     assert ims_requests(stack, "PUT") == [204]
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Redis killed while a worker of `make run` pushes (it waits for more messages meanwhile)
+
+
+def test_a_worker_keeps_working_after_redis_is_killed_while_it_pushes(stack, client, tmp_path):
+    """kombu failed to close the channel that held the push's unacknowledged message, and the
+    worker ended with "Unrecoverable error" (portal/celery.py, RedisChannel)."""
+    stack.workers["w1"].stop()
+    worker = stack.worker("busy", like_make_run=True).start().wait_ready()
+    stack.sim.set_faults(put_bytes_per_second=1 * MiB)
+    path_a = make_image(tmp_path / "during.raw", 5 * MiB)
+    upload_a = wait_mid_push(stack, tus_upload(stack, client, path_a))
+
+    stack.redis.kill(signal.SIGKILL)
+    wait_for(lambda: "Connection to broker lost" in worker.output() or not worker.running, timeout=15,
+             what="the worker to notice that Redis is gone")
+    stack.redis.start().wait_ready()
+    stack.sim.set_faults(put_bytes_per_second=None)
+    wait_status(stack, upload_a, *DONE, timeout=60)
+
+    path_b = make_image(tmp_path / "after.raw", 1 * MiB)
+    upload_b = wait_status(stack, tus_upload(stack, client, path_b), *DONE, timeout=60)
+    assert worker.running and "Unrecoverable error" not in worker.output(), worker.output()[-3000:]
+    assert_ready_in_ims(stack, [(upload_a, path_a), (upload_b, path_b)])
