@@ -3,8 +3,9 @@
 Migrates, creates the demo log-ins (manage.py seed_demo), then starts what is missing and waits
 for each piece to answer: Redis (when nothing answers at REDIS_URL), the IMS simulator (unless
 IMS_ENDPOINT is set), a Celery worker, Celery beat and gunicorn (127.0.0.1, port $PORT or 8000).
-Every child's output is shown with its name in front. Ctrl-C or SIGTERM stops all of them and
-exits 0; if one of them dies on its own, the rest are stopped and the exit status is 1.
+Every child's output is shown with its name in front. A child that dies on its own is started
+again after a pause that grows while it keeps dying (1, 2, 4 ... 30 s), with a message; the others
+go on. Ctrl-C or SIGTERM stops all of them and exits 0.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 START_DEADLINE = 90.0  # seconds for one piece to answer; generous for a busy laptop
 STOP_GRACE = 10.0  # seconds a child gets after SIGTERM before SIGKILL
+# A child that died is started again after RESTART_FIRST_PAUSE seconds, doubled each time it dies
+# again soon, up to RESTART_LONGEST_PAUSE; one that ran for RESTART_STABLE seconds starts afresh.
+RESTART_FIRST_PAUSE = 1.0
+RESTART_LONGEST_PAUSE = 30.0
+RESTART_STABLE = 60.0
 
 print_lock = threading.Lock()
 COLOURS = {"devserver": "1", "redis": "31", "imssim": "35", "worker": "32", "beat": "36", "web": "34"}
@@ -62,15 +68,33 @@ class Child:
 
     def __init__(self, name: str, argv: list[str], ready_line: str | None = None):
         self.name = name
+        self.argv = argv
         self.ready_line = ready_line
         self.ready = threading.Event()
+        self.pause = 0.0  # before the last restart
+        self.restart_at: float | None = None  # when it died: when to start it again
+        self.starts = 0
+        self.launch()
+
+    def launch(self) -> None:
+        self.starts += 1
+        self.started_at = time.monotonic()
+        self.restart_at = None
         self.process = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            self.argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches only us; we stop the children in order
         )
         self.pump = threading.Thread(target=self._copy_output, daemon=True)
         self.pump.start()
+
+    def next_pause(self) -> float:
+        """How long to wait before starting it again: longer each time it dies soon after a start."""
+        if time.monotonic() - self.started_at >= RESTART_STABLE or not self.pause:
+            self.pause = RESTART_FIRST_PAUSE
+        else:
+            self.pause = min(self.pause * 2, RESTART_LONGEST_PAUSE)
+        return self.pause
 
     def _copy_output(self) -> None:
         for raw in self.process.stdout:
@@ -122,13 +146,18 @@ class Devserver:
             raise Failed(f"manage.py {' '.join(args)} failed with status {result.returncode}")
 
     def watch(self) -> int:
-        """Wait for Ctrl-C/SIGTERM (0) or for a child that dies on its own (1)."""
-        while not self.stopping.wait(0.5):
+        """Until Ctrl-C/SIGTERM (then 0), start again each child that died on its own: a worker
+        that died must not leave the portal without one, nor stop the rest."""
+        while not self.stopping.wait(0.2):
             for child in self.children:
-                if child.exited():
-                    say("devserver", f"{child.name} {how_it_ended(child.process.returncode)}"
-                                     ": stopping the rest")
-                    return 1
+                if child.restart_at is None and child.exited():
+                    pause = child.next_pause()
+                    child.restart_at = time.monotonic() + pause
+                    say("devserver", f"{child.name} {how_it_ended(child.process.returncode)}: "
+                                     f"starting it again in {pause:g} s")
+                elif child.restart_at is not None and time.monotonic() >= child.restart_at:
+                    say("devserver", f"starting {child.name} again: {shlex.join(child.argv)}")
+                    child.launch()
         return 0
 
     def stop_all(self) -> None:
