@@ -29,6 +29,12 @@ graceful_timeout = 30
 # Idle keep-alive connections (e.g. between two chunks of one upload) stay open this long.
 keepalive = 15
 
+# A web server started again while the workers of one that died still finish their requests
+# (they keep the listening socket up to graceful_timeout) shares the port instead of failing to
+# bind (SO_REUSEPORT, Linux; only sockets of the same user can share it). `make run` and compose
+# start this file's server; tools/devserver.py checks first that nothing else listens there.
+reuse_port = True
+
 # Request line and headers stay small (tus metadata is a header: file name and type, base64).
 limit_request_line = 8190
 limit_request_fields = 100

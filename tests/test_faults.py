@@ -11,6 +11,7 @@ an image left over from a failed attempt.
 import hashlib
 import http.client
 import json
+import os
 import signal
 import socket
 import time
@@ -205,13 +206,7 @@ def test_a_tus_upload_cut_by_a_killed_web_server_resumes_from_the_servers_offset
     staged = stack.staged_path(upload)
 
     # The next PATCH is half on its way (2 of its 5 MiB sent) when the web server is killed.
-    web = urlsplit(stack.web_url)
-    patch = http.client.HTTPConnection(web.hostname, web.port, timeout=10)
-    patch.putrequest("PATCH", urlsplit(first.url).path)
-    for name, value in {**tus_headers(client), "Tus-Resumable": "1.0.0", "Upload-Offset": str(MiB),
-                        "Content-Type": "application/offset+octet-stream", "Content-Length": str(5 * MiB)}.items():
-        patch.putheader(name, value)
-    patch.endheaders()
+    patch = start_patch(stack, client, first.url, offset=MiB, length=5 * MiB)
     patch.send(data[MiB:3 * MiB])
     wait_for(lambda: staged.stat().st_size >= 2 * MiB, timeout=10, what="the web server to store part of the PATCH")
     stack.web.kill(signal.SIGKILL)
@@ -228,6 +223,46 @@ def test_a_tus_upload_cut_by_a_killed_web_server_resumes_from_the_servers_offset
 
     wait_status(stack, upload, *DONE)
     assert_ready_in_ims(stack, [(upload, path)])
+
+
+def start_patch(stack: FaultStack, client, url: str, *, offset: int, length: int) -> http.client.HTTPConnection:
+    """A tus PATCH whose headers are sent: its body is the caller's to send, or not."""
+    web = urlsplit(stack.web_url)
+    patch = http.client.HTTPConnection(web.hostname, web.port, timeout=10)
+    patch.putrequest("PATCH", urlsplit(url).path)
+    for name, value in {**tus_headers(client), "Tus-Resumable": "1.0.0", "Upload-Offset": str(offset),
+                        "Content-Type": "application/offset+octet-stream", "Content-Length": str(length)}.items():
+        patch.putheader(name, value)
+    patch.endheaders()
+    return patch
+
+
+def test_a_web_server_started_while_the_killed_ones_workers_drain_binds_and_answers(stack, client, tmp_path):
+    """A worker of the killed server keeps the listening socket until its request ends (up to
+    graceful_timeout); the new server shares the port (reuse_port) instead of failing to bind."""
+    path = make_image(tmp_path / "draining.raw", 3 * MiB)
+    tus_uploader = uploader(stack, client, path)
+    tus_uploader.set_url(tus_uploader.create_url())
+    staged = stack.staged_path(upload_of(tus_uploader))
+    patch = start_patch(stack, client, tus_uploader.url, offset=0, length=3 * MiB)
+    patch.send(path.read_bytes()[:MiB])
+    wait_for(lambda: staged.stat().st_size >= MiB, timeout=10, what="a web worker to be reading the PATCH")
+
+    old_master = stack.web.process.pid
+    os.kill(old_master, signal.SIGKILL)  # the master alone: its workers drain
+    stack.web.process.wait()
+    wait_for(lambda: stack.web.output().count("Parent changed, shutting down") == 2, timeout=10,
+             what="the old workers to stop accepting")
+    try:
+        stack.web.start().wait_ready(timeout=30)  # only the new server accepts: it answered
+        assert "Listening at" in stack.web.output() and "Connection in use" not in stack.web.output()
+        os.killpg(old_master, 0)  # the old worker is still there, holding its socket
+    finally:
+        patch.close()
+        try:
+            os.killpg(old_master, signal.SIGKILL)  # the old workers, should any be left
+        except ProcessLookupError:
+            pass
 
 
 def test_gunicorn_answers_a_head_pipelined_behind_a_patch_on_the_same_connection(stack, client, tmp_path):
