@@ -500,3 +500,88 @@ def test_after_a_retry_temporary_faults_are_retried_afresh(alice_connected, sim)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.READY
+
+
+# A worker killed just as its PUT ended: IMS has the whole image (active, the right size), the row
+# has no sums yet. What the image holds must be compared with the file before anything is Ready.
+
+
+def a_push_that_died_after_its_last_byte(upload, sim, stored: bytes, *, status=Status.PUSHING) -> str:
+    """The image an earlier attempt left, holding `stored`; the row as its dead worker left it."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    client = ImsClient(sim.url, services._usable_token(upload.owner_id))
+    image = client.create_image(name=upload.name, disk_format="raw")
+    client.upload_file(image.id, io.BytesIO(stored), len(stored))
+    Upload.objects.filter(pk=upload.pk).update(
+        status=status, attempt=1, heartbeat_at=timezone.now() - timedelta(hours=1), ims_image_id=image.id,
+        send_format="raw", send_size=len(stored), sent_bytes=len(stored), md5="", sha512="",
+        next_poll_at=timezone.now(),
+    )
+    return image.id
+
+
+def test_a_taken_over_push_keeps_an_active_image_only_when_it_holds_the_same_bytes(alice_connected, sim):
+    upload = received_upload(alice_connected, DATA)
+    image_id = a_push_that_died_after_its_last_byte(upload, sim, DATA)
+
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.ims_image_id == image_id
+    assert (upload.md5, upload.sha512) == (hashlib.md5(DATA).hexdigest(), hashlib.sha512(DATA).hexdigest())
+    assert upload.staged_sha512 == upload.sha512
+    assert puts(sim) == [204]  # the dead attempt's only: the file was not sent again
+
+
+@pytest.mark.parametrize("stored", [
+    DATA[:-1] + bytes([DATA[-1] ^ 1]),  # the same size, one bit off: MD5 and SHA-512 differ
+    bytes(len(DATA)),
+], ids=["one-bit-off", "zeros"])
+def test_a_taken_over_push_replaces_an_active_image_of_the_right_size_but_other_bytes(
+    alice_connected, sim, stored
+):
+    upload = received_upload(alice_connected, DATA)
+    wrong_image = a_push_that_died_after_its_last_byte(upload, sim, stored)
+
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    [image] = sim.images()
+    assert upload.status == Status.READY and upload.ims_image_id == image["id"] != wrong_image
+    assert image["checksum"] == upload.md5 == hashlib.md5(DATA).hexdigest()
+    assert image["os_hash_value"] == upload.sha512 == hashlib.sha512(DATA).hexdigest()
+    assert any(m.startswith(f"Deleted unusable IMS image {wrong_image}") for m in timeline(upload))
+
+
+def test_an_active_image_is_not_ready_while_the_row_has_no_sums_and_the_bytes_differ(alice_connected, sim):
+    upload = received_upload(alice_connected, DATA)
+    a_push_that_died_after_its_last_byte(upload, sim, bytes(len(DATA)), status=Status.PROCESSING)
+
+    services.upload_poll(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "checksum_mismatch"
+    assert upload.md5 == hashlib.md5(DATA).hexdigest()  # computed from the staged file
+    assert sim.images() == []  # the wrong image is deleted
+
+
+def test_an_active_image_is_ready_when_the_sums_computed_from_the_file_match(alice_connected, sim):
+    upload = received_upload(alice_connected, DATA)
+    a_push_that_died_after_its_last_byte(upload, sim, DATA, status=Status.PROCESSING)
+
+    services.upload_poll(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY
+    assert (upload.md5, upload.sha512) == (hashlib.md5(DATA).hexdigest(), hashlib.sha512(DATA).hexdigest())
+
+
+def test_an_active_image_whose_sums_cannot_be_compared_is_not_ready(alice_connected, sim, staging_dir):
+    upload = received_upload(alice_connected, DATA)
+    a_push_that_died_after_its_last_byte(upload, sim, DATA, status=Status.PROCESSING)
+    (staging_dir / upload.staged_name).unlink()
+
+    services.upload_poll(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "unverifiable"
+    assert "Upload the file again" in upload.error_hint
+    assert sim.images() == []

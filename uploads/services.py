@@ -692,10 +692,8 @@ def _prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
             empty = image.status == "queued" and not image.checksum and not image.size
             if empty and image.raw.get("disk_format") == upload.send_format:
                 return False
-            if image.status == "active" and image.size == upload.send_size and (
-                not upload.md5 or not image.checksum or image.checksum == upload.md5
-            ):
-                _note(upload, f"IMS image {image.id} already holds the file")
+            if image.status == "active" and image.size == upload.send_size and _holds_the_file(upload, image, attempt):
+                _note(upload, f"IMS image {image.id} already holds the file (same size, MD5 and SHA-512)")
                 return True
             client.delete_image(image.id)
             _note(upload, f"Deleted unusable IMS image {image.id} (status {image.status}) before starting again")
@@ -711,6 +709,37 @@ def _prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
     upload.ims_image_id, upload.ims_status = image.id, image.status
     _note(upload, f"Image record created in IMS: {image.id}")
     return False
+
+
+def _holds_the_file(upload: Upload, image, attempt: int) -> bool:
+    """Whether an active image from an earlier attempt holds this attempt's file. Its worker may
+    have died after IMS had the last byte but before it wrote the sums down, and sums from an
+    older attempt may be of another file (converted again, sent as another format): this
+    attempt's are computed from the file itself."""
+    sums = _sums_of_file_to_send(upload)
+    if sums is None:
+        return False
+    _save(upload, attempt, **sums)
+    return not _stored_differences(upload, image)
+
+
+def _sums_of_file_to_send(upload: Upload) -> dict | None:
+    """MD5 and SHA-512 of the file IMS is given (the staged or the converted one), in one read
+    with a fixed buffer; None when that file is gone."""
+    try:
+        source = staging.open_for_reading(upload.converted_name or upload.staged_name)
+    except FileNotFoundError:
+        return None
+    md5, sha512 = hashlib.md5(usedforsecurity=False), hashlib.sha512()
+    buffer = bytearray(1024 * 1024)
+    with source:
+        while read := source.readinto(buffer):
+            md5.update(buffer[:read])
+            sha512.update(buffer[:read])
+    sums = {"md5": md5.hexdigest(), "sha512": sha512.hexdigest()}
+    if not upload.converted_name:  # the file as uploaded
+        sums["staged_sha512"] = sums["sha512"]
+    return sums
 
 
 def _find_image(client: ImsClient, image_id: str):
@@ -901,15 +930,21 @@ def _poll_failed(upload: Upload, exc: ImsError) -> None:
 
 
 def _finish(upload: Upload, client: ImsClient, image) -> None:
-    """The image is active: make sure it holds exactly the bytes we sent."""
-    mismatch = []
-    stored_size = image.size if image.size is not None else image.raw.get("__image_size")
-    if stored_size is not None and int(stored_size) != upload.send_size:
-        mismatch.append(f"size {stored_size} != {upload.send_size}")
-    if image.checksum and upload.md5 and image.checksum != upload.md5:
-        mismatch.append(f"md5 {image.checksum} != {upload.md5}")
-    if image.os_hash_value and upload.sha512 and image.os_hash_value != upload.sha512:
-        mismatch.append("sha512 differs")
+    """The image is active: it becomes Ready only if it holds exactly the bytes of the file.
+    Sums missing on the row (a worker died between IMS's last byte and writing them) are
+    computed from the file."""
+    if not (upload.md5 and upload.sha512):
+        sums = _sums_of_file_to_send(upload)
+        if sums is None:
+            _delete_quietly(upload, client)
+            _move(upload, Status.FAILED, "The staged file is gone: what IMS stored cannot be compared with it",
+                  detail=str(image.raw), error_code="unverifiable",
+                  error_message="The portal's copy of your file is gone, so it could not check that the cloud "
+                  "stored exactly your file; the unchecked image was deleted.",
+                  error_hint="Upload the file again.")
+            return
+        _save(upload, upload.attempt, **sums)
+    mismatch = _stored_differences(upload, image)
     if mismatch:
         _delete_quietly(upload, client)
         _move(
@@ -923,6 +958,20 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
         )
         return
     _move(upload, Status.READY, f"Image {image.id} is active in IMS", ims_status=image.status, next_poll_at=None)
+
+
+def _stored_differences(upload: Upload, image) -> list[str]:
+    """How what IMS stored differs from the file: its size and MD5 (`checksum`) must be reported
+    and equal; its SHA-512 (`os_hash_value`) too wherever IMS reports one. Empty: the same."""
+    differences = []
+    stored_size = image.size if image.size is not None else image.raw.get("__image_size")
+    if stored_size is None or int(stored_size) != upload.send_size:
+        differences.append(f"size {stored_size} != {upload.send_size}")
+    if image.checksum != upload.md5:
+        differences.append(f"md5 {image.checksum} != {upload.md5}")
+    if image.os_hash_value and image.os_hash_value != upload.sha512:
+        differences.append("sha512 differs")
+    return differences
 
 
 # ---------------------------------------------------------------------------------------------
