@@ -246,6 +246,9 @@ class Faults:
     fail_get_status: int = 503
     cut_put_after_bytes: int | None = None
     put_bytes_per_second: int | None = None
+    # The image is stored (active after processing) before the 204 is sent this much later:
+    # a client that dies in that window never hears that its PUT succeeded.
+    put_reply_delay_seconds: float = 0.0
 
 
 def _is_count(value) -> bool:
@@ -263,6 +266,7 @@ FAULT_CHECKS = {
     "fail_get_status": lambda v: _is_count(v) and 400 <= v <= 599,
     "cut_put_after_bytes": lambda v: v is None or _is_count(v),
     "put_bytes_per_second": lambda v: v is None or _is_count(v),
+    "put_reply_delay_seconds": _is_seconds,
     "processing_seconds": _is_seconds,
     "expire_tokens": lambda v: isinstance(v, bool),
 }
@@ -826,6 +830,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.sim.finish_upload(image_id, size, md5, sha512)
         except ImageGone:
             raise gone(image_id) from None
+        time.sleep(self.sim.faults()["put_reply_delay_seconds"])
         self._reply(204)
 
     def _stream_to_file(self, path: Path, image_id: str) -> tuple[int, str, str]:

@@ -154,6 +154,29 @@ def test_a_push_whose_worker_is_killed_is_sent_again_by_a_new_worker_into_the_sa
     assert any(m.startswith("The worker that was") and "stopped" in m for m in timeline(upload))
 
 
+def test_a_worker_killed_right_after_the_puts_last_byte_is_ready_only_once_the_sums_match(stack, client, tmp_path):
+    """IMS has every byte (the image is active) but the worker dies before it hears so and before
+    it writes the sums down: the take-over computes them from the staged file and compares."""
+    stack.sim.set_faults(put_reply_delay_seconds=20)
+    path = make_image(tmp_path / "last-byte.raw", 4 * MiB)
+    upload = tus_upload(stack, client, path)
+    wait_for(lambda: [image for image in stack.sim.images() if image["status"] == "active"], timeout=30,
+             what="IMS to hold the whole file")
+    upload.refresh_from_db()
+    assert upload.status == Status.PUSHING and not upload.md5, explain(stack, upload)
+
+    stack.workers["w1"].kill(signal.SIGKILL)
+    stack.sim.set_faults(put_reply_delay_seconds=0)
+    stack.workers["w1"].start().wait_ready()
+
+    wait_status(stack, upload, *DONE, timeout=90)
+    assert_ready_in_ims(stack, [(upload, path)])  # IMS's MD5 is the file's, and the row's
+    assert upload.sha512 == hashlib.sha512(path.read_bytes()).hexdigest()
+    assert ims_requests(stack, "POST") == [201]
+    assert len(ims_requests(stack, "PUT")) <= 1  # not sent again (the first is logged once answered)
+    assert any("already holds the file" in m for m in timeline(upload))
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Redis stopped for 30 s mid-push, back without its data
 
