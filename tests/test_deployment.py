@@ -367,3 +367,13 @@ def test_nginx_accepts_the_config_that_compose_renders(tmp_path):
     checked = subprocess.run(render.nginx_argv(config, test=True), capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stderr
     assert "test is successful" in checked.stderr
+
+
+def test_workers_wait_for_the_broker_as_long_as_it_takes_through_the_portals_redis_transport():
+    """Celery gives up after 100 attempts (about 50 minutes) and the worker ends; kombu's own
+    Redis channel ended the worker when Redis went away mid-push (tests/test_faults.py)."""
+    from portal.celery import RedisTransport, app
+
+    assert app.conf.broker_connection_max_retries is None
+    with app.connection_for_read() as connection:  # made, not connected
+        assert isinstance(connection.transport, RedisTransport)
