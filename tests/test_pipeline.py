@@ -585,3 +585,23 @@ def test_an_active_image_whose_sums_cannot_be_compared_is_not_ready(alice_connec
     assert upload.status == Status.FAILED and upload.error_code == "unverifiable"
     assert "Upload the file again" in upload.error_hint
     assert sim.images() == []
+
+
+@pytest.mark.parametrize("unreported", ["checksum", "os_hash_value"])
+def test_an_active_image_is_not_ready_while_ims_reports_no_checksum_to_compare(
+    alice_connected, sim, monkeypatch, unreported
+):
+    import dataclasses
+
+    from uploads.ims import ImsClient as Client
+
+    real_get_image = Client.get_image
+    monkeypatch.setattr(Client, "get_image",
+                        lambda self, image_id: dataclasses.replace(real_get_image(self, image_id), **{unreported: None}))
+    upload = received_upload(alice_connected, DATA)
+    a_push_that_died_after_its_last_byte(upload, sim, DATA, status=Status.PROCESSING)
+
+    services.upload_poll(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "checksum_mismatch"
+    assert sim.images() == []

@@ -961,15 +961,16 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
 
 
 def _stored_differences(upload: Upload, image) -> list[str]:
-    """How what IMS stored differs from the file: its size and MD5 (`checksum`) must be reported
-    and equal; its SHA-512 (`os_hash_value`) too wherever IMS reports one. Empty: the same."""
+    """How what IMS stored differs from the file: its size, MD5 (`checksum`) and SHA-512
+    (`os_hash_value`) must all be reported and equal, since an image nobody compared is never
+    Ready. Empty: the same."""
     differences = []
     stored_size = image.size if image.size is not None else image.raw.get("__image_size")
     if stored_size is None or int(stored_size) != upload.send_size:
         differences.append(f"size {stored_size} != {upload.send_size}")
     if image.checksum != upload.md5:
         differences.append(f"md5 {image.checksum} != {upload.md5}")
-    if image.os_hash_value and image.os_hash_value != upload.sha512:
+    if image.os_hash_value != upload.sha512:
         differences.append("sha512 differs")
     return differences
 
