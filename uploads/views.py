@@ -4,6 +4,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
@@ -148,9 +149,25 @@ def upload_cancel(request, uid):
     return _back(request, upload)
 
 
+def _safe_next(request: HttpRequest) -> str:
+    """The page to go back to after connecting (`next`, from the link or the form), or "".
+
+    Only a path on this site counts: a full address, even one to this host, or anything a
+    browser could read as another site ("//evil.example", "/\\evil.example") is ignored, so
+    a link to the Cloud account page can never send someone elsewhere after they signed in.
+    """
+    target = request.POST.get("next") or request.GET.get("next") or ""
+    if target.startswith("/") and url_has_allowed_host_and_scheme(
+        target, allowed_hosts=None, require_https=request.is_secure()
+    ):
+        return target
+    return ""
+
+
 @login_required
 def cloud_account(request):
     account = CloudAccount.objects.filter(user=request.user).first()
+    next_url = _safe_next(request)
     form = CloudAccountForm.for_account(account, request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
@@ -159,8 +176,8 @@ def cloud_account(request):
             form.add_error(None, f"{exc.message} {exc.hint}".strip())
         else:
             messages.success(request, "Your cloud account is connected.")
-            return redirect("cloud_account")
-    return render(request, "uploads/cloud_account.html", {"form": form})
+            return redirect(next_url or "cloud_account")
+    return render(request, "uploads/cloud_account.html", {"form": form, "next_url": next_url})
 
 
 @login_required
