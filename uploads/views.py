@@ -1,5 +1,6 @@
 """Pages and the live status JSON. Thin: read the request, call a service, render."""
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, JsonResponse
@@ -10,7 +11,7 @@ from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
 
 from uploads import services, status_access
-from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm
+from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, UploadMetadataForm
 from uploads.ims import ImsError
 from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
 
@@ -32,6 +33,37 @@ def home(request):
     return redirect("upload")
 
 
+# What the upload page says about a file whose upload the portal ended while the page was
+# still sending it (or wanted to continue it): it stops there and never starts the file again
+# by itself. static/js/upload.js picks the sentence from the upload's live status.
+UPLOAD_PAGE_WORDS = {
+    "cancelled": "Cancelled on My uploads: nothing more is sent.",
+    "failed": "The portal stopped this upload:",
+    "removed": "This upload is no longer in the portal.",
+    "elsewhere": "This file already reached the portal from another page; follow it on My uploads.",
+    "unknown": "The portal stopped this upload. See My uploads for why.",
+    "checking": "Stopped; asking the portal why…",
+    "start_again": "To upload the file again from the start, press Retry; or remove it from the list.",
+    "add_again": "To upload it again, remove it from the list and add it again.",
+    "applied": "{fields}: set for each file in the list ({count}).",
+    "nothing_to_apply": "Fill in at least one of the fields above, then press Apply to all files.",
+    "no_files": "Add files first; then these details go to each of them.",
+}
+
+
+def _upload_limits() -> dict:
+    """The limits the tus server checks the details against, for the page's fields."""
+    fields = UploadMetadataForm.base_fields
+    return {
+        "image_name": {"max_length": fields["image_name"].max_length},
+        "os_version": {"max_length": fields["os_version"].max_length},
+        "min_disk": {"min": fields["min_disk"].min_value, "max": fields["min_disk"].max_value},
+        "min_ram": {"min": fields["min_ram"].min_value, "max": fields["min_ram"].max_value},
+        "tags": {"max_length": fields["tags"].max_length},
+        "max_bytes": settings.UPLOAD_MAX_BYTES,
+    }
+
+
 @login_required
 def upload_page(request):
     return render(
@@ -41,6 +73,8 @@ def upload_page(request):
             "os_versions": COMMON_OS_VERSIONS,
             "disk_formats": DiskFormat.choices,
             "extension_formats": {ext: fmt.value for ext, fmt in EXTENSION_FORMATS.items()},
+            "limits": _upload_limits(),
+            "words": UPLOAD_PAGE_WORDS,
         },
     )
 

@@ -1,0 +1,151 @@
+"""The upload page and the Cloud account page in a real browser (Debian's chromium through
+Playwright, against the live portal and the IMS simulator): the details of every file of a
+batch, a cancel on My uploads while the page is still sending, and the way back after
+connecting the cloud account.
+
+No Celery worker: the tasks the portal would send are caught (task_queue), as these tests
+follow the browser's side only.
+"""
+
+import shutil
+import subprocess
+
+import pytest
+from playwright.sync_api import expect
+
+from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_NAME, DEMO_USER
+from tests.conftest import connect_cloud, make_image, wait_for
+from tests.test_browser import browser_page  # noqa: F401  (a fixture)
+from uploads.models import Status, Upload
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def page(browser_page, live_server, transactional_db, alice, sim, task_queue):  # noqa: F811
+    """A browser signed in as alice, who has not connected her cloud account yet."""
+    browser_page.set_default_timeout(20_000)
+    browser_page.goto(f"{live_server.url}/")
+    browser_page.fill("#id_username", "alice")
+    browser_page.fill("#id_password", "alice-pw-1234")
+    browser_page.click("button[type=submit]")
+    browser_page.wait_for_url(f"{live_server.url}/upload/")
+    return browser_page
+
+
+def qcow2(path):
+    if not shutil.which("qemu-img"):
+        pytest.fail("qemu-img is needed (Debian package qemu-utils); `make test` installs it")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    return path
+
+
+def add_files(page, *paths):
+    page.locator(".uppy-Dashboard-input").first.set_input_files([str(p) for p in paths])
+    # The editor of the first file opens by itself; back to the list.
+    page.locator(".uppy-Dashboard-FileCard").get_by_text("Save details").click()
+
+
+def expect_console_errors(page, *parts):
+    """Take the errors a test provoked on purpose (the browser logs every 4xx reply, Uppy every
+    error it passes on) out of those the browser_page fixture fails on."""
+    page.console_errors[:] = [e for e in page.console_errors if not any(part in e for part in parts)]
+
+
+def test_every_file_of_a_batch_shows_its_details_and_each_can_be_changed(page, live_server, alice, tmp_path):
+    connect_cloud(alice)
+    page.goto(f"{live_server.url}/upload/")
+    add_files(page, make_image(tmp_path / "web-a.raw", 64 * 1024), qcow2(tmp_path / "db-b.qcow2"))
+
+    rows = page.locator("#file-details tbody tr")
+    expect(rows).to_have_count(2)
+    web, db = rows.filter(has_text="web-a.raw"), rows.filter(has_text="db-b.qcow2")
+    for row, name, disk_format in [(web, "web-a", "RAW"), (db, "db-b", "QCOW2")]:
+        expect(row.locator("td").nth(0)).to_have_text(name)
+        expect(row.locator("td").nth(1)).to_have_text(disk_format)
+        expect(row.locator("td").nth(2)).to_have_text("Not set")  # the OS version
+
+    page.get_by_label("OS version", exact=True).fill("Debian GNU/Linux 12 64bit")
+    page.get_by_label("Min RAM (MB)", exact=True).fill("2048")
+    page.get_by_role("button", name="Apply to all files").click()
+    expect(page.locator("#apply-all-status")).to_have_text("OS version, Min RAM: set for each file in the list (2).")
+    for row in (web, db):
+        expect(row.locator("td").nth(2)).to_have_text("Debian GNU/Linux 12 64bit")
+        expect(row.locator("td").nth(4)).to_have_text("2048")
+
+    db.get_by_role("button", name="Edit the details of db-b.qcow2").click()
+    card = page.locator(".uppy-Dashboard-FileCard")
+    expect(card).to_contain_text("db-b.qcow2")
+    card.locator("#uppy-Dashboard-FileCard-input-image_name").fill("database-2024")
+    card.get_by_text("Save details").click()
+    expect(db.locator("td").nth(0)).to_have_text("database-2024")
+
+    page.click(".uppy-StatusBar-actionBtn--upload")
+    expect(page.locator("#upload-done .done-list li")).to_have_count(2)
+    sent = {u.filename: (u.name, u.disk_format, u.os_version, u.min_ram) for u in Upload.objects.all()}
+    assert sent == {
+        "web-a.raw": ("web-a", "raw", "Debian GNU/Linux 12 64bit", 2048),
+        "db-b.qcow2": ("database-2024", "qcow2", "Debian GNU/Linux 12 64bit", 2048),
+    }
+
+
+@pytest.mark.parametrize("size_mib", [60, 20], ids=["more-chunks-to-send", "last-chunk-in-flight"])
+def test_a_cancel_on_my_uploads_stops_the_file_and_nothing_starts_again(page, live_server, alice, tmp_path,
+                                                                        size_mib):
+    connect_cloud(alice)
+    page.goto(f"{live_server.url}/upload/")
+    creations = []
+    page.on("request", lambda r: creations.append(r.url) if r.method == "POST" and "/tus/" in r.url else None)
+    # Slow the upload page's sending down, so that the cancel comes while bytes are on the way.
+    network = page.context.new_cdp_session(page)
+    network.send("Network.enable")
+    network.send("Network.emulateNetworkConditions",
+                 {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 2 * MiB})
+    add_files(page, make_image(tmp_path / "big-disk.raw", size_mib * MiB))
+    page.click(".uppy-StatusBar-actionBtn--upload")
+    upload = wait_for(Upload.objects.first, what="the upload to be created")
+
+    # My uploads in another window of the same person's browser (same cookies).
+    my_uploads = page.context.browser.new_context(storage_state=page.context.storage_state()).new_page()
+    my_uploads.goto(f"{live_server.url}/uploads/")
+    my_uploads.once("dialog", lambda dialog: dialog.accept())
+    my_uploads.locator("li.upload", has_text="big-disk.raw").get_by_role("button", name="Cancel upload").click()
+    expect(my_uploads.locator(".messages")).to_contain_text("was cancelled")
+    upload.refresh_from_db()
+    assert upload.status == Status.CANCELLED and upload.received_bytes < upload.size
+    # The rest of the chunk on its way goes at full speed: the reply to it tells the page.
+    network.send("Network.emulateNetworkConditions",
+                 {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+
+    problems = page.locator("#upload-problems")
+    expect(problems).to_contain_text("big-disk.raw: Cancelled on My uploads", timeout=30_000)
+    expect(page.locator("#upload-announce")).to_contain_text("Cancelled on My uploads")
+    expect(page.locator(".uppy-Dashboard-Item.is-error")).to_have_count(1)
+    expect(page.locator("#upload-done")).to_be_hidden()
+    assert Upload.objects.count() == 1
+    assert len(creations) == 1, creations
+    expect_console_errors(page, "409 (Conflict)", "410 (Gone)", "tus: ")
+
+
+def test_connecting_from_the_upload_page_leads_back_to_it(page, live_server):
+    page.goto(f"{live_server.url}/upload/")
+    page.get_by_role("link", name="Connect cloud account").click()
+    page.fill("#id_domain", DEMO_DOMAIN)
+    page.fill("#id_user_name", DEMO_USER)
+    page.fill("#id_password", DEMO_PASSWORD)
+    page.fill("#id_project", DEMO_PROJECT_NAME)
+    page.get_by_role("button", name="Connect", exact=True).click()
+    page.wait_for_url(f"{live_server.url}/upload/")
+    expect(page.locator(".messages")).to_contain_text("Your cloud account is connected")
+    expect(page.locator(".uppy-Dashboard")).to_be_visible()
+
+    # A next that leads off the site is ignored: the person stays on the portal.
+    page.goto(f"{live_server.url}/cloud/?next=https://evil.example/")
+    page.get_by_text("Use another account or project").click()
+    page.fill("#id_password", DEMO_PASSWORD)
+    page.get_by_role("button", name="Connect", exact=True).click()
+    page.wait_for_url(f"{live_server.url}/cloud/")
+    page.get_by_role("link", name="Continue to Upload").click()
+    page.wait_for_url(f"{live_server.url}/upload/")
