@@ -7,6 +7,7 @@ No Celery worker: the tasks the portal would send are caught (task_queue), as th
 follow the browser's side only.
 """
 
+import re
 import shutil
 import subprocess
 
@@ -16,6 +17,7 @@ from playwright.sync_api import expect
 from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_NAME, DEMO_USER
 from tests.conftest import connect_cloud, make_image, wait_for
 from tests.test_browser import browser_page  # noqa: F401  (a fixture)
+from uploads import services
 from uploads.models import Status, Upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -91,42 +93,93 @@ def test_every_file_of_a_batch_shows_its_details_and_each_can_be_changed(page, l
     }
 
 
-@pytest.mark.parametrize("size_mib", [60, 20], ids=["more-chunks-to-send", "last-chunk-in-flight"])
-def test_a_cancel_on_my_uploads_stops_the_file_and_nothing_starts_again(page, live_server, alice, tmp_path,
-                                                                        size_mib):
-    connect_cloud(alice)
-    page.goto(f"{live_server.url}/upload/")
+def throttle(page, bytes_per_second: int):
+    """Slow the page's sending down (-1: full speed again), so that a test acts while bytes are
+    still on the way."""
+    if not hasattr(page, "network"):
+        page.network = page.context.new_cdp_session(page)
+        page.network.send("Network.enable")
+    page.network.send("Network.emulateNetworkConditions",
+                      {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": bytes_per_second})
+
+
+def count_creations(page) -> list:
     creations = []
     page.on("request", lambda r: creations.append(r.url) if r.method == "POST" and "/tus/" in r.url else None)
-    # Slow the upload page's sending down, so that the cancel comes while bytes are on the way.
-    network = page.context.new_cdp_session(page)
-    network.send("Network.enable")
-    network.send("Network.emulateNetworkConditions",
-                 {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 2 * MiB})
-    add_files(page, make_image(tmp_path / "big-disk.raw", size_mib * MiB))
+    return creations
+
+
+def start_slow_upload(page, live_server, path) -> Upload:
+    page.goto(f"{live_server.url}/upload/")
+    throttle(page, 2 * MiB)
+    add_files(page, path)
     page.click(".uppy-StatusBar-actionBtn--upload")
     upload = wait_for(Upload.objects.first, what="the upload to be created")
+    # Bytes on their way: the status bar's progress has moved.
+    expect(page.locator(".uppy-StatusBar-progress")).to_have_attribute("style", re.compile(r"width: *[1-9]"))
+    return upload
 
-    # My uploads in another window of the same person's browser (same cookies).
-    my_uploads = page.context.browser.new_context(storage_state=page.context.storage_state()).new_page()
-    my_uploads.goto(f"{live_server.url}/uploads/")
-    my_uploads.once("dialog", lambda dialog: dialog.accept())
-    my_uploads.locator("li.upload", has_text="big-disk.raw").get_by_role("button", name="Cancel upload").click()
-    expect(my_uploads.locator(".messages")).to_contain_text("was cancelled")
+
+def cancel_on_my_uploads(page, live_server, upload):
+    """What the Cancel button on My uploads sends, from the same browser (its cookies)."""
+    token = next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
+    response = page.request.post(f"{live_server.url}/uploads/{upload.uid}/cancel",
+                                 form={"csrfmiddlewaretoken": token}, max_redirects=0)
+    assert response.status == 302
     upload.refresh_from_db()
     assert upload.status == Status.CANCELLED and upload.received_bytes < upload.size
-    # The rest of the chunk on its way goes at full speed: the reply to it tells the page.
-    network.send("Network.emulateNetworkConditions",
-                 {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
 
-    problems = page.locator("#upload-problems")
-    expect(problems).to_contain_text("big-disk.raw: Cancelled on My uploads", timeout=30_000)
-    expect(page.locator("#upload-announce")).to_contain_text("Cancelled on My uploads")
+
+def expire(page, live_server, upload):
+    """What the portal does to an upload left unfinished too long."""
+    services.upload_expire(upload=upload)
+
+
+@pytest.mark.parametrize(("size_mib", "end", "says"), [
+    (60, cancel_on_my_uploads, "Cancelled on My uploads"),  # more chunks to send: PATCH 409, HEAD 410
+    (20, cancel_on_my_uploads, "Cancelled on My uploads"),  # the last chunk in flight: a success reply
+    (60, expire, "The portal stopped this upload: This upload was left unfinished"),  # PATCH 409, HEAD 410
+], ids=["cancel-more-chunks-to-send", "cancel-last-chunk-in-flight", "expired"])
+def test_an_upload_ended_while_sending_stops_with_why_and_nothing_starts_again(
+        page, live_server, alice, tmp_path, size_mib, end, says):
+    connect_cloud(alice)
+    creations = count_creations(page)
+    upload = start_slow_upload(page, live_server, make_image(tmp_path / "big-disk.raw", size_mib * MiB))
+
+    end(page, live_server, upload)
+    throttle(page, -1)  # the rest of the chunk on its way goes at full speed; the reply tells the page
+
+    expect(page.locator("#upload-problems")).to_contain_text(f"big-disk.raw: {says}", timeout=30_000)
+    expect(page.locator("#upload-announce")).to_contain_text(says)
     expect(page.locator(".uppy-Dashboard-Item.is-error")).to_have_count(1)
     expect(page.locator("#upload-done")).to_be_hidden()
     assert Upload.objects.count() == 1
     assert len(creations) == 1, creations
     expect_console_errors(page, "409 (Conflict)", "410 (Gone)", "tus: ")
+
+
+def test_a_file_added_again_after_its_upload_was_cancelled_is_not_sent_again_by_itself(
+        page, live_server, alice, tmp_path):
+    connect_cloud(alice)
+    image = make_image(tmp_path / "big-disk.raw", 60 * MiB)
+    upload = start_slow_upload(page, live_server, image)
+    page.once("dialog", lambda dialog: dialog.accept())  # "Leave the page?" while it sends: yes
+    page.goto(f"{live_server.url}/uploads/")
+    cancel_on_my_uploads(page, live_server, upload)
+
+    creations = count_creations(page)
+    throttle(page, -1)
+    page.goto(f"{live_server.url}/upload/")
+    add_files(page, image)
+    page.click(".uppy-StatusBar-actionBtn--upload")  # tus finds the earlier upload and asks (HEAD 410)
+    expect(page.locator("#upload-problems")).to_contain_text("big-disk.raw: Cancelled on My uploads")
+    assert Upload.objects.count() == 1 and creations == []
+
+    page.locator(".uppy-StatusBar").get_by_role("button", name="Retry").click()  # now knowingly
+    expect(page.locator("#upload-done .done-list li")).to_have_count(1, timeout=30_000)
+    assert list(Upload.objects.order_by("pk").values_list("status", flat=True)) == [Status.CANCELLED,
+                                                                                     Status.RECEIVED]
+    expect_console_errors(page, "410 (Gone)", "tus: ")
 
 
 def test_connecting_from_the_upload_page_leads_back_to_it(page, live_server):
