@@ -158,6 +158,34 @@ def test_an_upload_ended_while_sending_stops_with_why_and_nothing_starts_again(
     expect_console_errors(page, "409 (Conflict)", "410 (Gone)", "tus: ")
 
 
+@pytest.mark.parametrize("replies", [
+    {"PATCH": [409]},  # a wrong offset: tus asks where the upload stands and goes on from there
+    {"PATCH": [423]},  # another request was writing
+    {"PATCH": [409], "HEAD": [503]},  # the portal was down for a moment
+    {"PATCH": [409], "HEAD": [423]},
+], ids=["patch-409", "patch-423", "head-503", "head-423"])
+def test_a_passing_refusal_is_tried_again_on_the_same_upload(page, live_server, alice, tmp_path, replies):
+    connect_cloud(alice)
+    creations = count_creations(page)
+
+    def reply_once(route):
+        planned = replies.get(route.request.method)
+        if planned:
+            route.fulfill(status=planned.pop(0), headers={"Tus-Resumable": "1.0.0"}, body="")
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/tus/[0-9a-f-]{36}$"), reply_once)
+    page.goto(f"{live_server.url}/upload/")
+    add_files(page, make_image(tmp_path / "disk.raw", MiB))
+    page.click(".uppy-StatusBar-actionBtn--upload")
+    expect(page.locator("#upload-done .done-list li")).to_have_count(1)
+    assert replies == {method: [] for method in replies}
+    assert Upload.objects.get().received_bytes == MiB and len(creations) == 1
+    expect(page.locator("#upload-problems")).to_be_hidden()
+    expect_console_errors(page, "Failed to load resource", "tus: ")
+
+
 def test_a_file_added_again_after_its_upload_was_cancelled_is_not_sent_again_by_itself(
         page, live_server, alice, tmp_path):
     connect_cloud(alice)

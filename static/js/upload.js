@@ -256,10 +256,14 @@
     return status === 423 || status === 429 || status >= 500
   }
 
+  function refusedHead (error) {
+    return (error && error.causingError && error.causingError.refusedContinuation) || null
+  }
+
   // {url, status} of a refused HEAD or PATCH of an upload this page was continuing, else null.
   function refusedContinuation (error) {
     if (!error) return null
-    if (error.causingError && error.causingError.refusedContinuation) return error.causingError.refusedContinuation
+    if (refusedHead(error)) return refusedHead(error)
     var req = error.originalRequest
     var res = error.originalResponse
     if (req && res && req.getMethod() === 'PATCH') return { url: req.getURL(), status: res.getStatus() }
@@ -412,7 +416,7 @@
     // Tus decides whether to try again (network trouble, 5xx, 409, 423); we only say so. A
     // refused HEAD is final unless the portal was only busy or down for a moment.
     onShouldRetry: function (error, attempt, options, next) {
-      var refusal = refusedContinuation(error)
+      var refusal = refusedHead(error)
       if (refusal && !passing(refusal.status)) return false
       var again = next(error)
       if (again) retryingNote.hidden = false
