@@ -65,24 +65,25 @@ def test_every_file_of_a_batch_shows_its_details_and_each_can_be_changed(page, l
     expect(rows).to_have_count(2)
     web, db = rows.filter(has_text="web-a.raw"), rows.filter(has_text="db-b.qcow2")
     for row, name, disk_format in [(web, "web-a", "RAW"), (db, "db-b", "QCOW2")]:
-        expect(row.locator("td").nth(0)).to_have_text(name)
-        expect(row.locator("td").nth(1)).to_have_text(disk_format)
-        expect(row.locator("td").nth(2)).to_have_text("Not set")  # the OS version
+        expect(row.locator(".file-table__name")).to_have_text(name)
+        expect(row.locator("td").nth(0)).to_have_text(disk_format)
+        expect(row.locator("td").nth(1)).to_have_text("Not set")  # the OS version
 
     page.get_by_label("OS version", exact=True).fill("Debian GNU/Linux 12 64bit")
     page.get_by_label("Min RAM (MB)", exact=True).fill("2048")
     page.get_by_role("button", name="Apply to all files").click()
     expect(page.locator("#apply-all-status")).to_have_text("OS version, Min RAM: set for each file in the list (2).")
     for row in (web, db):
-        expect(row.locator("td").nth(2)).to_have_text("Debian GNU/Linux 12 64bit")
-        expect(row.locator("td").nth(4)).to_have_text("2048")
+        expect(row.locator("td").nth(1)).to_have_text("Debian GNU/Linux 12 64bit")
+        expect(row.locator("td").nth(3)).to_have_text("2048")
 
     db.get_by_role("button", name="Edit the details of db-b.qcow2").click()
     card = page.locator(".uppy-Dashboard-FileCard")
     expect(card).to_contain_text("db-b.qcow2")
     card.locator("#uppy-Dashboard-FileCard-input-image_name").fill("database-2024")
     card.get_by_text("Save details").click()
-    expect(db.locator("td").nth(0)).to_have_text("database-2024")
+    expect(db.locator(".file-table__name")).to_have_text("database-2024")
+    expect(db.get_by_role("button", name="Edit the details of db-b.qcow2")).to_be_focused()  # back where it was
 
     page.click(".uppy-StatusBar-actionBtn--upload")
     expect(page.locator("#upload-done .done-list li")).to_have_count(2)

@@ -542,11 +542,17 @@
 
   function newRow (file) {
     var tr = document.createElement('tr')
-    var name = document.createElement('th')
-    name.scope = 'row'
-    name.className = 'file-table__file'
-    tr.appendChild(name)
-    for (var i = 0; i < 6; i++) cell(tr, '')
+    var head = document.createElement('th')
+    head.scope = 'row'
+    var name = document.createElement('span')
+    name.className = 'file-table__name'
+    var fileName = document.createElement('span')
+    fileName.className = 'file-table__filename'
+    fileName.textContent = file.name
+    head.appendChild(name)
+    head.appendChild(fileName)
+    tr.appendChild(head)
+    for (var i = 0; i < 5; i++) cell(tr, '')
     var actions = document.createElement('td')
     var edit = document.createElement('button')
     edit.type = 'button'
@@ -556,7 +562,7 @@
     hidden.className = 'visually-hidden'
     hidden.textContent = ' the details of ' + file.name
     edit.appendChild(hidden)
-    edit.addEventListener('click', function () { openEditor(file.id) })
+    edit.addEventListener('click', function () { openEditor(file.id, edit) })
     actions.appendChild(edit)
     tr.appendChild(actions)
     return tr
@@ -565,13 +571,12 @@
   function fillRow (tr, file) {
     var meta = file.meta
     var cells = tr.children
-    setCell(cells[0], file.name)
-    setCell(cells[1], meta.image_name, 'Not set')
-    setCell(cells[2], formatLabel(meta.disk_format), 'Not chosen')
-    setCell(cells[3], meta.os_version, 'Not set')
-    setCell(cells[4], String(meta.min_disk || ''), 'From the file')
-    setCell(cells[5], String(meta.min_ram || ''), 'Not set')
-    setCell(cells[6], meta.tags, 'None')
+    setCell(cells[0].firstChild, meta.image_name, 'No name')
+    setCell(cells[1], formatLabel(meta.disk_format), 'Not chosen')
+    setCell(cells[2], meta.os_version, 'Not set')
+    setCell(cells[3], String(meta.min_disk || ''), 'Not set')
+    setCell(cells[4], String(meta.min_ram || ''), 'Not set')
+    setCell(cells[5], meta.tags, 'None')
   }
 
   function showDetailsList () {
@@ -597,10 +602,20 @@
     detailsBox.hidden = waiting.length === 0
   }
 
-  function openEditor (fileId) {
+  var editedFrom = null // the Edit button that opened the editor, to go back to
+
+  function openEditor (fileId, button) {
+    editedFrom = button
     uppy.getPlugin('Dashboard').toggleFileCard(true, fileId)
     root.scrollIntoView({ block: 'start', behavior: 'smooth' })
   }
+
+  uppy.on('dashboard:file-edit-complete', function () {
+    var button = editedFrom
+    editedFrom = null
+    // After the Dashboard has drawn the file list again (it moves the focus there).
+    if (button) setTimeout(function () { if (button.isConnected) button.focus() }, 0)
+  })
 
   // The values to apply, or a sentence saying what is wrong with them.
   function valuesToApply () {
