@@ -136,11 +136,17 @@ def expire(page, live_server, upload):
     services.upload_expire(upload=upload)
 
 
+def remove(page, live_server, upload):
+    """An administrator deletes the upload."""
+    upload.delete()
+
+
 @pytest.mark.parametrize(("size_mib", "end", "says"), [
     (60, cancel_on_my_uploads, "Cancelled on My uploads"),  # more chunks to send: PATCH 409, HEAD 410
     (20, cancel_on_my_uploads, "Cancelled on My uploads"),  # the last chunk in flight: a success reply
     (60, expire, "The portal stopped this upload: This upload was left unfinished"),  # PATCH 409, HEAD 410
-], ids=["cancel-more-chunks-to-send", "cancel-last-chunk-in-flight", "expired"])
+    (60, remove, "This upload is no longer in the portal."),  # PATCH 404
+], ids=["cancel-more-chunks-to-send", "cancel-last-chunk-in-flight", "expired", "removed"])
 def test_an_upload_ended_while_sending_stops_with_why_and_nothing_starts_again(
         page, live_server, alice, tmp_path, size_mib, end, says):
     connect_cloud(alice)
@@ -154,9 +160,9 @@ def test_an_upload_ended_while_sending_stops_with_why_and_nothing_starts_again(
     expect(page.locator("#upload-announce")).to_contain_text(says)
     expect(page.locator(".uppy-Dashboard-Item.is-error")).to_have_count(1)
     expect(page.locator("#upload-done")).to_be_hidden()
-    assert Upload.objects.count() == 1
+    assert Upload.objects.exclude(pk=upload.pk).count() == 0
     assert len(creations) == 1, creations
-    expect_console_errors(page, "409 (Conflict)", "410 (Gone)", "tus: ")
+    expect_console_errors(page, "404 (Not Found)", "409 (Conflict)", "410 (Gone)", "tus: ")
 
 
 @pytest.mark.parametrize("replies", [

@@ -41,7 +41,6 @@ UPLOAD_PAGE_WORDS = {
     "failed": "The portal stopped this upload:",
     "removed": "This upload is no longer in the portal.",
     "elsewhere": "This file already reached the portal from another page; follow it on My uploads.",
-    "unknown": "The portal stopped this upload. See My uploads for why.",
     "checking": "Stopped; asking the portal why…",
     "start_again": "To upload the file again from the start, press Retry; or remove it from the list.",
     "add_again": "To upload it again, remove it from the list and add it again.",

@@ -130,6 +130,8 @@
     }
   }
 
+  var SIGNED_OUT = 'The portal refused the file because your sign-in has ended. Reload this page (sign in again if asked) and add the file again; it continues where it stopped.'
+
   /* The tus server refuses with a plain-text reason written for people ("Tag “x” is not valid…",
      "Connect your cloud account first…"): show it as it is. Anything else gets plain words. */
   function reasonFor (error, response) {
@@ -150,9 +152,7 @@
     if (!status) {
       return 'The connection to the portal was lost. Check your network, then press Retry: the upload continues where it stopped.'
     }
-    if (status === 403) {
-      return 'The portal refused the file because your sign-in has ended. Reload this page (sign in again if asked) and add the file again; it continues where it stopped.'
-    }
+    if (status === 403) return SIGNED_OUT
     if (status === 413) return 'The file is 128 GB or larger; IMS takes only smaller images.'
     return 'The portal could not take this file just now (error ' + status + '). Press Retry; if it keeps happening, tell your portal administrator.'
   }
@@ -301,23 +301,30 @@
     }
   }
 
-  // What became of upload `uid`, from its live status: a sentence, or '' while it is receiving.
+  /* What became of upload `uid`, from its live status: {over: true, text, again, gone} when it
+     ended (`again`: Retry can start it afresh; `gone`: its bytes are not in the portal),
+     {over: false} while it is still receiving (`signedOut`: the session ended, so the portal
+     would not say), or null when the portal cannot tell. Only an ended upload is forgotten. */
   function whatBecameOf (uid) {
-    if (!uid) return Promise.resolve(words.unknown)
+    if (!uid) return Promise.resolve(null)
     return fetch(root.dataset.statusUrl.replace(ZERO_UUID, uid), {
       credentials: 'same-origin',
+      redirect: 'manual', // to the sign-in page: the session ended, which says nothing of the upload
       headers: { Accept: 'application/json' }
     }).then(function (res) {
-      if (res.status === 404) return words.removed
-      if (!res.ok) return words.unknown
+      if (res.type === 'opaqueredirect') return { over: false, signedOut: true }
+      if (res.status === 404) return { over: true, gone: true, text: words.removed, again: true }
+      if (!res.ok) return null
       return res.json().then(function (upload) {
-        if (upload.status === 'receiving') return ''
-        if (upload.status === 'cancelled') return words.cancelled
-        if (upload.status === 'failed') return (words.failed + ' ' + (upload.error_message || '')).trim()
-        return words.elsewhere
+        if (upload.status === 'receiving') return { over: false }
+        if (upload.status === 'cancelled') return { over: true, gone: true, text: words.cancelled, again: true }
+        if (upload.status === 'failed') {
+          return { over: true, text: (words.failed + ' ' + (upload.error_message || '')).trim(), again: true }
+        }
+        return { over: true, text: words.elsewhere, again: false }
       })
     }).catch(function () {
-      return words.unknown
+      return null
     })
   }
 
@@ -328,17 +335,22 @@
     announce(file.name + ': ' + text)
   }
 
-  /* The portal refused to go on with this file's upload. Ask what became of it; unless it is
-     still receiving (then Retry continues it), it is over: forget it and say why. */
-  function endedUpload (file, refusal, stillReceiving) {
+  /* The portal refused to go on with this file's upload. Ask what became of it: if it ended,
+     forget it and say why; else (still receiving, or no answer) report the refusal as any other
+     error, keeping the upload for Retry to continue. */
+  function endedUpload (file, refusal, otherwise) {
     uppy.setFileState(file.id, { error: words.checking })
-    whatBecameOf(uidOf(refusal.url)).then(function (text) {
-      if (!text) {
-        stillReceiving()
+    whatBecameOf(uidOf(refusal.url)).then(function (fate) {
+      if (fate && fate.signedOut) {
+        stopFile(file, SIGNED_OUT)
+        return
+      }
+      if (!fate || !fate.over) {
+        otherwise()
         return
       }
       forgetUpload(file, refusal.url)
-      stopFile(file, text === words.elsewhere ? text : text + ' ' + words.start_again)
+      stopFile(file, fate.again ? fate.text + ' ' + words.start_again : fate.text)
     })
   }
 
@@ -494,9 +506,9 @@
     if (!file) return
     clearProblem(file.id)
     var uid = uidOf(response && response.uploadURL)
-    whatBecameOf(uid).then(function (text) {
-      if (text === words.cancelled || text === words.removed) {
-        stopFile(file, text + ' ' + words.add_again)
+    whatBecameOf(uid).then(function (fate) {
+      if (fate && fate.gone) {
+        stopFile(file, fate.text + ' ' + words.add_again)
       } else {
         showDone(file, uid)
       }
