@@ -156,8 +156,8 @@ def test_an_upload_ended_while_sending_stops_with_why_and_nothing_starts_again(
     end(page, live_server, upload)
     throttle(page, -1)  # the rest of the chunk on its way goes at full speed; the reply tells the page
 
-    expect(page.locator("#upload-problems")).to_contain_text(f"big-disk.raw: {says}", timeout=30_000)
-    expect(page.locator("#upload-announce")).to_contain_text(says)
+    # In a role=alert region: read out when it appears.
+    expect(page.locator("#upload-problems[role=alert]")).to_contain_text(f"big-disk.raw: {says}", timeout=30_000)
     expect(page.locator(".uppy-Dashboard-Item.is-error")).to_have_count(1)
     expect(page.locator("#upload-done")).to_be_hidden()
     assert Upload.objects.exclude(pk=upload.pk).count() == 0

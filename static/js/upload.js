@@ -19,7 +19,6 @@
   var doneBox = document.getElementById('upload-done')
   var doneList = doneBox.querySelector('.done-list')
   var retryingNote = document.getElementById('upload-retrying')
-  var announcer = document.getElementById('upload-announce')
   var problems = new Map() // key -> <li>
 
   if (!window.Uppy || !window.Uppy.Uppy) {
@@ -106,10 +105,6 @@
     Array.from(problems.keys()).forEach(function (key) {
       if (key.indexOf('refused:') === 0) clearProblem(key)
     })
-  }
-
-  function announce (text) {
-    announcer.textContent = text
   }
 
   function showDone (file, uid) {
@@ -331,8 +326,7 @@
   function stopFile (file, text) {
     if (!uppy.getFile(file.id)) return
     uppy.setFileState(file.id, { error: text })
-    showProblem(file.id, text, file.name)
-    announce(file.name + ': ' + text)
+    showProblem(file.id, text, file.name) // in a role=alert region: read out when it appears
   }
 
   /* The portal refused to go on with this file's upload. Ask what became of it: if it ended,
