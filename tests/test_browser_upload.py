@@ -70,7 +70,13 @@ def test_every_file_of_a_batch_shows_its_details_and_each_can_be_changed(page, l
         expect(row.locator("td").nth(1)).to_have_text("Not set")  # the OS version
 
     page.get_by_label("OS version", exact=True).fill("Debian GNU/Linux 12 64bit")
-    page.get_by_label("Min RAM (MB)", exact=True).fill("2048")
+    min_ram = page.get_by_label("Min RAM (MB)", exact=True)
+    min_ram.fill("99999999")  # over the limit the server sets: nothing is applied
+    page.get_by_role("button", name="Apply to all files").click()
+    expect(page.locator("#apply-all-status")).to_contain_text("Min RAM: ")
+    expect(min_ram).to_have_attribute("aria-invalid", "true")
+    expect(web.locator("td").nth(1)).to_have_text("Not set")
+    min_ram.fill("2048")
     page.get_by_role("button", name="Apply to all files").click()
     expect(page.locator("#apply-all-status")).to_have_text("OS version, Min RAM: set for each file in the list (2).")
     for row in (web, db):

@@ -623,14 +623,16 @@
     if (button) setTimeout(function () { if (button.isConnected) button.focus() }, 0)
   })
 
-  // The values to apply, or a sentence saying what is wrong with them.
+  // The values to apply, or a sentence saying what is wrong with them (that field is marked).
   function valuesToApply () {
     var values = {}
     var problem = ''
     APPLY_FIELDS.forEach(function (field) {
       var input = applyForm.elements[field.id]
       var value = input.value.trim()
+      input.setAttribute('aria-invalid', String(!input.validity.valid))
       if (!input.validity.valid) {
+        if (!problem) input.focus()
         problem = problem || (field.label + ': ' + input.validationMessage)
       } else if (value) {
         values[field.id] = value
@@ -662,6 +664,7 @@
   })
 
   uppy.on('state-update', showDetailsList)
+  uppy.on('files-added', function () { applyStatus.textContent = '' }) // it spoke of the files before
 
   // Closing the page stops bytes in flight; warn while a file is still on its way to the portal.
   window.addEventListener('beforeunload', function (event) {
