@@ -1,4 +1,4 @@
-# One image for web, worker and beat (docker-compose.yml gives each its command).
+# One image for web, ingest, worker, beat and flower (docker-compose.yml gives each its command).
 
 # Uppy comes from the npm registry; only its built files go into the final image.
 FROM node:22-bookworm-slim AS uppy
@@ -22,11 +22,13 @@ RUN useradd --system --create-home --uid 10001 portal
 WORKDIR /app
 
 COPY requirements.txt ./
-RUN pip install -r requirements.txt
+# Flower (the workers' dashboard, docker compose --profile flower) only in the image.
+RUN pip install -r requirements.txt "flower==2.2.0"
 
 COPY . .
 COPY --from=uppy /build/node_modules/uppy/dist node_modules/uppy/dist
-RUN python manage.py collectstatic --noinput -v 0
+# Owned by portal: compose's `static` step copies them again into the proxy's volume at each start.
+RUN python manage.py collectstatic --noinput -v 0 && chown -R portal:portal staticfiles
 
 # Owned by portal: an empty named volume mounted here takes this owner when first used.
 RUN mkdir -p /data/staging && chown portal:portal /data/staging

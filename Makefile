@@ -23,10 +23,11 @@ NPM_STAMP := node_modules/.installed
 STATIC_STAMP := staticfiles/.collected
 STATIC_SOURCES := $(shell find static -type f 2>/dev/null)
 
-.PHONY: help setup run test screenshots migrate lint clean distclean
+.PHONY: help setup run run-prod test screenshots migrate lint clean distclean
 
 help:
 	@echo "make run        start the portal with Redis, the IMS simulator, worker and beat (Ctrl-C stops all)"
+	@echo "make run-prod   the same in the production layout: nginx (https://127.0.0.1:8443), web and ingest pools"
 	@echo "make test       run the tests ($(PYTEST); extra options in ARGS=...)"
 	@echo "make setup      create $(VENV), install Python and npm packages, collect static files"
 	@echo "make screenshots  refresh docs/screenshots/ from a real browser run"
@@ -61,11 +62,19 @@ $(STATIC_STAMP): $(PIP_STAMP) $(NPM_STAMP) $(STATIC_SOURCES)
 run: setup
 	@$(PY) tools/devserver.py
 
-# Chromium (browser tests) and qemu-img (image inspection) come from Debian; installed when
-# missing and root, otherwise a warning. Redis: tools/ensure_redis.py starts one for the run if
-# none answers at TEST_REDIS_URL. Without DATABASE_URL the tests use SQLite (.ci/run sets PostgreSQL).
+# The production layout on this machine (docker-compose.yml's, without Docker): Debian's nginx
+# in front with deploy/nginx/'s config and a self-signed certificate, /tus/ to an ingest
+# gunicorn, the rest to a web gunicorn. nginx is installed with apt-get when missing and root.
+run-prod: setup
+	@tools/apt_ensure.sh nginx:nginx
+	@$(PY) tools/prodserver.py
+
+# Chromium (browser tests), qemu-img (image inspection) and nginx (tests/test_nginx.py) come
+# from Debian; installed when missing and root, otherwise a warning (and those tests skip).
+# Redis: tools/ensure_redis.py starts one for the run if none answers at TEST_REDIS_URL.
+# Without DATABASE_URL the tests use SQLite (.ci/run sets PostgreSQL).
 test: setup
-	@tools/apt_ensure.sh --optional chromium:chromium qemu-utils:qemu-img
+	@tools/apt_ensure.sh --optional chromium:chromium qemu-utils:qemu-img nginx:nginx
 	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- $(PYTEST) $(ARGS)
 
 # Refresh the README's screenshots from a real browser run (tests/test_browser.py).

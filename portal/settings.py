@@ -202,7 +202,17 @@ WHITENOISE_USE_FINDERS = DEBUG
 UPLOAD_MAX_BYTES = 128 * 1024**3 - 1  # IMS takes files under 128 GB (137438953472 bytes).
 # The disk formats the target's POST /v2/images takes; files in other formats are converted to qcow2.
 IMS_DISK_FORMATS = env_list("IMS_DISK_FORMATS", "qcow2,vhd,raw,zvhd2")
+# An unfinished browser upload expires this long after it was created (sending more bytes does
+# not push it back, so that a trickle cannot hold staging space for ever).
 TUS_UPLOAD_EXPIRY_SECONDS = int(os.environ.get("TUS_UPLOAD_EXPIRY_SECONDS", 7 * 24 * 3600))
+# What one person may hold in staging at once: unfinished uploads (neither ready nor cancelled)
+# whose staged file is still there, counted and summed by their declared sizes. Without a limit,
+# one person created 1,000 uploads of 100 GB in 2.3 s, and 1 GiB lands in staging in 0.6 s.
+UPLOAD_MAX_UNFINISHED_PER_USER = int(os.environ.get("UPLOAD_MAX_UNFINISHED_PER_USER", 20))
+UPLOAD_MAX_UNFINISHED_BYTES_PER_USER = int(os.environ.get("UPLOAD_MAX_UNFINISHED_BYTES_PER_USER", 1024**4))
+# A new upload is refused while the staging disk has less free space than its size plus this
+# reserve, which stays for conversions, the database and the logs on the same disk.
+STAGING_FREE_RESERVE_BYTES = int(os.environ.get("STAGING_FREE_RESERVE_BYTES", 5 * 1024**3))
 # How long the staged copy of an image that is ready in IMS is kept (to compare, or send again).
 STAGING_RETENTION_HOURS = float(os.environ.get("STAGING_RETENTION_HOURS", 24))
 UPLOAD_POLL_SECONDS = float(os.environ.get("UPLOAD_POLL_SECONDS", 5))

@@ -218,6 +218,7 @@ class FaultStack:
             "DEBUG": "0",
             "ALLOWED_HOSTS": "127.0.0.1",
             "UPLOAD_POLL_SECONDS": "0.5",
+            "STAGING_FREE_RESERVE_BYTES": "0",  # the small staging disk is all for the tests
             "RECONCILE_EVERY_SECONDS": str(RECONCILE_EVERY_SECONDS),
             "RECONCILE_GRACE_SECONDS": str(RECONCILE_GRACE_SECONDS),
             **push_timing(),

@@ -127,39 +127,44 @@ def start_slow_upload(page, live_server, path) -> Upload:
     return upload
 
 
-def cancel_on_my_uploads(page, live_server, upload):
-    """What the Cancel button on My uploads sends, from the same browser (its cookies)."""
+def cancel_on_my_uploads(page, live_server, upload) -> str:
+    """What the Cancel button on My uploads sends, from the same browser (its cookies).
+    Returns what the upload page is to say."""
     token = next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
     response = page.request.post(f"{live_server.url}/uploads/{upload.uid}/cancel",
                                  form={"csrfmiddlewaretoken": token}, max_redirects=0)
     assert response.status == 302
     upload.refresh_from_db()
     assert upload.status == Status.CANCELLED and upload.received_bytes < upload.size
+    return "Cancelled on My uploads"
 
 
-def expire(page, live_server, upload):
+def expire(page, live_server, upload) -> str:
     """What the portal does to an upload left unfinished too long."""
     services.upload_expire(upload=upload)
+    upload.refresh_from_db()
+    return f"The portal stopped this upload: {upload.error_message}"
 
 
-def remove(page, live_server, upload):
+def remove(page, live_server, upload) -> str:
     """An administrator deletes the upload."""
     upload.delete()
+    return "This upload is no longer in the portal."
 
 
-@pytest.mark.parametrize(("size_mib", "end", "says"), [
-    (60, cancel_on_my_uploads, "Cancelled on My uploads"),  # more chunks to send: PATCH 409, HEAD 410
-    (20, cancel_on_my_uploads, "Cancelled on My uploads"),  # the last chunk in flight: a success reply
-    (60, expire, "The portal stopped this upload: This upload was left unfinished"),  # PATCH 409, HEAD 410
-    (60, remove, "This upload is no longer in the portal."),  # PATCH 404
+@pytest.mark.parametrize(("size_mib", "end"), [
+    (60, cancel_on_my_uploads),  # more chunks to send: PATCH 409, HEAD 410
+    (20, cancel_on_my_uploads),  # the last chunk in flight: a success reply
+    (60, expire),  # PATCH 409, HEAD 410
+    (60, remove),  # PATCH 404
 ], ids=["cancel-more-chunks-to-send", "cancel-last-chunk-in-flight", "expired", "removed"])
 def test_an_upload_ended_while_sending_stops_with_why_and_nothing_starts_again(
-        page, live_server, alice, tmp_path, size_mib, end, says):
+        page, live_server, alice, tmp_path, size_mib, end):
     connect_cloud(alice)
     creations = count_creations(page)
     upload = start_slow_upload(page, live_server, make_image(tmp_path / "big-disk.raw", size_mib * MiB))
 
-    end(page, live_server, upload)
+    says = end(page, live_server, upload)
     throttle(page, -1)  # the rest of the chunk on its way goes at full speed; the reply tells the page
 
     # In a role=alert region: read out when it appears.

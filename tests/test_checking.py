@@ -55,8 +55,8 @@ def test_a_qcow2_is_checked_sent_as_is_and_min_disk_covers_its_disk(alice_connec
     [stored] = sim.images()
     assert stored["checksum"] == hashlib.md5(image.read_bytes()).hexdigest()
     messages = [e.message for e in upload.events.all()]
-    assert any(m.startswith("Checked the file: a QCOW2 disk") for m in messages)
-    assert "Min disk set to 4 GB: the disk inside the file is that large" in messages
+    assert "Checked the file: a QCOW2 disk of 3.0 GB" in messages
+    assert "Min disk raised to 4 GB from 1 GB to hold the disk inside the file (3.0 GB)" in messages
 
 
 def test_a_vmdk_is_converted_to_qcow2_first(alice_connected, sim, disk, tmp_path, staging_dir):
@@ -84,7 +84,7 @@ def test_a_mislabelled_file_is_refused_with_a_one_click_fix(alice_connected, sim
     upload = received(alice_connected, image, "vmdk")
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
-    assert upload.status == Status.FAILED and upload.error_code == "format_mismatch"
+    assert upload.status == Status.REFUSED and upload.error_code == "format_mismatch"
     assert upload.error_message == "This file is a QCOW2 disk, not VMDK — upload it as QCOW2?"
     assert ims_requests(sim) == []  # refused before any request to IMS
 
@@ -116,10 +116,50 @@ def test_a_qcow2_pointing_at_a_server_file_is_refused_before_any_request(alice_c
     upload = received(alice_connected, image, "qcow2")
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
-    assert upload.status == Status.FAILED and upload.error_code == "backing_file"
+    assert upload.status == Status.REFUSED and upload.error_code == "backing_file"
     assert "/etc/passwd" not in upload.error_message  # technical detail is for admins only
     assert any("/etc/passwd" in e.detail for e in upload.events.all())
     assert ims_requests(sim) == []
+
+
+@pytest.mark.parametrize("second", ["shadow", "neighbour", "./neighbour", "NEIGHBOUR", "own server name",
+                                    "absolute neighbour"])
+def test_a_vmdk_naming_a_second_extent_never_reaches_qemu_img_nor_ims(alice_connected, bob, sim, tmp_path,
+                                                                    staging_dir, monkeypatch, second):
+    """Issue 14: a monolithicSparse VMDK whose descriptor adds `RW 2048 FLAT "<name>" 0` to its
+    own extent, the name pointing next to it in staging (another person's upload)."""
+    from tests.test_inspect import replace_embedded_descriptor, vmdk_descriptor
+
+    neighbour = services.upload_create(owner=bob, size=6, filename="theirs.raw", name="theirs",
+                                       disk_format="raw", min_disk=0)
+    services.upload_receive(upload=neighbour, offset=0, stream=io.BytesIO(b"theirs"), length=6)
+    sparse = tmp_path / "sparse.vmdk"
+    qemu_img("create", "-f", "vmdk", sparse, "4M")  # 8192 sectors
+    data = sparse.read_bytes()
+    upload = services.upload_create(owner=alice_connected, size=len(data), filename="two-extents.vmdk",
+                                    name="two-extents", disk_format="vmdk", min_disk=0)
+    name = {"neighbour": neighbour.staged_name, "./neighbour": f"./{neighbour.staged_name}",
+            "NEIGHBOUR": neighbour.staged_name.upper(), "own server name": upload.staged_name,
+            "absolute neighbour": str(staging_dir / neighbour.staged_name)}.get(second, second)
+    extents = f'RW 8192 SPARSE "two-extents.vmdk"\nRW 2048 FLAT "{name}" 0'
+    replace_embedded_descriptor(sparse, tmp_path / "two-extents.vmdk", vmdk_descriptor(extents))
+    hostile = (tmp_path / "two-extents.vmdk").read_bytes()
+    services.upload_receive(upload=upload, offset=0, stream=io.BytesIO(hostile), length=len(hostile))
+
+    def no_qemu_img(*args, **kwargs):
+        raise AssertionError("qemu-img ran on the hostile file")
+
+    monkeypatch.setattr(services.inspect, "_run_limited", no_qemu_img)
+    monkeypatch.setattr(services.inspect, "_run_with_progress", no_qemu_img)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.REFUSED and upload.error_code == "data_file", upload.error_message
+    assert upload.error_message == (
+        "This disk image keeps its data in other files, so the file you chose is not the whole disk."
+    )
+    assert name not in upload.error_message + upload.error_hint
+    assert ims_requests(sim) == []
+    assert (staging_dir / neighbour.staged_name).read_bytes() == b"theirs"
 
 
 def test_random_bytes_named_qcow2_are_refused(alice_connected, sim, tmp_path):
@@ -128,7 +168,7 @@ def test_random_bytes_named_qcow2_are_refused(alice_connected, sim, tmp_path):
     upload = received(alice_connected, image, "qcow2")
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
-    assert upload.status == Status.FAILED
+    assert upload.status == Status.REFUSED
     assert "QCOW2" in upload.error_message and upload.error_hint
     assert ims_requests(sim) == []
 
@@ -209,6 +249,7 @@ def small_staging_disk(tmp_path, settings):
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     settings.STORAGES = {**settings.STORAGES, "staging": {
         "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(folder)}}}
+    settings.STAGING_FREE_RESERVE_BYTES = 0  # the whole small disk is for the test
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
 
@@ -252,3 +293,15 @@ def test_ims_storing_something_else_fails_the_upload_and_deletes_the_image(alice
     assert upload.status == Status.FAILED and upload.error_code == "checksum_mismatch"
     assert upload.error_message == "The cloud stored something other than what you uploaded."
     assert upload.can_retry and sim.images() == []
+
+
+def test_small_disks_are_described_in_human_sizes(alice_connected, sim, tmp_path):
+    image = tmp_path / "tiny.qcow2"
+    qemu_img("create", "-f", "qcow2", image, "16M")
+    upload = received(alice_connected, image, "qcow2")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY, upload.error_message
+    messages = [e.message for e in upload.events.all()]
+    assert "Checked the file: a QCOW2 disk of 16 MB" in messages
+    assert "Min disk raised to 1 GB, the smallest the cloud takes: the disk inside the file is 16 MB" in messages

@@ -50,7 +50,7 @@ def test_a_good_image_ends_ready_in_the_simulator(sample, corpus, alice_connecte
 @pytest.mark.parametrize("sample", REFUSED, ids=str)
 def test_a_bad_image_is_refused_before_any_request_to_ims(sample, corpus, alice_connected, sim):  # noqa: F811
     upload = pushed(alice_connected, corpus / sample.file, sample.declared)
-    assert upload.status == Status.FAILED
+    assert upload.status == Status.REFUSED
     assert upload.error_code == sample.problem
     assert upload.error_message and upload.error_hint
     assert [r for r in sim.requests_seen() if r["path"].startswith("/v2")] == []

@@ -22,7 +22,7 @@ def tus_upload(live_server, client, path, **metadata) -> Upload:
 def wait_until_finished(upload: Upload, timeout: float = 60) -> Upload:
     def finished():
         upload.refresh_from_db()
-        return upload.status in {Status.READY, Status.FAILED, Status.RECONNECT, Status.CANCELLED}
+        return upload.status in {Status.READY, Status.FAILED, Status.REFUSED, Status.RECONNECT, Status.CANCELLED}
 
     wait_for(finished, timeout=timeout, interval=0.2, what=f"upload {upload.uid} to finish")
     return upload

@@ -368,9 +368,13 @@ def test_a_full_staging_disk_refuses_the_chunk_clearly_and_the_upload_resumes_on
     if not stack.small_disk:
         pytest.skip(stack.small_disk_missing)
     path = make_image(tmp_path / "big.raw", 10 * MiB)
-    stack.fill_staging(leave_free=6 * MiB)
     # Chunks larger than the room left (the upload page sends 50 MiB chunks).
     first = uploader(stack, client, path, chunk_size=4 * MiB)
+    first.set_url(first.create_url())  # while there was room: the disk fills up after creation
+    stack.fill_staging(leave_free=6 * MiB)
+    with pytest.raises(TusCommunicationError) as no_room:  # a new upload is refused at once
+        uploader(stack, client, path).upload()
+    assert no_room.value.status_code == 507 and b"does not have room" in no_room.value.response_content
     with pytest.raises(TusCommunicationError) as refused:
         first.upload()
     assert refused.value.status_code == 507, refused.value

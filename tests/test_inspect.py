@@ -7,6 +7,7 @@ declared it; the test knows the format or the refusal it must get. No database n
 """
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +163,119 @@ def make_hostile(d: Path) -> None:
     patch(d / "broken-table.qed", 40, struct.pack("<Q", 1 << 40))  # L1 table far past the end
     shutil.copy(d / "boot.raw", d / "no-partitions.raw")
     patch(d / "no-partitions.raw", 446, bytes(64))  # an MBR signature but no partition
+    qemu_img("create", "-f", "qcow2", "-o", "extended_l2=on", str(d / "extended-l2.qcow2"), size)
+    make_references(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images that name another file, in every way each format has (issue 14). Each must be refused
+# before qemu-img sees it.
+
+SELF = 'RW 131072 SPARSE "disk.vmdk"'  # the one extent a monolithicSparse VMDK of 64 MiB has
+VMDK_HEADER = 'version=1\nCID=25e94618\nparentCID=ffffffff\ncreateType="monolithicSparse"\n'
+SECOND_EXTENTS = {  # a second extent line after the file's own, however it is written
+    "flat-relative": 'RW 2048 FLAT "shadow" 0',
+    "flat-absolute": 'RW 2048 FLAT "/etc/shadow" 0',
+    "flat-dot-slash": 'RW 2048 FLAT "./shadow" 0',
+    "lower-case": 'rw 2048 flat "shadow" 0',
+    "single-quoted": "RW 2048 FLAT 'shadow' 0",
+    "unquoted": "RW 2048 FLAT shadow 0",
+    "spaced": '\t RW   2048\tFLAT  "shadow"   0   ',
+    "sparse": 'RDONLY 2048 SPARSE "shadow"',
+    "zero": "NOACCESS 2048 ZERO",
+    "vmfs": 'RW 2048 VMFS "shadow"',
+}
+VMDK_DESCRIPTORS = {  # file name: (descriptor, the refusal)
+    **{f"second-extent-{k}.vmdk": (VMDK_HEADER + f"{SELF}\n{line}\n", "data_file")
+       for k, line in SECOND_EXTENTS.items()},
+    "second-extent-first.vmdk": (VMDK_HEADER + f'RW 2048 FLAT "shadow" 0\n{SELF}\n', "data_file"),
+    "second-extent-crlf.vmdk": ((VMDK_HEADER + f'{SELF}\nRW 2048 FLAT "shadow" 0\n').replace("\n", "\r\n"),
+                                "data_file"),
+    "one-flat-extent.vmdk": (VMDK_HEADER + 'RW 131072 FLAT "disk.vmdk" 0\n', "data_file"),
+    "one-extent-elsewhere.vmdk": (VMDK_HEADER + 'RW 131072 SPARSE "../disk.vmdk"\n', "data_file"),
+    "one-extent-backslash.vmdk": (VMDK_HEADER + 'RW 131072 SPARSE "..\\\\disk.vmdk"\n', "data_file"),
+    "one-extent-too-small.vmdk": (VMDK_HEADER + 'RW 4096 SPARSE "disk.vmdk"\n', "data_file"),
+    "no-extent.vmdk": (VMDK_HEADER, "data_file"),
+    **{f"create-type-{t.lower()}.vmdk": (VMDK_HEADER.replace("monolithicSparse", t) + SELF, "data_file")
+       for t in ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "vmfs", "vmfsSparse",
+                 "custom", "fullDevice")},
+    "create-type-twice.vmdk": ('# createType="monolithicFlat"\n' + VMDK_HEADER + SELF + "\n", "unsafe"),
+    "create-type-missing.vmdk": (VMDK_HEADER.replace('createType="monolithicSparse"\n', "") + SELF, "unsafe"),
+    "parent-hint-relative.vmdk": (VMDK_HEADER + 'parentFileNameHint="base.vmdk"\n' + SELF, "backing_file"),
+    "parent-hint-in-comment.vmdk": (f'{VMDK_HEADER}{SELF}\n# parentFileNameHint="x"', "backing_file"),
+    "parent-cid.vmdk": (VMDK_HEADER.replace("ffffffff", "12345678") + SELF, "backing_file"),
+    "change-tracking.vmdk": (VMDK_HEADER + 'changeTrackPath="disk-ctk.vmdk"\n' + SELF, "unsafe"),
+    "hidden-after-end.vmdk": (VMDK_HEADER + SELF + '\n\x00RW 2048 FLAT "shadow" 0\n', "unsafe"),
+}
+# Written as VMware and VirtualBox do (CRLF, tabs, spaces around "=", comments): accepted.
+GOOD_VMDK_DESCRIPTOR = (
+    "# Disk DescriptorFile\r\nversion=1\r\nencoding=\"UTF-8\"\r\nCID=fffffffe\r\nparentCID=ffffffff\r\n"
+    'isNativeSnapshot="no"\r\ncreateType="monolithicSparse"\r\n\r\n# Extent description\r\n'
+    '\tRW 131072 SPARSE "My Disk (1).vmdk"\r\n\r\n# The Disk Data Base\r\n#DDB\r\n\r\n'
+    'ddb.adapterType = "lsilogic"\r\nddb.uuid.parent="00000000-0000-0000-0000-000000000000"\r\n'
+)
+
+
+def make_references(d: Path) -> None:
+    for name, (descriptor, _) in VMDK_DESCRIPTORS.items():
+        replace_embedded_descriptor(d / "sparse.vmdk", d / name, descriptor.encode())
+    replace_embedded_descriptor(d / "sparse.vmdk", d / "vmware-style.vmdk", GOOD_VMDK_DESCRIPTOR.encode())
+    # A descriptor area of 2 MiB: past what the inspector reads, text could hide.
+    (d / "huge-descriptor.vmdk").write_bytes((d / "sparse.vmdk").read_bytes().ljust(3 * MiB, b"\x00"))
+    patch(d / "huge-descriptor.vmdk", 36, struct.pack("<Q", 4096))
+    passwd = ["-u", "-b", "/etc/passwd", "-F", "raw"]
+    qemu_img("create", "-f", "qcow", *passwd, str(d / "backing-passwd.qcow"), str(DISK_SIZE))
+    qemu_img("create", "-f", "qcow2", "-u", "-b", "neighbour.raw", "-F", "raw",
+             str(d / "backing-relative.qcow2"), str(DISK_SIZE))
+    shutil.copy(d / "v3.qcow2", d / "backing-length-only.qcow2")
+    patch(d / "backing-length-only.qcow2", 16, struct.pack(">I", 11))  # a name length, offset 0
+    shutil.copy(d / "data-file.qcow2", d / "data-file-extension-only.qcow2")
+    patch(d / "data-file-extension-only.qcow2", 0x48 + 7, b"\x00")  # the feature bit gone, the name kept
+    shutil.copy(d / "disk.qed", d / "backing-name-only.qed")
+    patch(d / "backing-name-only.qed", 56, struct.pack("<II", 1024, 11))  # a name, no feature flag
+    make_vhd_with_parent_locator(d / "dynamic.vhd", d / "parent-locator.vhd")
+    make_vhdx_with_parent(d / "disk.vhdx", d / "parent-locator.vhdx", locator=True)
+    make_vhdx_with_parent(d / "disk.vhdx", d / "has-parent.vhdx", locator=False)
+    shutil.copy(d / "disk.vdi", d / "differencing.vdi")
+    patch(d / "differencing.vdi", 0x4C, struct.pack("<I", 4))  # image type: differencing
+    shutil.copy(d / "disk.vdi", d / "parent-uuid.vdi")
+    patch(d / "parent-uuid.vdi", 0x1B8, random.Random(4).randbytes(16))  # uuid_parent
+
+
+def make_vhd_with_parent_locator(src: Path, dst: Path) -> None:
+    """A dynamic VHD (disk type 3, not 4) whose dynamic header still names a parent: its UUID,
+    its name (UTF-16) and one Windows relative-path locator (platform code W2ru)."""
+    shutil.copy(src, dst)
+    (header,) = struct.unpack(">Q", dst.read_bytes()[16:24])  # the footer's data offset
+    patch(dst, header + 40, random.Random(5).randbytes(16))
+    patch(dst, header + 64, "base.vhd".encode("utf-16-be"))
+    patch(dst, header + 576, struct.pack(">4sIIIQ", b"W2ru", 512, 16, 0, 1536))
+
+
+VHDX_FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
+VHDX_PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+
+
+def make_vhdx_with_parent(src: Path, dst: Path, *, locator: bool) -> None:
+    """A VHDX made a differencing disk by hand (qemu-img cannot make one): a parent locator
+    item added to its metadata table, or the HasParent flag set in its file parameters."""
+    shutil.copy(src, dst)
+    data = dst.read_bytes()
+    metadata = next(  # the region table at 192 KiB: the metadata region's offset
+        struct.unpack_from("<Q", data, entry + 16)[0]
+        for entry in range(192 * KiB + 16, 192 * KiB + 16 + 32 * 8, 32)
+        if data[entry : entry + 16] == uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
+    )
+    (count,) = struct.unpack_from("<H", data, metadata + 10)
+    entries = {data[e : e + 16]: e for e in range(metadata + 32, metadata + 32 + 32 * count, 32)}
+    if locator:
+        entry = metadata + 32 + 32 * count
+        patch(dst, entry, VHDX_PARENT_LOCATOR.bytes_le + struct.pack("<IIII", 128 * KiB, 64, 0b100, 0))
+        patch(dst, metadata + 10, struct.pack("<H", count + 1))
+    else:
+        (item,) = struct.unpack_from("<I", data, entries[VHDX_FILE_PARAMETERS.bytes_le] + 16)
+        (flags,) = struct.unpack_from("<I", data, metadata + item + 4)
+        patch(dst, metadata + item + 4, struct.pack("<I", flags | 0b10))
 
 
 def make_differencing_vhd(src: Path, dst: Path) -> None:
@@ -206,6 +321,7 @@ GOOD = [
     Sample("disk.vhdx", "vhdx", "vhdx"),
     Sample("disk.vdi", "vdi", "vdi"),
     Sample("disk.qed", "qed", "qed"),
+    Sample("vmware-style.vmdk", "vmdk", "vmdk"),
     Sample("plain.raw", "raw", "raw", virtual=4 * MiB),
     Sample("boot.raw", "raw", "raw"),
     Sample("disk.iso", "iso", "iso", virtual=ISO_SIZE),
@@ -231,6 +347,7 @@ REFUSED = [
     Sample("polyglot.qcow2", "qcow2", None, "ambiguous"),
     Sample("broken-table.qed", "qed", "qed", "qemu_disagrees"),
     Sample("no-partitions.raw", "raw", "raw", "unsafe"),
+    Sample("extended-l2.qcow2", "qcow2", "qcow2", "unsafe"),
     # Good files declared as something else: the portal offers the right format.
     Sample("sparse.vmdk", "qcow2", "vmdk", "format_mismatch", suggested="vmdk"),
     Sample("fixed.vhd", "raw", "vhd", "format_mismatch", suggested="vhd"),
@@ -238,6 +355,28 @@ REFUSED = [
     Sample("disk.qed", "qcow2", "qed", "format_mismatch", suggested="qed"),
     Sample("plain.raw", "vhd", "raw", "unknown_format", suggested="raw"),
 ]
+# Every way of naming another file (see make_references): refused before qemu-img runs.
+REFERENCES = [
+    *[Sample(name, "vmdk", "vmdk", code) for name, (_, code) in VMDK_DESCRIPTORS.items()],
+    Sample("extent-shadow-sparse.vmdk", "vmdk", "vmdk", "data_file"),
+    Sample("parent-hint.vmdk", "vmdk", "vmdk", "backing_file"),
+    Sample("huge-descriptor.vmdk", "vmdk", "vmdk", "unsafe"),
+    Sample("backing-passwd.qcow", "qcow", "qcow", "backing_file"),
+    Sample("backing-passwd.qcow2", "qcow2", "qcow2", "backing_file"),
+    Sample("backing-relative.qcow2", "qcow2", "qcow2", "backing_file"),
+    Sample("backing-length-only.qcow2", "qcow2", "qcow2", "backing_file"),
+    Sample("data-file.qcow2", "qcow2", "qcow2", "data_file"),
+    Sample("data-file-extension-only.qcow2", "qcow2", "qcow2", "data_file"),
+    Sample("backing-passwd.qed", "qed", "qed", "backing_file"),
+    Sample("backing-name-only.qed", "qed", "qed", "backing_file"),
+    Sample("differencing.vhd", "vhd", "vhd", "backing_file"),
+    Sample("parent-locator.vhd", "vhd", "vhd", "backing_file"),
+    Sample("parent-locator.vhdx", "vhdx", "vhdx", "backing_file"),
+    Sample("has-parent.vhdx", "vhdx", "vhdx", "backing_file"),
+    Sample("differencing.vdi", "vdi", "vdi", "backing_file"),
+    Sample("parent-uuid.vdi", "vdi", "vdi", "backing_file"),
+]
+REFUSED += [sample for sample in REFERENCES if sample not in REFUSED]
 
 # Words an uploader should not have to know; they belong in `detail`.
 JARGON = ("qemu", "inspector", "backing", "header", "descriptor", "extent", "cluster", "offset",
@@ -273,6 +412,57 @@ def test_it_refuses_a_bad_image_in_plain_words(corpus, sample):
     assert_plain_words(result.problem)
 
 
+@pytest.fixture
+def no_qemu_img(monkeypatch):
+    """qemu-img must not run: any attempt fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"qemu-img ran: {args}")
+
+    monkeypatch.setattr(inspect, "_run_limited", refuse)
+    monkeypatch.setattr(inspect, "_run_with_progress", refuse)
+
+
+@pytest.mark.parametrize("sample", REFERENCES, ids=str)
+def test_an_image_naming_another_file_is_refused_before_qemu_img_sees_it(corpus, sample, no_qemu_img):
+    result = inspect_file(corpus / sample.file, declared_format=sample.declared)
+
+    assert result.problem is not None and result.problem.code == sample.problem, result.checks
+    assert_plain_words(result.problem)
+    assert not [check for check in result.checks if check.startswith("qemu_img")]
+
+
+@pytest.mark.parametrize("sample", [s for s in REFERENCES if s.file != "has-parent.vhdx"], ids=str)
+def test_the_push_wrapper_stops_an_image_naming_another_file(corpus, sample):
+    # has-parent.vhdx: its flag lies past the head the wrapper keeps; inspect_file reads it.
+    with pytest.raises(FileChanged):
+        push(corpus / sample.file, sample.detected)
+
+
+def test_the_issues_vmdk_with_a_second_extent_is_refused_in_plain_words(corpus):
+    result = inspect_file(corpus / "second-extent-flat-relative.vmdk", declared_format="vmdk")
+
+    assert result.problem.message == (
+        "This disk image keeps its data in other files, so the file you chose is not the whole disk."
+    )
+    assert 'RW 2048 FLAT "shadow" 0' in result.problem.detail  # for admins
+
+
+def test_a_boot_sector_without_partitions_is_explained_as_such(corpus):
+    result = inspect_file(corpus / "no-partitions.raw", declared_format="raw")
+
+    assert "lists no partitions" in result.problem.message
+    assert "partition table" in result.problem.hint
+    assert "standalone" not in result.problem.hint  # not the hint about disks made of several files
+
+
+def test_extended_l2_entries_are_named_with_the_way_out(corpus):
+    result = inspect_file(corpus / "extended-l2.qcow2", declared_format="qcow2")
+
+    assert "extended L2 entries" in result.problem.message
+    assert "extended_l2=off" in result.problem.hint
+    assert "bit 4" in result.problem.detail
+
+
 def test_it_offers_the_detected_format_in_one_sentence(corpus):
     result = inspect_file(corpus / "sparse.vmdk", declared_format="qcow2")
 
@@ -289,6 +479,7 @@ def test_it_records_every_check_it_ran(corpus):
         "backing_file": "passed",
         "data_file": "passed",
         "unknown_features": "passed",
+        "qcow2_header": "passed",
         "format_matches": "passed",
         "virtual_size": "passed",
         "qemu_img_info": "passed",
@@ -430,6 +621,7 @@ def test_qemu_img_stopped_by_its_cpu_limit_is_a_refusal(tmp_path):
     fake.write_text("#!/bin/sh\nwhile :; do :; done\n")
     fake.chmod(0o755)
     limits = inspect.Limits(cpu_seconds=1, address_space=GiB, timeout=30)
+    (tmp_path / "any").write_bytes(bytes(512))
 
     with pytest.raises(inspect.QemuImgFailed) as caught:
         inspect.qemu_img_info(tmp_path / "any", "raw", qemu_img=str(fake), limits=limits)
@@ -709,6 +901,135 @@ def test_qemu_img_catches_a_pointer_our_checks_missed_without_following_it(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------
+# qemu-img runs alone with the file: a relative name in it finds nothing next to the staged file
+
+
+def test_qemu_img_runs_in_a_private_folder_holding_only_the_file(tmp_path):
+    fake = tmp_path / "qemu-img"  # reports where it ran, what it saw there, and the file it got
+    fake.write_text(
+        "#!/bin/sh\nfor last; do :; done\n"
+        """printf '{"format": "raw", "cwd": "%s", "seen": "%s", "file": "%s"}' "$PWD" "$(ls -A)" "$last"\n"""
+    )
+    fake.chmod(0o755)
+    staged = tmp_path / "uploads" / "upload.img"
+    staged.parent.mkdir()
+    staged.write_bytes(bytes(4096))
+    (staged.parent / "someone-elses-upload.img").write_bytes(b"theirs")
+
+    info = inspect.qemu_img_info(staged, "raw", qemu_img=str(fake))
+
+    assert info["seen"] == "disk"
+    assert info["file"] == f"{info['cwd']}/disk"
+    assert Path(info["cwd"]).parent == staged.parent  # same file system: a hard link, no copy
+    assert sorted(p.name for p in staged.parent.iterdir()) == ["someone-elses-upload.img", "upload.img"]
+
+
+def test_without_hard_links_qemu_img_gets_a_descriptor_in_an_empty_folder(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError("no hard links here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    fake = tmp_path / "qemu-img"
+    fake.write_text(
+        "#!/bin/sh\nfor last; do :; done\n"
+        """printf '{"format": "raw", "seen": "%s", "size": "%s"}' "$(ls -A)" "$(wc -c < "$last")"\n"""
+    )
+    fake.chmod(0o755)
+    staged = tmp_path / "upload.img"
+    staged.write_bytes(bytes(4096))
+
+    info = inspect.qemu_img_info(staged, "raw", qemu_img=str(fake))
+
+    assert (info["seen"], info["size"].strip()) == ("", "4096")
+
+
+def test_private_folders_left_by_a_killed_run_are_removed_and_live_ones_kept(tmp_path):
+    staged = tmp_path / "upload.img"
+    staged.write_bytes(bytes(4096))
+    folders = {}
+    for state in ("abandoned", "in-use", "just-made"):
+        folders[state] = tmp_path / f"{inspect.PRIVATE_PREFIX}{state}"
+        folders[state].mkdir()
+        os.link(staged, folders[state] / "disk")  # what a worker killed mid-run leaves
+        (folders[state] / "converted.qcow2").write_bytes(b"half a conversion")
+    for state in ("abandoned", "in-use"):
+        os.utime(folders[state], (time.time() - 3600,) * 2)
+    lock = os.open(folders["in-use"], os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # its run is still going
+    try:
+        inspect.qemu_img_info(staged, "raw")
+    finally:
+        os.close(lock)
+
+    assert not folders["abandoned"].exists()
+    assert folders["in-use"].exists() and folders["just-made"].exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(inspect.PRIVATE_PREFIX)
+                and p not in folders.values()]  # its own folder is gone too
+
+
+def run_in_time(function, watch: FifoWatch, *, seconds: float = 20):
+    """Run function() in a thread: a reader blocked on the pipe would make this time out."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(function)
+        try:
+            return future.exception(timeout=seconds), watch.release()
+        finally:
+            watch.release()
+
+
+def unchecked_neighbour_pointer(kind: str, staging: Path) -> tuple[Path, str]:
+    """A staged image naming "neighbour" (relative: the file next to it), which our checks would
+    refuse; the tests below hand it to qemu-img directly, as if a check had been missed."""
+    image = staging / f"{kind}.img"
+    if kind == "vmdk-text-extent":
+        image.write_bytes(vmdk_descriptor('RW 2048 FLAT "neighbour" 0', create_type="monolithicFlat"))
+        return image, "vmdk"
+    if kind == "qcow2-backing":
+        qemu_img("create", "-f", "qcow2", "-u", "-b", "neighbour", "-F", "raw", str(image), "64M")
+        return image, "qcow2"
+    raise ValueError(kind)
+
+
+QEMU_IMG_RUNS = {
+    "info": lambda image, fmt: inspect.qemu_img_info(image, fmt),
+    "check": lambda image, fmt: inspect._run_qemu_check(
+        str(image), fmt, qemu_img="qemu-img", limits=inspect.INFO_LIMITS),
+    "convert": lambda image, fmt: convert_to_qcow2(
+        image, image.with_suffix(".qcow2"), src_format=fmt, virtual_size=DISK_SIZE),
+}
+
+
+@pytest.mark.parametrize("kind", ["vmdk-text-extent", "qcow2-backing"])
+@pytest.mark.parametrize("run", list(QEMU_IMG_RUNS))
+def test_qemu_img_never_reaches_a_file_next_to_the_staged_one(tmp_path, kind, run):
+    staging = tmp_path / "uploads"
+    staging.mkdir()
+    image, fmt = unchecked_neighbour_pointer(kind, staging)
+    watch = FifoWatch(staging / "neighbour")  # another upload, as the relative name finds it
+
+    _, opened = run_in_time(lambda: QEMU_IMG_RUNS[run](image, fmt), watch)
+
+    assert not opened, f"qemu-img {run} opened the file next to the staged one"
+    assert sorted(p.name for p in staging.iterdir()) == sorted([image.name, "neighbour"])
+
+
+def test_a_missed_check_still_leaves_qemu_img_nothing_to_follow(tmp_path, monkeypatch):
+    monkeypatch.setattr(inspect, "_check_safety", lambda *args: None)  # every check of ours missed
+    image, fmt = unchecked_neighbour_pointer("vmdk-text-extent", tmp_path)
+    watch = FifoWatch(tmp_path / "neighbour")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(inspect_file, image, declared_format=fmt)
+        try:
+            result = future.result(timeout=20)
+        finally:
+            opened = watch.release()
+
+    assert not opened
+    assert result.problem is not None and "qemu_img_check" not in result.checks
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading only what it needs
 
 
@@ -745,3 +1066,19 @@ def test_qemu_img_info_reports_json(corpus):
 
     assert info["format"] == "vpc"
     json.dumps(info)  # plain data, storable on the upload as it is
+
+
+@pytest.mark.parametrize("file", ["differencing.vhd", "parent-locator.vhd"])
+@pytest.mark.parametrize("declared", ["zvhd", "zvhd2"])
+def test_a_vhd_naming_a_parent_is_refused_even_when_declared_as_zvhd(corpus, file, declared, no_qemu_img):
+    result = inspect_file(corpus / file, declared_format=declared)
+
+    assert result.problem is not None and result.problem.code == "backing_file", result.checks
+    assert_plain_words(result.problem)
+
+
+def test_a_plain_dynamic_vhd_declared_as_zvhd2_still_passes_through(corpus):
+    result = inspect_file(corpus / "dynamic.vhd", declared_format="zvhd2")
+
+    assert result.problem is None, result.checks
+    assert result.detected_format == "zvhd2"

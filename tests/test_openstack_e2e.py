@@ -78,7 +78,7 @@ def test_contents_that_are_no_disk_image_are_refused_before_glance_sees_them(
     upload = tus_upload(live_server, client, path)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
-    assert upload.status == Status.FAILED
+    assert upload.status == Status.REFUSED
     assert "QCOW2" in upload.error_message and not upload.ims_image_id
     # Glance (which would answer 415 and keep a broken image) was never asked.
     images = services._ims(services._usable_token(alice.pk)).session.get(f"{openstack_peers.glance_url}/v2/images")

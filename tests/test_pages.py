@@ -45,6 +45,16 @@ def test_status_json_tells_the_phase_and_progress(alice_client, upload):
     assert data["finished"] is False and data["can_cancel"] is True and data["can_retry"] is False
 
 
+def test_progress_is_written_in_human_sizes_on_the_page_and_in_the_json(alice_client, upload):
+    Upload.objects.filter(pk=upload.pk).update(size=1073741824, received_bytes=327155712)
+    assert "312 MB of 1.0 GB received" in alice_client.get("/uploads/").content.decode()
+    assert alice_client.get(f"/uploads/{upload.uid}/status").json()["detail"] == "312 MB of 1.0 GB received"
+    Upload.objects.filter(pk=upload.pk).update(status=Status.PUSHING, send_size=16 * 1024**2,
+                                               sent_bytes=8 * 1024**2, send_rate=2 * 1024**2)
+    detail = alice_client.get(f"/uploads/{upload.uid}/status").json()["detail"]
+    assert detail == "8.0 MB of 16 MB sent · 2.0 MB/s · less than a minute left"
+
+
 def test_status_json_while_sending_has_rate_and_eta(alice_client, upload):
     Upload.objects.filter(pk=upload.pk).update(status=Status.PUSHING, sent_bytes=1024, send_rate=512.0)
     data = alice_client.get(f"/uploads/{upload.uid}/status").json()

@@ -53,6 +53,25 @@ def test_a_received_upload_ends_ready_with_the_same_bytes(alice_connected, sim):
     assert messages[-1] == f"Image {image['id']} is active in IMS"
 
 
+def test_the_timeline_writes_sizes_in_words(alice_connected, sim):
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)
+    messages = timeline(upload)
+    assert "Upload started: web-server.raw (293 KB)" in messages  # 300,512 bytes
+    assert any(m.startswith("Sent 293 KB to IMS (md5 ") for m in messages)
+
+
+def test_a_cut_connection_says_how_far_it_got_in_words(alice_connected, sim):
+    import re
+
+    sim.set_faults(cut_put_after_bytes=100_000)
+    upload = received_upload(alice_connected, bytes(512) + os.urandom(16 * 1024**2 - 512))
+    assert services.upload_push(upload_id=upload.pk).retry_in
+    upload.refresh_from_db()
+    assert re.fullmatch(r"The connection to the cloud broke after [\d.]+ (KB|MB) of 16 MB\.", upload.error_message), (
+        upload.error_message)
+
+
 def test_the_image_gets_the_users_details(alice_connected, sim):
     services.upload_push(upload_id=received_upload(alice_connected, DATA).pk)
     [image] = ImsClient(sim.url, services._usable_token(alice_connected.pk)).session.get(

@@ -3,7 +3,17 @@
 import pytest
 
 from uploads import services
-from uploads.models import ALLOWED_MOVES, CANCELLABLE, FINISHED, Status, Upload, UploadEvent, can_move
+from uploads.models import (
+    ALLOWED_MOVES,
+    CANCELLABLE,
+    FINISHED,
+    WAITING_FOR_A_PERSON,
+    WAITING_ON,
+    Status,
+    Upload,
+    UploadEvent,
+    can_move,
+)
 
 
 def test_every_status_has_a_row_in_the_move_table():
@@ -18,6 +28,11 @@ def test_moves_lead_only_to_known_statuses():
 def test_finished_uploads_never_move_again():
     for status in FINISHED:
         assert ALLOWED_MOVES[status] == set()
+
+
+def test_every_unfinished_status_says_who_moves_it_on():
+    assert set(WAITING_ON) == set(Status.values) - FINISHED
+    assert {s for s, who in WAITING_ON.items() if who == "person"} == WAITING_FOR_A_PERSON
 
 
 def test_the_happy_path_is_allowed():

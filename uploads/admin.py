@@ -1,10 +1,13 @@
-"""Admins see every upload, its timeline with the raw IMS replies, and can retry or cancel."""
+"""Admins see every upload, its timeline with the raw IMS replies, and can retry or cancel.
+
+Retry refuses what the check refused (a refused file is sent again only with another format,
+by its owner); Cancel also removes a failed or refused upload and its staged file."""
 
 from django.contrib import admin, messages
-from django.template.defaultfilters import filesizeformat
 
 from uploads import services
 from uploads.models import CloudAccount, Upload, UploadEvent
+from uploads.sizes import human_size
 
 
 class UploadEventInline(admin.TabularInline):
@@ -36,7 +39,7 @@ class UploadAdmin(admin.ModelAdmin):
 
     @admin.display(description="Size", ordering="size")
     def file_size(self, upload):
-        return filesizeformat(upload.size)
+        return human_size(upload.size)
 
     @admin.display(description="Progress")
     def progress(self, upload):
@@ -60,7 +63,7 @@ class UploadAdmin(admin.ModelAdmin):
         self._each(request, queryset, services.upload_retry, "queued to be sent again")
 
     @admin.action(
-        description="Cancel the selected uploads (deletes staged file and IMS image)", permissions=["review"]
+        description="Cancel or remove the selected uploads (deletes staged file and IMS image)", permissions=["review"]
     )
     def cancel_uploads(self, request, queryset):
         self._each(request, queryset, services.upload_cancel, "cancelled")

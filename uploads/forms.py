@@ -2,6 +2,7 @@
 
 import os
 import re
+import unicodedata
 
 from django import forms
 from django.conf import settings
@@ -33,6 +34,50 @@ MAX_TAGS = 20
 TAG_RE = re.compile(r"^[\w.\-]{1,36}(=[\w.\-:/ ]{0,43})?$")
 
 
+# Characters that do not show, or that change how the text around them shows, such as U+202E,
+# which makes "innocent\u202egpj.qcow2" read as "innocentqcow2.jpg": controls (Cc), format
+# characters (Cf: bidi overrides and isolates, zero-width characters, soft hyphens...), line and
+# paragraph separators (Zl, Zp), lone surrogates (Cs) and code points with no character yet (Cn).
+INVISIBLE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Cn"}
+# Letters by category that show as nothing: the Hangul fillers, the combining grapheme joiner.
+INVISIBLE_LETTERS = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u034f"}
+
+
+def invisible_character(text: str) -> str | None:
+    """The first character in `text` a person cannot see (or that disguises the rest), named:
+    "U+202E right-to-left override"."""
+    for char in text:
+        if unicodedata.category(char) in INVISIBLE_CATEGORIES or char in INVISIBLE_LETTERS:
+            return f"U+{ord(char):04X} {unicodedata.name(char, 'unnamed character').lower()}"
+    return None
+
+
+def refuse_invisible(value: str, what: str, fix: str = "type it again without it") -> str:
+    """`value`, or a ValidationError that names the field (`what`), the character and the `fix`."""
+    found = invisible_character(value)
+    if found:
+        raise forms.ValidationError(
+            f"{what} contains a hidden or control character ({found}). Such characters can make a name "
+            f"look like another one, so they are not accepted: {fix}.",
+            code="invisible_character",
+        )
+    return value
+
+
+class NameField(forms.CharField):
+    """A CharField for names people read (file, image, OS version, account names) that refuses
+    characters which do not show. `what` names the field in the message, `fix` says what to do."""
+
+    def __init__(self, *args, what: str, fix: str = "type it again without it", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.what, self.fix = what, fix
+
+    def to_python(self, value):
+        if isinstance(value, str):  # before stripping, which would quietly drop some of them
+            refuse_invisible(value, self.what, self.fix)
+        return super().to_python(value)
+
+
 def format_for_filename(filename: str) -> str | None:
     return EXTENSION_FORMATS.get(os.path.splitext(filename.lower())[1])
 
@@ -47,13 +92,15 @@ def _plain_text(**attrs) -> forms.TextInput:
 
 
 class CloudAccountForm(forms.Form):
-    domain = forms.CharField(
+    domain = NameField(
+        what="The IAM domain name",
         label="IAM domain name",
         max_length=255,
         widget=_plain_text(),
         help_text="Your cloud account (tenant) name, e.g. OTC-EU-DE-00000000001000000001.",
     )
-    user_name = forms.CharField(label="IAM user name", max_length=255, widget=_plain_text(autocomplete="username"))
+    user_name = NameField(what="The IAM user name", label="IAM user name", max_length=255,
+                          widget=_plain_text(autocomplete="username"))
     password = forms.CharField(
         label="Password",
         max_length=255,
@@ -61,7 +108,8 @@ class CloudAccountForm(forms.Form):
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "current-password"}),
         help_text="Used once to get a token from IAM; the portal never stores it.",
     )
-    project = forms.CharField(
+    project = NameField(
+        what="The project",
         label="Project (name or id)",
         max_length=255,
         widget=_plain_text(),
@@ -85,13 +133,14 @@ class CloudAccountForm(forms.Form):
 class UploadMetadataForm(forms.Form):
     """The details a tus creation request carries in Upload-Metadata, checked like any form."""
 
-    filename = forms.CharField(max_length=255, error_messages={"required": "The file has no name."})
-    image_name = forms.CharField(max_length=255, required=False)
+    filename = NameField(what="The file name", fix="rename the file without it, then add it again", max_length=255,
+                         error_messages={"required": "The file has no name."})
+    image_name = NameField(what="The image name", max_length=255, required=False)
     disk_format = forms.ChoiceField(choices=DiskFormat.choices, required=False)
-    os_version = forms.CharField(max_length=255, required=False)
+    os_version = NameField(what="The OS version", max_length=255, required=False)
     min_disk = forms.IntegerField(min_value=0, max_value=1024, required=False)
     min_ram = forms.IntegerField(min_value=0, max_value=2 * 1024 * 1024, required=False)
-    tags = forms.CharField(max_length=2000, required=False)
+    tags = forms.CharField(max_length=2000, required=False)  # one per line or comma: checked one by one
     size = forms.IntegerField(min_value=0)
 
     def clean_filename(self):
@@ -104,16 +153,14 @@ class UploadMetadataForm(forms.Form):
         return filename
 
     def clean_image_name(self):
-        name = self.cleaned_data["image_name"].strip()
-        if any(ord(c) < 32 for c in name):
-            raise forms.ValidationError("The image name may not contain control characters.")
-        return name
+        return self.cleaned_data["image_name"].strip()
 
     def clean_tags(self):
         tags = [t.strip() for t in re.split(r"[,\n]", self.cleaned_data["tags"]) if t.strip()]
         if len(tags) > MAX_TAGS:
             raise forms.ValidationError(f"At most {MAX_TAGS} tags.")
         for tag in tags:
+            refuse_invisible(tag, "A tag")
             if not TAG_RE.match(tag):
                 raise forms.ValidationError(
                     f"Tag “{tag}” is not valid: use key=value with letters, digits, '.', '-' and '_' "

@@ -15,6 +15,8 @@ from typing import BinaryIO
 
 import requests
 
+from uploads.sizes import human_size
+
 CONNECT_TIMEOUT = 10
 # How long to wait for a reply once the body is sent: IMS may take a while to answer a big PUT.
 READ_TIMEOUT = 600
@@ -351,7 +353,7 @@ class ImsClient:
             if body.aborted:
                 raise ImsError("The upload was stopped.", kind="aborted", permanent=True) from None
             if exc.kind == "network" and body.sent < size:
-                exc.message = f"The connection to the cloud broke after {body.sent} of {size} bytes."
+                exc.message = f"The connection to the cloud broke after {human_size(body.sent)} of {human_size(size)}."
             raise
         if body.sent != size:
             raise ImsError(

@@ -5,8 +5,10 @@ caller passes settings in. Three steps, each cheap and each reading only what it
 
 1. `inspect_file()` reads the first few hundred KiB (and the last 512 bytes) with OpenStack's own
    pure-Python inspector, `oslo_utils.imageutils.format_inspector` (what Glance and Nova use),
-   runs its safety checks plus a few of ours, and only if all passed asks `qemu-img info` (and
-   `qemu-img check`) for a second opinion, under CPU and memory limits as Glance does. The answer
+   runs its safety checks plus ours (OWN_CHECKS: every way a format has of naming another file,
+   such as a VMDK descriptor's extents, which we parse ourselves), and only if all passed asks
+   `qemu-img info` (and `qemu-img check`) for a second opinion, under CPU and memory limits as
+   Glance does, and alone with the file in a private folder (`_alone`). The answer
    is an `Inspection`; a refusal is its `problem`, in words a non-technical person can act on,
    with the technical detail kept for admins.
 2. `convert_to_qcow2()` turns a safe file in a format the target does not accept into QCOW2.
@@ -36,13 +38,17 @@ differently:
     zvhd2   format that cannot be a ZVHD (such as QCOW2)
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Collection
+import time
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -259,6 +265,38 @@ def _corrupt(detail: str) -> Problem:
     )
 
 
+def _extended_l2(detail: str) -> Problem:
+    return Problem(
+        "unsafe",
+        "This QCOW2 file was saved with \u201cextended L2 entries\u201d, a newer QCOW2 layout "
+        "the cloud cannot read.",
+        hint="Convert it to a standard QCOW2 and upload that, for example: "
+        "qemu-img convert -O qcow2 -o extended_l2=off yours.qcow2 standard.qcow2",
+        detail=detail,
+    )
+
+
+def _partition_table(detail: str) -> Problem:
+    """A raw disk whose first sector is a boot sector (55 AA) with no usable partition table."""
+    if "no partitions" in detail:
+        return Problem(
+            "unsafe",
+            "This file starts with a boot sector that lists no partitions: it looks like a single "
+            "partition or a disk whose partition table is missing, and the cloud cannot start a "
+            "server from that.",
+            hint="Upload the whole disk, with its partition table, not one partition of it: "
+            "export the disk again from the tool that made it.",
+            detail=detail,
+        )
+    return Problem(
+        "unsafe",
+        "The partition table at the start of this disk is damaged, so the cloud cannot tell what "
+        "is on the disk.",
+        hint=HINT_COPY_AGAIN + " If that does not help, export the disk again.",
+        detail=detail,
+    )
+
+
 def _size_text(n: int) -> str:
     """128 GB, 1.5 GB, 300 MB: OpenStack's GB (GiB), as IMS counts them."""
     value, unit = (n / GiB, "GB") if n >= GiB else (n / 1024**2, "MB")
@@ -277,6 +315,15 @@ class _Evidence:
     head: bytes  # the first HEAD_SIZE bytes
     tail: bytes | None  # the last TAIL_SIZE bytes; None while the end is not known yet
     size: int  # the file's size
+    # Bytes at (offset, length) anywhere in the file, for tables a header points to (a VHDX's
+    # metadata items). None when they cannot be had: while pushing, only the head is kept.
+    read_at: Callable[[int, int], bytes | None] = lambda offset, length: None
+
+    def bytes_at(self, offset: int, length: int) -> bytes | None:
+        """From the head when it holds them, else read_at."""
+        if offset + length <= len(self.head):
+            return self.head[offset : offset + length]
+        return self.read_at(offset, length)
 
 
 class _NoClose:
@@ -332,7 +379,17 @@ def _read_evidence(path: str, size: int) -> tuple[_Evidence, int]:
             f.seek(max(0, size - TAIL_SIZE))
             evidence.tail = f.read(TAIL_SIZE)
             read += len(evidence.tail)
+    evidence.read_at = lambda offset, length: _read_at(path, offset, min(length, MAX_TABLE_READ))
     return evidence, read
+
+
+MAX_TABLE_READ = 64 * 1024  # the most _read_at returns: the tables it is used for are small
+
+
+def _read_at(path: str, offset: int, length: int) -> bytes:
+    """length bytes at offset (fewer at the end of the file)."""
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), length, offset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +494,8 @@ def _oslo_problem(fmt: str, failures: dict, ev: _Evidence) -> Problem:
         return _truncated(detail)
     if fmt == "vmdk" and "Invalid extent filenames" in detail:
         return _data_file(detail)
+    if "mbr" in failures:  # a raw disk: the inspector read its first sector as a partition table
+        return _partition_table(detail)
     return _unsafe(detail)
 
 
@@ -454,8 +513,8 @@ def _qcow_backing_name(head: bytes) -> str:
 
 def _check_qcow_v1(ev: _Evidence, inspector) -> Problem | None:
     """QCOW v1 (the inspector only knows v2/v3 flags): backing file at 8, encryption at 36."""
-    (backing_offset,) = struct.unpack_from(">Q", ev.head, 8)
-    if backing_offset:
+    backing_offset, backing_length = struct.unpack_from(">QI", ev.head, 8)
+    if backing_offset or backing_length:
         return _backing_file("qcow v1 " + _qcow_backing_name(ev.head))
     (crypt_method,) = struct.unpack_from(">I", ev.head, 36)
     if crypt_method:
@@ -463,53 +522,250 @@ def _check_qcow_v1(ev: _Evidence, inspector) -> Problem | None:
     return None
 
 
+QCOW2_INCOMPATIBLE_DATA_FILE = 1 << 2
+QCOW2_INCOMPATIBLE_EXTENDED_L2 = 1 << 4
+QCOW2_EXTENSION_END, QCOW2_EXTENSION_DATA_FILE = 0, 0x44415441
+
+
+def _check_qcow2(ev: _Evidence, inspector) -> Problem | None:
+    """QCOW2 (qemu docs/interop/qcow2.txt): a backing file (name offset 8, length 16), an
+    external data file (incompatible feature bit 2, or its name in a header extension), and
+    extended L2 entries (bit 4), which the inspector only knows as "unknown"."""
+    version, backing_offset, backing_length, cluster_bits = struct.unpack_from(">IQII", ev.head, 4)
+    if backing_offset or backing_length:
+        return _backing_file(_qcow_backing_name(ev.head))
+    incompatible, header_length = (0, 72) if version < 3 else (
+        struct.unpack_from(">Q", ev.head, 72)[0], struct.unpack_from(">I", ev.head, 100)[0])
+    if incompatible & QCOW2_INCOMPATIBLE_DATA_FILE:
+        return _data_file("qcow2 incompatible feature bit 2: external data file")
+    if incompatible & QCOW2_INCOMPATIBLE_EXTENDED_L2:
+        return _extended_l2("qcow2 incompatible feature bit 4: extended L2 entries (subclusters)")
+    return _check_qcow2_extensions(ev.head, header_length, 1 << min(cluster_bits, 21))
+
+
+def _check_qcow2_extensions(head: bytes, offset: int, cluster_size: int) -> Problem | None:
+    """Header extensions run from the end of the header to an end marker in the first cluster;
+    one of them can name a data file. qemu reads them all, so we do too (fail closed)."""
+    while offset + 8 <= cluster_size:
+        if offset + 8 > len(head):
+            return _unsafe(f"qcow2 header extensions run past the first {len(head)} bytes")
+        kind, length = struct.unpack_from(">II", head, offset)
+        if kind == QCOW2_EXTENSION_END:
+            return None
+        if kind == QCOW2_EXTENSION_DATA_FILE:
+            return _data_file("qcow2 data file " + _name_in_head(head, offset + 8, length))
+        offset += 8 + (length + 7) // 8 * 8
+    return None  # qemu stops at the end of the first cluster as well
+
+
 QED_FEATURE_BACKING_FILE = 0x01
+QED_KNOWN_FEATURES = 0x07  # backing file, needs check, backing format not probed
 
 
 def _check_qed(ev: _Evidence, inspector) -> Problem | None:
     """QED (qemu docs/interop/qed_spec.txt): features at 16, backing file name offset/size at 56."""
     (features,) = struct.unpack_from("<Q", ev.head, 16)
     offset, length = struct.unpack_from("<II", ev.head, 56)
-    if features & QED_FEATURE_BACKING_FILE or offset:
+    if features & QED_FEATURE_BACKING_FILE or offset or length:
         return _backing_file("qed backing file " + _name_in_head(ev.head, offset, length))
+    if features & ~QED_KNOWN_FEATURES:
+        return _unsafe(f"qed unknown feature bits {features:#x}")
     return None
 
 
 def _check_vmdk(ev: _Evidence, inspector) -> Problem | None:
-    """Two holes the inspector leaves: a text-only descriptor always names other files (its
-    extents), and `parentFileNameHint` names a parent disk (qemu-img follows it)."""
+    """A VMDK may go only when it is one self-contained file: a sparse header (KDMV) whose own
+    descriptor names exactly one extent, the file itself (see vmdk_descriptor_problem)."""
     if not ev.head.startswith(b"KDMV"):
         return _data_file("VMDK text descriptor without data: its extents are other files")
-    descriptor = getattr(inspector, "desc_text", None) or ""  # lower-cased by the inspector
-    for line in descriptor.splitlines():
-        if line.strip().startswith("parentfilenamehint"):
-            return _backing_file(f"VMDK descriptor names a parent disk: {line.strip()[:200]}")
+    (capacity,) = struct.unpack_from("<Q", ev.head, 12)  # sectors
+    (descriptor_sectors,) = struct.unpack_from("<Q", ev.head, 36)
+    if descriptor_sectors * 512 > oslo.VMDKInspector.DESC_MAX_SIZE:  # the inspector reads no more
+        return _unsafe(f"VMDK embedded descriptor of {descriptor_sectors} sectors: larger than 1 MiB")
+    if not inspector.has_region("descriptor") or not inspector.region("descriptor").complete:
+        return _unsafe("VMDK embedded descriptor could not be read")
+    return vmdk_descriptor_problem(bytes(inspector.region("descriptor").data), capacity)
+
+
+# ---------------------------------------------------------------------------------------------
+# A VMDK's descriptor, read by us: the inspector only refuses extent names with a "/" in them.
+
+VMDK_CREATE_TYPES = ("monolithicsparse", "streamoptimized")  # the self-contained ones
+VMDK_HEADER_KEYS = ("version", "encoding", "cid", "parentcid", "createtype", "isnativesnapshot")
+VMDK_NO_PARENT = "ffffffff"
+_VMDK_FIELD = re.compile(r"([A-Za-z][A-Za-z0-9_.]*)\s*=\s*(?:\"([^\"]*)\"|([^\s\"]+))")
+_VMDK_EXTENT = re.compile(r"(RW|RDONLY|NOACCESS)\s+([0-9]+)\s+SPARSE\s+\"([^\"]+)\"", re.IGNORECASE)
+
+
+def vmdk_descriptor_problem(data: bytes, capacity: int) -> Problem | None:
+    """The embedded descriptor of a sparse VMDK (`capacity`: the header's size in sectors).
+
+    Accepted only when it describes this one file: createType monolithicSparse or
+    streamOptimized, no parent, and exactly one extent line, a SPARSE extent as large as the
+    disk with a plain file name (the file itself: qemu reads the data from the same file).
+    Anything else, and anything we cannot read with certainty, refuses the file (fail closed):
+    other readers may follow what we would have ignored.
+    """
+    text, _, rest = data.partition(b"\x00")
+    if rest.strip(b"\x00"):
+        return _unsafe("VMDK descriptor has more text after its end (a NUL byte)")
+    try:
+        text = text.decode("ascii")
+    except UnicodeDecodeError:
+        return _unsafe("VMDK descriptor is not ASCII text")
+    # qemu finds these names anywhere in the text (strstr), comments included.
+    if "parentfilenamehint" in text.lower():
+        return _backing_file("VMDK descriptor names a parent disk (parentFileNameHint)")
+    if text.lower().count("createtype") != 1:
+        return _unsafe("VMDK descriptor must name its createType exactly once")
+    fields, extents = {}, []
+    for line in (raw.strip() for raw in text.split("\n")):  # strip() also takes CR and tabs
+        if not line or line.startswith("#"):
+            continue
+        if not line.replace("\t", " ").isprintable():
+            return _unsafe(f"VMDK descriptor line with control characters: {line[:200]!r}")
+        field = _VMDK_FIELD.fullmatch(line)
+        if field is None:
+            extents.append(line)
+            continue
+        key = field[1].lower()
+        if key in fields or not (key in VMDK_HEADER_KEYS or key.startswith("ddb.")):
+            return _unsafe(f"VMDK descriptor field {field[1]!r} is repeated or unknown")
+        fields[key] = field[2] if field[2] is not None else field[3]
+    return _judge_vmdk_fields(fields) or _judge_vmdk_extents(extents, capacity)
+
+
+def _judge_vmdk_fields(fields: dict[str, str]) -> Problem | None:
+    create_type = fields.get("createtype", "")
+    if create_type.lower() not in VMDK_CREATE_TYPES:
+        return _data_file(f"VMDK createType {create_type[:64]!r}: only monolithicSparse or "
+                          "streamOptimized keep the whole disk in one file")
+    if fields.get("parentcid", VMDK_NO_PARENT).lower() != VMDK_NO_PARENT:
+        parent = fields["parentcid"][:64]
+        return _backing_file(f"VMDK parentCID {parent!r}: it was made on top of a parent disk")
+    return None
+
+
+def _judge_vmdk_extents(extents: list[str], capacity: int) -> Problem | None:
+    if len(extents) != 1:
+        listed = "; ".join(line[:200] for line in extents[:4]) or "none"
+        return _data_file(f"VMDK descriptor has {len(extents)} extent lines, only one may be: {listed}")
+    extent = _VMDK_EXTENT.fullmatch(extents[0])
+    if extent is None:
+        return _data_file(f"VMDK extent is not one SPARSE extent in this file: {extents[0][:200]!r}")
+    sectors, name = int(extent[2]), extent[3]
+    if any(c in name for c in "/\\") or name.strip(".") == "":
+        return _data_file(f"VMDK extent names another place: {name[:200]!r}")
+    if sectors != capacity:
+        return _data_file(f"VMDK extent of {sectors} sectors, the disk has {capacity}: not this file alone")
     return None
 
 
 VHD_FIXED, VHD_DYNAMIC, VHD_DIFFERENCING = 2, 3, 4
+VHD_PARENT_FIELDS = slice(40, 576 + 8 * 24)  # parent UUID, time stamp, name and 8 locators
 
 
 def _check_vhd(ev: _Evidence, inspector) -> Problem | None:
     """Disk type (footer offset 60): a differencing VHD has a parent disk. A dynamic VHD keeps a
-    copy of its footer at both ends: no copy at the end means the file was cut short."""
+    copy of its footer at both ends: no copy at the end means the file was cut short; its dynamic
+    header (at the footer's data offset) must not name a parent either."""
     footer = ev.head if ev.head.startswith(b"conectix") else _fixed_vhd_footer(ev.tail, ev.size)
-    (disk_type,) = struct.unpack_from(">I", footer, 60)
-    if disk_type == VHD_DIFFERENCING:
+    end_footer = ev.tail if ev.tail and ev.tail.startswith(b"conectix") else footer
+    disk_types = {struct.unpack_from(">I", f, 60)[0] for f in (footer, end_footer)}
+    if VHD_DIFFERENCING in disk_types:
         return _backing_file("VHD disk type 4 (differencing): it has a parent disk")
-    if disk_type not in (VHD_FIXED, VHD_DYNAMIC):
-        return _unsafe(f"VHD disk type {disk_type} is unknown")
+    if len(disk_types) > 1 or not disk_types <= {VHD_FIXED, VHD_DYNAMIC}:
+        return _unsafe(f"VHD disk types {sorted(disk_types)}: unknown or not the same in both footers")
+    (disk_type,) = disk_types
     if disk_type == VHD_DYNAMIC and ev.tail is not None and not ev.tail.startswith(b"conectix"):
         return _truncated("dynamic VHD: the footer copy at the end of the file is missing")
+    if disk_type == VHD_DYNAMIC:
+        return _check_vhd_dynamic_header(ev, struct.unpack_from(">Q", footer, 16)[0])
     return None
 
 
-# Our own checks, for what the inspector does not cover (or refuses outright, as QED).
+def _check_vhd_dynamic_header(ev: _Evidence, offset: int) -> Problem | None:
+    header = ev.bytes_at(offset, 1024)
+    if header is None:
+        return None  # while pushing, past the head: inspect_file read it before
+    if len(header) < 1024 or not header.startswith(b"cxsparse"):
+        return _truncated(f"dynamic VHD: no dynamic disk header at {offset}")
+    if any(header[VHD_PARENT_FIELDS]):
+        return _backing_file("VHD dynamic header names a parent disk (parent UUID, name or locators set)")
+    return None
+
+
+def _check_pass_through_parent(ev: _Evidence) -> Problem | None:
+    """ZVHD/ZVHD2 are VHD-based and pass through unread, but the VHD ways of naming a parent
+    disk still apply: a differencing disk type or a dynamic header naming a parent is refused.
+    Nothing else of the VHD checks is applied, since a genuine ZVHD need not follow them."""
+    footer = ev.head if ev.head.startswith(b"conectix") else _fixed_vhd_footer(ev.tail, ev.size)
+    footers = [f for f in (footer, ev.tail) if f and f.startswith(b"conectix")]
+    if any(struct.unpack_from(">I", f, 60)[0] == VHD_DIFFERENCING for f in footers):
+        return _backing_file("VHD disk type 4 (differencing): it has a parent disk")
+    header = ev.bytes_at(struct.unpack_from(">Q", footers[0], 16)[0], 1024) if footers else None
+    if header and header.startswith(b"cxsparse") and any(header[VHD_PARENT_FIELDS]):
+        return _backing_file("VHD dynamic header names a parent disk (parent UUID, name or locators set)")
+    return None
+
+
+VHDX_FILE_PARAMETERS = "CAA16737-FA36-4D43-B3B6-33F0AA44E76B"
+VHDX_PARENT_LOCATOR = "A8D35F2D-B30B-454D-ABF7-D3D84834AB0C"
+VHDX_HAS_PARENT = 0x02  # File Parameters flags
+
+
+def _check_vhdx(ev: _Evidence, inspector) -> Problem | None:
+    """MS-VHDX 2.6: a parent locator metadata item, or HasParent in the file parameters, makes
+    a differencing disk. The inspector keeps the metadata table; the items are read here."""
+    if not inspector.has_region("metadata") or len(inspector.region("metadata").data) < 32:
+        return _unsafe("VHDX metadata table could not be read")
+    table = bytes(inspector.region("metadata").data)
+    (count,) = struct.unpack_from("<H", table, 10)
+    if 32 + 32 * count > len(table):
+        return _unsafe(f"VHDX metadata table of {count} entries could not be read whole")
+    items = {}
+    for entry in range(32, 32 + 32 * count, 32):
+        guid = oslo.VHDXInspector._guid(table[entry : entry + 16])
+        items[guid] = struct.unpack_from("<I", table, entry + 16)[0]
+    if VHDX_PARENT_LOCATOR in items:
+        return _backing_file("VHDX metadata has a parent locator: it is a differencing disk")
+    if VHDX_FILE_PARAMETERS not in items:
+        return _unsafe("VHDX metadata has no file parameters")
+    params = ev.bytes_at(inspector.region("metadata").offset + items[VHDX_FILE_PARAMETERS], 8)
+    if params is None:
+        return None  # while pushing, past the head: inspect_file read it before
+    if len(params) < 8:
+        return _truncated("VHDX file parameters lie past the end of the file")
+    if struct.unpack_from("<I", params, 4)[0] & VHDX_HAS_PARENT:
+        return _backing_file("VHDX file parameters: HasParent is set (a differencing disk)")
+    return None
+
+
+VDI_DYNAMIC, VDI_STATIC, VDI_UNDO, VDI_DIFFERENCING = 1, 2, 3, 4
+
+
+def _check_vdi(ev: _Evidence, inspector) -> Problem | None:
+    """VDI (qemu block/vdi.c): image type at 0x4c; the link and parent UUIDs at 0x1a8 and 0x1b8
+    name the image a differencing (or undo) image was made from."""
+    (image_type,) = struct.unpack_from("<I", ev.head, 0x4C)
+    if image_type in (VDI_UNDO, VDI_DIFFERENCING) or any(ev.head[0x1A8:0x1C8]):
+        uuids = ev.head[0x1A8:0x1C8].hex()
+        return _backing_file(f"VDI image type {image_type} with link and parent UUIDs {uuids}")
+    if image_type not in (VDI_DYNAMIC, VDI_STATIC):
+        return _unsafe(f"VDI image type {image_type} is unknown")
+    return None
+
+
+# Our own checks, for what the inspector does not cover (or refuses outright, as QED). Each
+# refuses every way its format has of naming another file, before qemu-img ever sees the file.
 OWN_CHECKS = {
     "qcow": _check_qcow_v1,
+    "qcow2": _check_qcow2,
     "qed": _check_qed,
     "vmdk": _check_vmdk,
     "vhd": _check_vhd,
+    "vhdx": _check_vhdx,
+    "vdi": _check_vdi,
 }
 
 
@@ -538,6 +794,10 @@ def _judge(
     if problem:
         return fmt, inspector, problem
     if declared in PASS_THROUGH_FORMATS and fmt in PASS_THROUGH_LOOKS_LIKE:
+        problem = _check_pass_through_parent(ev) if fmt == "vhd" else None
+        checks["pass_through_parent"] = f"failed: {problem.detail}" if problem else "passed"
+        if problem:
+            return fmt, inspector, problem
         checks["format_matches"] = f"skipped: {declared} cannot be inspected; passed through as declared"
         return declared, inspector, None
     problem = _check_safety(ev, fmt, inspector, checks)
@@ -699,8 +959,9 @@ def _judge_qemu_info(info: dict, fmt: str) -> Problem | None:
 
 def _run_qemu_check(path: str, fmt: str, *, qemu_img: str, limits: Limits) -> Problem | None:
     """`qemu-img check` reads the format's tables and finds data that points past the end."""
-    cmd = [qemu_img, "check", "-f", QEMU_DRIVERS[fmt], "--force-share", "--output=json", path]
-    proc = _run_limited(cmd, limits)
+    with _alone(path) as alone:
+        cmd = [qemu_img, "check", "-f", QEMU_DRIVERS[fmt], "--force-share", "--output=json", alone.path]
+        proc = _run_limited(cmd, limits, alone)
     # 0: clean; 3: only leaked clusters (wasted space, harmless); 63: check not supported.
     if proc.returncode in (0, 3, 63):
         return None
@@ -712,6 +973,78 @@ def _says_truncated(message: str) -> bool:
     """qemu-img's words for data that points past the end of the file."""
     message = message.lower()
     return any(w in message for w in ("end of the file", "end of file", "truncated", "beyond eof"))
+
+
+# ---------------------------------------------------------------------------------------------
+# qemu-img alone with the file
+
+
+@dataclass(frozen=True)
+class _Alone:
+    """Where qemu-img runs: `folder` (its working directory) holds nothing but the file."""
+
+    folder: str
+    path: str  # the file, as qemu-img is to name it
+    pass_fds: tuple[int, ...] = ()
+
+
+PRIVATE_PREFIX = ".qemu-img-"
+ABANDONED_AFTER_SECONDS = 60  # a new private folder is locked within microseconds
+
+
+@contextlib.contextmanager
+def _alone(path: str | os.PathLike) -> Iterator[_Alone]:
+    """A fresh private folder beside the file, holding only a hard link to it named "disk".
+
+    qemu-img resolves a relative name in an image (a backing file, an extent) against the
+    image's own folder: next to a staged file, that is other people's uploads. Here it finds
+    nothing, even if our checks missed the name. Where hard links are not possible, qemu-img
+    gets the file as /proc/self/fd/N of a descriptor it inherits, and the folder stays empty.
+    The folder is removed afterwards, with anything qemu-img left in it.
+    """
+    path = os.path.abspath(path)
+    _remove_abandoned(os.path.dirname(path))
+    folder = tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=os.path.dirname(path))
+    lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while in use: see _remove_abandoned
+        link = os.path.join(folder, "disk")
+        try:
+            os.link(path, link)
+            linked = True
+        except OSError:  # a file system without hard links (or not ours to link)
+            linked = False
+        if linked:
+            yield _Alone(folder, link)
+        else:
+            with open(path, "rb") as f:
+                yield _Alone(folder, f"/proc/self/fd/{f.fileno()}", (f.fileno(),))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
+
+
+def _remove_abandoned(parent: str) -> None:
+    """Remove the private folders of processes that died in a run (a worker killed mid-way):
+    each holds a link to a staged file and perhaps half a conversion. A folder in use is locked
+    (flock: the kernel releases it when its process dies, in any container on this disk)."""
+    now = time.time()
+    for entry in os.scandir(parent):
+        if not entry.name.startswith(PRIVATE_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < ABANDONED_AFTER_SECONDS:
+                continue  # perhaps created a moment ago and not locked yet
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue  # removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except BlockingIOError:
+            pass  # in use
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,14 +1062,16 @@ def _limited(cmd: list[str], limits: Limits) -> list[str]:
                 hint="Ask an administrator: qemu-img (Debian's qemu-utils) and prlimit must be installed.",
                 detail=f"{program} not found", permanent=True,
             )
-    return ["prlimit", f"--cpu={limits.cpu_seconds}", f"--as={limits.address_space}", "--", *cmd]
+    program = os.path.abspath(shutil.which(cmd[0]))  # it runs in another working directory
+    return ["prlimit", f"--cpu={limits.cpu_seconds}", f"--as={limits.address_space}", "--", program, *cmd[1:]]
 
 
-def _run_limited(cmd: list[str], limits: Limits) -> subprocess.CompletedProcess:
+def _run_limited(cmd: list[str], limits: Limits, alone: _Alone) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
             _limited(cmd, limits), capture_output=True, text=True, errors="replace",
             timeout=limits.timeout, env=_qemu_env(), stdin=subprocess.DEVNULL,
+            cwd=alone.folder, pass_fds=alone.pass_fds,
         )
     except subprocess.TimeoutExpired:
         raise InspectError(
@@ -765,10 +1100,12 @@ def qemu_img_info(
     """`qemu-img info -f <driver> --output=json --force-share` under limits; fmt is a portal name.
 
     The format is always forced: letting qemu-img guess is what made backing-file attacks possible.
-    qemu-img info does not open backing files. Raises QemuImgFailed when it refuses the file.
+    qemu-img info does not open backing files, and runs alone with the file (_alone).
+    Raises QemuImgFailed when it refuses the file.
     """
-    cmd = [qemu_img, "info", "-f", QEMU_DRIVERS[fmt], "--output=json", "--force-share", os.fspath(path)]
-    proc = _run_limited(cmd, limits)
+    with _alone(path) as alone:
+        cmd = [qemu_img, "info", "-f", QEMU_DRIVERS[fmt], "--output=json", "--force-share", alone.path]
+        proc = _run_limited(cmd, limits, alone)
     if proc.returncode != 0:
         raise QemuImgFailed(
             "qemu-img could not read the file.",
@@ -797,7 +1134,7 @@ def convert_to_qcow2(
     limits: Limits = CONVERT_LIMITS,
     on_progress: Callable[[float], None] | None = None,
 ) -> None:
-    """Convert an inspected, safe file to QCOW2 at dst (removed again if anything fails).
+    """Convert an inspected, safe file to QCOW2 at dst (only there once it is complete).
 
     Only call this for a file inspect_file() passed: the source format is forced, never guessed.
     on_progress(percent) is called as qemu-img reports progress (0.0 .. 100.0).
@@ -806,18 +1143,21 @@ def convert_to_qcow2(
     if src_format in PASS_THROUGH_FORMATS or src_format not in QEMU_DRIVERS:
         raise ValueError(f"qemu-img cannot convert {src_format!r}")
     dst = os.fspath(dst)
-    _check_free_space(os.path.dirname(os.path.abspath(dst)), virtual_size)
-    cmd = [
-        qemu_img, "convert", "-p", "--force-share", "-f", QEMU_DRIVERS[src_format],
-        "-O", "qcow2", "-o", "compat=1.1", os.fspath(src), dst,
-    ]
-    try:
-        returncode, stderr = _run_with_progress(cmd, limits, on_progress)
-    except BaseException:
-        _remove(dst)
-        raise
+    _remove(dst)
+    with _alone(src) as alone:  # the QCOW2 is written in the private folder too, then moved
+        _check_free_space(alone.folder, virtual_size)
+        cmd = [
+            qemu_img, "convert", "-p", "--force-share", "-f", QEMU_DRIVERS[src_format],
+            "-O", "qcow2", "-o", "compat=1.1", alone.path, "converted.qcow2",
+        ]
+        returncode, stderr = _run_with_progress(cmd, limits, on_progress, alone)
+        if returncode == 0:
+            try:
+                shutil.move(os.path.join(alone.folder, "converted.qcow2"), dst)
+            except BaseException:
+                _remove(dst)  # a copy to another file system stopped half-way
+                raise
     if returncode != 0:
-        _remove(dst)
         if "no space left" in stderr.lower():
             raise InspectError(
                 "The server ran out of disk space while converting the image.",
@@ -844,13 +1184,14 @@ def _check_free_space(folder: str, virtual_size: int) -> None:
         )
 
 
-def _run_with_progress(cmd: list[str], limits: Limits, on_progress) -> tuple[int, str]:
+def _run_with_progress(cmd: list[str], limits: Limits, on_progress, alone: _Alone) -> tuple[int, str]:
     """Run qemu-img -p under limits, passing each "(12.34/100%)" it prints to on_progress."""
     limited = _limited(cmd, limits)
     # stderr goes to a file: a pipe nobody reads while we follow stdout could fill and stall.
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
-            limited, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, env=_qemu_env()
+            limited, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, env=_qemu_env(),
+            cwd=alone.folder, pass_fds=alone.pass_fds,
         )
         try:
             _follow_progress(proc.stdout, on_progress)

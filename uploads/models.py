@@ -4,11 +4,15 @@ The row is the source of truth for every upload. Its status changes only through
 `uploads.services`, with guarded updates that check the move against `ALLOWED_MOVES`.
 """
 
+import hashlib
 import uuid
+from datetime import timezone as dt_timezone
 
 from django.conf import settings
 from django.db import models
 from django.urls import reverse
+
+from uploads.sizes import human_size
 
 
 class Status(models.TextChoices):
@@ -19,7 +23,10 @@ class Status(models.TextChoices):
     PUSHING = "pushing", "Sending to IMS"  # a worker streams the file to IMS
     PROCESSING = "processing", "IMS processing"  # IMS has the bytes and is checking them
     READY = "ready", "Ready"  # the image is active in IMS
-    FAILED = "failed", "Failed"  # stopped with a reason; Retry may help
+    FAILED = "failed", "Failed"  # stopped by a fault of the portal or the cloud; Retry may help
+    # The check found the file unsafe, damaged or not what it was said to be: sending it again
+    # cannot help. The staged file is kept for a while, so that a format fix needs no new upload.
+    REFUSED = "refused", "Refused"
     RECONNECT = "reconnect", "Reconnect needed"  # the cloud sign-in expired or was refused
     CANCELLED = "cancelled", "Cancelled"  # the owner gave up; staged file and IMS image removed
 
@@ -30,10 +37,14 @@ ALLOWED_MOVES: dict[str, set[str]] = {
     Status.RECEIVED: {Status.CHECKING, Status.RECONNECT, Status.CANCELLED, Status.FAILED},
     # CHECKING/CONVERTING -> RECEIVED: a temporary problem (no room to convert, a dead worker).
     # CHECKING/CONVERTING -> RECONNECT: the converted file takes longer to send than the token lasts.
+    # CHECKING/CONVERTING -> REFUSED: the file (or what conversion made of it) failed the check.
     Status.CHECKING: {
-        Status.PUSHING, Status.CONVERTING, Status.FAILED, Status.RECEIVED, Status.RECONNECT, Status.CANCELLED,
+        Status.PUSHING, Status.CONVERTING, Status.FAILED, Status.REFUSED, Status.RECEIVED, Status.RECONNECT,
+        Status.CANCELLED,
     },
-    Status.CONVERTING: {Status.PUSHING, Status.FAILED, Status.RECEIVED, Status.RECONNECT, Status.CANCELLED},
+    Status.CONVERTING: {
+        Status.PUSHING, Status.FAILED, Status.REFUSED, Status.RECEIVED, Status.RECONNECT, Status.CANCELLED,
+    },
     # PUSHING -> RECEIVED: a transient fault; the push is queued again with backoff.
     Status.PUSHING: {
         Status.PROCESSING,
@@ -44,16 +55,28 @@ ALLOWED_MOVES: dict[str, set[str]] = {
     },
     Status.PROCESSING: {Status.READY, Status.FAILED, Status.RECONNECT, Status.CANCELLED},
     Status.FAILED: {Status.RECEIVED, Status.CANCELLED},
+    # REFUSED -> RECEIVED only with another format (the one-click fix), never as a plain Retry.
+    Status.REFUSED: {Status.RECEIVED, Status.CANCELLED},
     # RECONNECT -> PROCESSING: IMS already has the whole file; only checking on it was cut short.
     Status.RECONNECT: {Status.RECEIVED, Status.PROCESSING, Status.CANCELLED},
     Status.READY: set(),
     Status.CANCELLED: set(),
 }
 
+# Nothing will ever change: no moves lead on.
 FINISHED = {Status.READY, Status.CANCELLED}
+# Nothing changes until a person acts: Retry or Remove, a format fix, or a new cloud sign-in.
+WAITING_FOR_A_PERSON = {Status.FAILED, Status.REFUSED, Status.RECONNECT}
+# Who moves an unfinished upload on next (Upload.waiting_on; the status JSON's `waiting_on`).
+WAITING_ON = {
+    Status.RECEIVING: "browser",
+    Status.RECEIVED: "portal", Status.CHECKING: "portal", Status.CONVERTING: "portal", Status.PUSHING: "portal",
+    Status.PROCESSING: "ims",
+    **{status: "person" for status in WAITING_FOR_A_PERSON},
+}
 # States in which a worker is busy with the upload (and keeps its heartbeat fresh).
 WORKING = {Status.CHECKING, Status.CONVERTING, Status.PUSHING}
-# States in which the owner may press Retry / Cancel.
+# States in which Retry may help. Not REFUSED: the same file would be refused the same way.
 RETRYABLE = {Status.FAILED, Status.RECONNECT}
 CANCELLABLE = {s for s, moves in ALLOWED_MOVES.items() if Status.CANCELLED in moves}
 
@@ -190,15 +213,139 @@ class Upload(models.Model):
 
     @property
     def is_finished(self) -> bool:
+        """Nothing will ever change: the live status need not be asked again."""
         return self.status in FINISHED
 
     @property
+    def waits_for_a_person(self) -> bool:
+        """Nothing changes until a person acts (Retry, Remove, a format fix, a new sign-in)."""
+        return self.status in WAITING_FOR_A_PERSON
+
+    @property
+    def waiting_on(self) -> str | None:
+        """Who moves the upload on next: "browser" (the rest of the file), "portal" (a worker),
+        "ims" (processing the image), "person" (the owner: see primary_action); None: nobody, ever."""
+        return WAITING_ON.get(self.status)
+
+    @property
+    def has_staged_copy(self) -> bool:
+        return self.staged_deleted_at is None
+
+    @property
     def can_retry(self) -> bool:
-        return self.status in RETRYABLE
+        """Retry may help: a fault of the portal or the cloud, and the file is still here."""
+        return self.status in RETRYABLE and self.has_staged_copy
 
     @property
     def can_cancel(self) -> bool:
         return self.status in CANCELLABLE
+
+    @property
+    def suggested_format(self) -> str | None:
+        """The format the check found, when it refused the file for not being the one chosen:
+        the one-click fix sends the staged file again as that format."""
+        if self.status != Status.REFUSED or not self.has_staged_copy:
+            return None
+        found = (self.inspection.get("problem") or {}).get("suggested_format")
+        return found if found in DiskFormat.values and found != self.disk_format else None
+
+    def actions(self) -> list[dict]:
+        """What the owner can do now, as the page offers it; the one to do first comes first.
+
+        Each is {"kind", "label", "url", "primary"} ("url": a form to POST to, but for
+        "reconnect": a page), plus "format" for "use_format" and "confirm" (the question to ask
+        first) for "remove" and "cancel". Only an upload that waits for a person has a primary
+        action: the first.
+        """
+        actions = []
+        if self.suggested_format:
+            actions.append({
+                "kind": "use_format", "label": f"Upload it as {DiskFormat(self.suggested_format).label}",
+                "format": self.suggested_format, "url": reverse("upload_use_format", args=[self.uid]),
+            })
+        if self.status == Status.FAILED and self.can_retry:
+            actions.append({"kind": "retry", "label": "Retry", "url": reverse("upload_retry", args=[self.uid])})
+        if self.status == Status.RECONNECT:
+            actions.append({"kind": "reconnect", "label": "Reconnect your cloud account",
+                            "url": reverse("cloud_account")})
+        if self.can_cancel:
+            kind = "remove" if self.is_stopped else "cancel"
+            actions.append({"kind": kind, "label": STOP_LABELS[kind], "url": reverse("upload_cancel", args=[self.uid]),
+                            "confirm": self.stop_question()})
+        for number, action in enumerate(actions):
+            action["primary"] = number == 0 and self.waits_for_a_person
+        return actions
+
+    @property
+    def actions_by_slot(self) -> dict[str, dict]:
+        """actions() by the part of the status block that shows each: "use_format", "retry",
+        "reconnect" and "stop" (Remove or Cancel upload)."""
+        return {("stop" if a["kind"] in STOP_LABELS else a["kind"]): a for a in self.actions()}
+
+    @property
+    def is_stopped(self) -> bool:
+        """Failed or refused: nothing runs any more, so the upload is removed rather than cancelled."""
+        return self.status in {Status.FAILED, Status.REFUSED}
+
+    @property
+    def primary_action(self) -> dict | None:
+        """The one clear next step of an upload that waits for a person; None while it moves on."""
+        return next((action for action in self.actions() if action["primary"]), None)
+
+    def what_stopping_deletes(self) -> str:
+        """What Cancel or Remove deletes, as it stands now: only what really exists."""
+        things = []
+        if self.has_staged_copy:
+            things.append("the part received so far" if self.status == Status.RECEIVING else "its copy of the file")
+        if self.ims_image_id:
+            things.append("the image it made in IMS")
+        return " and ".join(things)
+
+    def stop_question(self) -> str:
+        """The question Remove or Cancel asks before it deletes anything."""
+        verb = "Remove" if self.is_stopped else "Cancel"
+        deletes = self.what_stopping_deletes()
+        if not deletes:
+            return f"{verb} “{self.name}”? The portal keeps nothing of it any more, so nothing else is deleted."
+        return f"{verb} “{self.name}”? The portal deletes {deletes}. This cannot be undone."
+
+    @property
+    def phase_detail(self) -> str:
+        """One line that says where the upload stands, on the pages and in the status JSON."""
+        s = self.status
+        if s == Status.RECEIVING:
+            return f"{human_size(self.received_bytes)} of {human_size(self.size)} received"
+        if s == Status.RECEIVED:
+            if not self.retry_at:
+                return "Waiting to be sent to IMS"
+            at = self.retry_at.astimezone(dt_timezone.utc).strftime("%H:%M")
+            return f"Waiting to be sent again (attempt {self.attempt + 1}) at {at} UTC"
+        if s == Status.PUSHING:
+            parts = [f"{human_size(self.sent_bytes)} of {human_size(self.send_size or self.size)} sent"]
+            if self.send_rate >= 1:
+                parts.append(f"{human_size(self.send_rate)}/s")
+            if self.eta_seconds is not None:
+                parts.append(f"{_duration_words(self.eta_seconds)} left")
+            return " · ".join(parts)
+        if s == Status.CONVERTING:
+            return f"Converting to QCOW2, which IMS takes · {self.convert_percent}%"
+        if s == Status.PROCESSING:
+            return f"IMS is checking the image (status: {self.ims_status or 'saving'})"
+        if s == Status.REFUSED:
+            kept = "" if self.has_staged_copy else "; the portal no longer keeps the file"
+            return f"Not sent to IMS: the file did not pass the check{kept}"
+        return PHASE_WORDS.get(s, self.get_status_display())
+
+    @property
+    def details_version(self) -> str:
+        """Changes whenever what the upload's own page shows besides its status may have changed
+        (its details, its timeline): the live page then fetches them again."""
+        shown = (
+            self.status, self.disk_format, self.detected_format, self.send_format, self.virtual_size,
+            self.min_disk, self.ims_image_id, self.ims_status, self.md5, self.sha512, self.staged_sha512,
+            self.attempt, self.finished_at, self.error_code,
+        )
+        return hashlib.blake2s(repr(shown).encode(), digest_size=8).hexdigest()
 
     @property
     def progress_percent(self) -> int:
@@ -224,6 +371,31 @@ class Upload(models.Model):
         return int(((self.send_size or self.size) - self.sent_bytes) / self.send_rate)
 
 
+STOP_LABELS = {"remove": "Remove", "cancel": "Cancel upload"}
+
+PHASE_WORDS = {
+    Status.CHECKING: "Checking what the file really is",
+    Status.READY: "Ready · image id",
+    Status.FAILED: "Stopped",
+    Status.RECONNECT: "Waiting for you to reconnect your cloud account",
+    Status.CANCELLED: "Cancelled · the portal removed its copy of the file",
+}
+
+
+def _duration_words(seconds: int) -> str:
+    if seconds < 60:
+        return "less than a minute"
+    if seconds < 3600:
+        return f"about {round(seconds / 60)} min"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"about {hours} h" + (f" {minutes} min" if minutes else "")
+
+
+def status_label(status: str) -> str:
+    """The words for a status value, also for one a timeline line recorded long ago."""
+    return Status(status).label if status in Status.values else status
+
+
 class UploadEvent(models.Model):
     """One line of an upload's timeline: a move between states, progress milestone or an error."""
 
@@ -240,3 +412,11 @@ class UploadEvent(models.Model):
 
     def __str__(self):
         return self.message
+
+    @property
+    def from_label(self) -> str:
+        return status_label(self.from_status)
+
+    @property
+    def to_label(self) -> str:
+        return status_label(self.to_status)

@@ -16,21 +16,27 @@ from datetime import timedelta
 from typing import BinaryIO
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import DatabaseError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, Q, QuerySet, Sum
+from django.urls import reverse
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import crypto, inspect, staging
 from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, IamClient, ImsClient, ImsError
 from uploads.models import (
+    FINISHED,
+    RETRYABLE,
     WORKING,
     CloudAccount,
+    DiskFormat,
     Status,
     Upload,
     UploadEvent,
     can_move,
 )
+from uploads.sizes import human_size
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +189,14 @@ def _ims(token: str) -> ImsClient:
 # Receiving (tus)
 
 
+class UploadLimitReached(ServiceError):
+    """The owner already holds as many unfinished uploads (or bytes) as one person may."""
+
+
+class StagingNoRoom(ServiceError):
+    """The staging disk has too little free space for the declared size plus the reserve."""
+
+
 def upload_create(
     *,
     owner,
@@ -195,6 +209,9 @@ def upload_create(
     min_ram: int = 0,
     tags: list[str] | None = None,
 ) -> Upload:
+    """A new upload and its empty staged file, if the owner's limits and the staging disk allow
+    (UploadLimitReached, StagingNoRoom). It expires TUS_UPLOAD_EXPIRY_SECONDS from now."""
+    _check_staging_room(size)
     upload = Upload(
         owner=owner,
         size=size,
@@ -208,29 +225,73 @@ def upload_create(
         receive_expires_at=timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS),
     )
     upload.staged_name = staging.name_for(upload.uid)
-    staging.create(upload.staged_name)
     with transaction.atomic():
+        # The owner's row, locked until this commits: two creations at once are counted one
+        # after the other, so that they cannot both slip past the limits.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
+        _check_owner_limits(owner, size)
+        staging.create(upload.staged_name)
         upload.save()
-        _note(upload, f"Upload started: {filename} ({size} bytes)")
+        _note(upload, f"Upload started: {filename} ({human_size(size)})")
     return upload
 
 
+def _check_staging_room(size: int) -> None:
+    free = staging.free_bytes()
+    if free < size + settings.STAGING_FREE_RESERVE_BYTES:
+        log.warning("staging: refused a new upload of %s bytes, %s bytes free", size, free)
+        raise StagingNoRoom(
+            f"The portal's staging disk does not have room for this file ({human_size(size)}) "
+            "just now. Nothing was uploaded: try again later, and if it keeps happening, tell your "
+            "portal administrator."
+        )
+
+
+def _unfinished_uploads(owner) -> QuerySet:
+    """The owner's uploads that still hold a staged file and are not done with (neither ready
+    nor cancelled): failed, refused or waiting ones count, because their bytes stay on disk."""
+    return Upload.objects.filter(owner=owner, staged_deleted_at__isnull=True).exclude(status__in=FINISHED)
+
+
+def _check_owner_limits(owner, size: int) -> None:
+    held = _unfinished_uploads(owner).aggregate(count=Count("pk"), size=Sum("size"))
+    what_to_do = f"Finish or cancel some of them on My uploads ({reverse('my_uploads')}), then add this file again."
+    most = settings.UPLOAD_MAX_UNFINISHED_PER_USER
+    if held["count"] >= most:
+        raise UploadLimitReached(
+            f"You already have {held['count']} unfinished uploads (in progress, stopped or waiting for "
+            f"you), and {most} is the most one person may have at once. {what_to_do}"
+        )
+    most_bytes = settings.UPLOAD_MAX_UNFINISHED_BYTES_PER_USER
+    held_bytes = held["size"] or 0
+    if held_bytes + size > most_bytes:
+        raise UploadLimitReached(
+            f"Your unfinished uploads already take {human_size(held_bytes)}; with this file "
+            f"({human_size(size)}) they would pass {human_size(most_bytes)}, the most one person "
+            f"may have at once. {what_to_do}"
+        )
+
+
+def _receive_deadline(upload: Upload):
+    """When an unfinished upload expires: TUS_UPLOAD_EXPIRY_SECONDS after it was created. Rows
+    from before this rule may carry a later receive_expires_at (each PATCH pushed it back): the
+    creation time caps it."""
+    cap = upload.created_at + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
+    return min(upload.receive_expires_at or cap, cap)
+
+
 def upload_is_expired(upload: Upload) -> bool:
-    return (
-        upload.status == Status.RECEIVING
-        and upload.receive_expires_at is not None
-        and upload.receive_expires_at <= timezone.now()
-    )
+    return upload.status == Status.RECEIVING and _receive_deadline(upload) <= timezone.now()
 
 
 def upload_expire(*, upload: Upload) -> None:
     """An unfinished upload whose time ran out: free its staging space."""
-    hours = settings.TUS_UPLOAD_EXPIRY_SECONDS // 3600
+    allowed = _duration(timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS))
     if _move(
         upload,
         Status.FAILED,
         "The unfinished upload expired",
-        error_message=f"This upload was left unfinished for more than {hours} hours and has expired.",
+        error_message=f"This upload was not finished within {allowed} of its start, so it has expired.",
         error_hint="Upload the file again.",
         error_code="expired",
     ):
@@ -249,17 +310,21 @@ def _delete_staged(upload: Upload, message: str) -> None:
 def staging_cleanup() -> int:
     """Delete staged copies that no upload needs any more; returns how many.
 
-    Ready uploads keep theirs for STAGING_RETENTION_HOURS (to compare or send again), cancelled
-    ones lose it at once (should their clean-up task have been lost), unfinished browser uploads
-    when they expire. Failed uploads and those waiting for a reconnect keep it for Retry.
+    Ready uploads keep theirs for STAGING_RETENTION_HOURS (to compare or send again), refused ones
+    as long (time to choose the format fix), cancelled ones lose it at once (should their clean-up
+    task have been lost), unfinished browser uploads when they expire. Failed uploads and those
+    waiting for a reconnect keep it for Retry.
     """
     now = timezone.now()
     count = 0
-    for upload in Upload.objects.filter(status=Status.RECEIVING, receive_expires_at__lte=now):
+    started_before = now - timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
+    expired = Q(receive_expires_at__lte=now) | Q(created_at__lte=started_before)  # see _receive_deadline
+    for upload in Upload.objects.filter(expired, status=Status.RECEIVING):
         upload_expire(upload=upload)
         count += 1
     kept_until = now - timedelta(hours=settings.STAGING_RETENTION_HOURS)
     finished = Q(status=Status.READY, finished_at__lte=kept_until) | Q(status=Status.CANCELLED)
+    finished |= Q(status=Status.REFUSED, status_changed_at__lte=kept_until)
     for upload in Upload.objects.filter(finished, staged_deleted_at__isnull=True):
         _delete_staged(upload, "Deleted the staged copy: no longer needed")
         count += 1
@@ -302,9 +367,9 @@ def upload_receive(
         if checksum and hasher.digest() != checksum[1]:
             staged.truncate(offset)
             raise ChecksumMismatch()
-        expires = timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
-        Upload.objects.filter(pk=upload.pk).update(received_bytes=new_offset, receive_expires_at=expires)
-    upload.received_bytes, upload.receive_expires_at = new_offset, expires
+        # The expiry stays where creation put it: bytes that trickle in do not push it back.
+        Upload.objects.filter(pk=upload.pk).update(received_bytes=new_offset)
+    upload.received_bytes = new_offset
     if new_offset == upload.size and _move(upload, Status.RECEIVED, "All bytes received"):
         _enqueue_push(upload.pk)
     return new_offset
@@ -370,7 +435,10 @@ def upload_push(*, upload_id: int) -> PushOutcome:
                 _send_file(upload, client, attempt)
     except _Stopped:
         return PushOutcome()
-    except (FileRefused, inspect.FileChanged) as exc:  # the file cannot go as it is; it stays for Retry
+    except FileRefused as exc:
+        _refuse(upload, client, attempt, exc.problem)
+        return PushOutcome()
+    except inspect.FileChanged as exc:  # the staged bytes changed under us: Retry checks them afresh
         problem = exc.problem
         return _retry_or_fail(upload, client, attempt, problem.message, hint=problem.hint, code=problem.code,
                               detail=problem.detail, permanent=True)
@@ -457,8 +525,8 @@ def _check_file(upload: Upload, attempt: int) -> None:
     _note(upload, f"Checked the file: {_describe(result)}", _checks_text(result))
     needed_gb = result.suggested_min_disk_gb or 0
     if needed_gb > upload.min_disk:
+        _note(upload, _min_disk_raised(upload.min_disk, needed_gb, result.virtual_size))
         _save(upload, attempt, min_disk=needed_gb)
-        _note(upload, f"Min disk set to {needed_gb} GB: the disk inside the file is that large")
     if result.needs_conversion(settings.IMS_DISK_FORMATS):
         _convert(upload, attempt, result)
         _save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name))
@@ -498,7 +566,7 @@ def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
     converted = inspect.inspect_file(staging.path(name), declared_format="qcow2")
     if converted.problem:  # qemu-img wrote something unexpected: never send it
         raise FileRefused(converted.problem)
-    _note(upload, f"Converted to QCOW2 ({staging.size(name)} bytes)")
+    _note(upload, f"Converted to QCOW2 ({human_size(staging.size(name))})")
 
 
 def _save(upload: Upload, attempt: int, **fields) -> None:
@@ -519,8 +587,16 @@ def _inspection_record(result: inspect.Inspection) -> dict:
 def _describe(result: inspect.Inspection) -> str:
     text = f"a {inspect.LABELS.get(result.detected_format, result.detected_format)} disk"
     if result.virtual_size:
-        text += f" of {result.virtual_size / 1024**3:.1f} GB"
+        text += f" of {human_size(result.virtual_size)}"
     return text
+
+
+def _min_disk_raised(old_gb: int, new_gb: int, virtual_size: int) -> str:
+    """What happened to min_disk, in words: IMS counts it in whole GB, 1 at the least."""
+    text = f"Min disk raised to {new_gb} GB" + (f" from {old_gb} GB" if old_gb else "")
+    if virtual_size < 1024**3:
+        return f"{text}, the smallest the cloud takes: the disk inside the file is {human_size(virtual_size)}"
+    return f"{text} to hold the disk inside the file ({human_size(virtual_size)})"
 
 
 def _checks_text(result: inspect.Inspection) -> str:
@@ -665,7 +741,7 @@ def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     if not upload.converted_name:  # what was sent is the file as uploaded
         sums["staged_sha512"] = result.sha512
     _save(upload, attempt, **sums)
-    _note(upload, f"Sent {result.sent_bytes} bytes to IMS (md5 {result.md5})")
+    _note(upload, f"Sent {human_size(result.sent_bytes)} to IMS (md5 {result.md5})")
 
 
 def _progress_recorder(upload: Upload, attempt: int):
@@ -717,6 +793,18 @@ def _retry_or_fail(
         _delete_quietly(upload, client)
     _move(upload, Status.FAILED, message, detail=detail, on_attempt=attempt, **fields)
     return PushOutcome()
+
+
+def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: inspect.Problem) -> None:
+    """The check refused the file: it never goes to IMS as it is. The staged file stays (for
+    STAGING_RETENTION_HOURS), so that the one-click format fix needs no new upload; a copy
+    converted from it and an image an earlier attempt made are deleted."""
+    staging.delete(upload.converted_name)
+    _save(upload, attempt, converted_name="")
+    if upload.ims_image_id:
+        _delete_quietly(upload, client)
+    _move(upload, Status.REFUSED, problem.message, detail=problem.detail, on_attempt=attempt,
+          error_message=problem.message, error_hint=problem.hint or HINT_CONTACT_ADMIN, error_code=problem.code)
 
 
 def _delete_quietly(upload: Upload, client: ImsClient) -> None:
@@ -842,7 +930,10 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
 
 
 def upload_retry(*, upload: Upload, by) -> None:
-    if not upload.can_retry:
+    if upload.status == Status.REFUSED:
+        why = "This file was refused by the check, and sending the same file again would be refused the same way."
+        raise ServiceError(f"{why} {upload.error_hint}".strip())
+    if upload.status not in RETRYABLE:
         raise ServiceError("Only a failed upload, or one waiting for a new cloud sign-in, can be retried.")
     if upload.status == Status.RECONNECT and _token_for_push(upload)[0] is None:
         raise ServiceError(
@@ -868,25 +959,25 @@ def _requeue_for_person(upload: Upload, message: str, **fields) -> None:
         raise ServiceError("This upload changed in the meantime; reload the page and try again.")
 
 
-def upload_suggested_format(upload: Upload) -> str | None:
-    """The format inspection found, when the file was refused for not being what the owner said."""
-    if upload.status != Status.FAILED or upload.error_code != "format_mismatch":
-        return None
-    return (upload.inspection.get("problem") or {}).get("suggested_format")
-
-
 def upload_use_format(*, upload: Upload, disk_format: str, by) -> None:
-    """The one-click fix: send the file as the format it really is."""
-    if disk_format != upload_suggested_format(upload):
+    """The one-click fix for a refused file: check and send the staged file again as the format
+    the check found in it (Upload.suggested_format)."""
+    if not disk_format or disk_format != upload.suggested_format:
+        if upload.status == Status.REFUSED and not upload.has_staged_copy:
+            raise ServiceError("The portal no longer keeps this file: upload it again, choosing the right format.")
         raise ServiceError("This upload can no longer be changed that way; reload the page.")
-    label = inspect.LABELS.get(disk_format, disk_format)
+    label = DiskFormat(disk_format).label
     _requeue_for_person(upload, f"{by} chose to send the file as {label}", disk_format=disk_format)
 
 
-def upload_cancel(*, upload: Upload, by) -> None:
-    if not _move(upload, Status.CANCELLED, f"Cancelled by {by}", next_poll_at=None, **NO_ERROR):
+def upload_cancel(*, upload: Upload, by) -> str:
+    """Cancel an upload, or remove a failed or refused one; returns what gets deleted, in words."""
+    deletes = upload.what_stopping_deletes()
+    verb = "Removed" if upload.is_stopped else "Cancelled"
+    if not _move(upload, Status.CANCELLED, f"{verb} by {by}", next_poll_at=None, **NO_ERROR):
         raise ServiceError("This upload has finished or changed and can no longer be cancelled.")
     _enqueue_discard(upload.pk)
+    return deletes
 
 
 def upload_discard(*, upload_id: int) -> None:

@@ -7,6 +7,7 @@ one fixed-size buffer at a time, so that a chunk of any size never sits in memor
 import errno
 import fcntl
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,13 @@ def name_for(upload_uid, suffix: str = "img") -> str:
 def path(name: str) -> str:
     # The staging storage is a local folder (FileSystemStorage); path() is how it names a file.
     return storage().path(name)
+
+
+def free_bytes() -> int:
+    """Free space on the staging disk, as an unprivileged process may use it (statvfs)."""
+    folder = storage().location
+    os.makedirs(folder, exist_ok=True)
+    return shutil.disk_usage(folder).free
 
 
 def create(name: str) -> None:

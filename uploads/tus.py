@@ -124,17 +124,23 @@ def _create(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         return _response(400, form.error_text())
     data = form.cleaned_data
-    upload = services.upload_create(
-        owner=request.user,
-        size=length,
-        filename=data["filename"],
-        name=data["image_name"],
-        disk_format=data["disk_format"],
-        os_version=data["os_version"],
-        min_disk=data["min_disk"],
-        min_ram=data["min_ram"],
-        tags=data["tags"],
-    )
+    try:
+        upload = services.upload_create(
+            owner=request.user,
+            size=length,
+            filename=data["filename"],
+            name=data["image_name"],
+            disk_format=data["disk_format"],
+            os_version=data["os_version"],
+            min_disk=data["min_disk"],
+            min_ram=data["min_ram"],
+            tags=data["tags"],
+        )
+    except services.UploadLimitReached as exc:
+        # 403, not 5xx: tus clients try a 5xx again, and only the person can change this one.
+        return _response(403, str(exc))
+    except services.StagingNoRoom as exc:
+        return _response(507, str(exc))
     location = request.build_absolute_uri(reverse("tus_resource", args=[upload.uid]))
     return _response(201, Location=location, Upload_Offset="0", **_expires(upload))
 

@@ -3,6 +3,8 @@
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.db.models import Count, Q
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -78,10 +80,45 @@ def upload_page(request):
     )
 
 
+# My uploads shows this many a page: with 1,100 uploads on one page it was 3.9 MB of HTML.
+MY_UPLOADS_PER_PAGE = 25
+IN_PROGRESS = [Status.RECEIVING, Status.RECEIVED, Status.CHECKING, Status.CONVERTING, Status.PUSHING,
+               Status.PROCESSING]
+# The states My uploads can be filtered by (?state=…), in the order of its summary line. "Failed"
+# also takes any stopped state not named here, so that every upload is counted in one of them.
+UPLOAD_GROUPS = {
+    "in_progress": ("In progress", Q(status__in=IN_PROGRESS)),
+    "ready": ("Ready", Q(status=Status.READY)),
+    "failed": ("Failed", ~Q(status__in=[*IN_PROGRESS, Status.READY, Status.REFUSED, Status.RECONNECT,
+                                         Status.CANCELLED])),
+    "refused": ("Refused", Q(status=Status.REFUSED)),  # not a failure: the check refused the file
+    "reconnect": ("Reconnect needed", Q(status=Status.RECONNECT)),
+    "cancelled": ("Cancelled", Q(status=Status.CANCELLED)),
+}
+
+
 @login_required
 def my_uploads(request):
-    uploads = Upload.objects.filter(owner=request.user)
-    return render(request, "uploads/my_uploads.html", {"uploads": uploads})
+    mine = Upload.objects.filter(owner=request.user)
+    # The summary line: every group counted in one query.
+    counts = mine.aggregate(all=Count("pk"), **{key: Count("pk", filter=q) for key, (_, q) in UPLOAD_GROUPS.items()})
+    state = request.GET.get("state", "")
+    if state not in UPLOAD_GROUPS:
+        state = ""  # an unknown filter shows everything rather than an error
+    shown = mine.filter(UPLOAD_GROUPS[state][1]) if state else mine
+    shown = shown.order_by("-created_at", "-pk")  # a total order: pages never repeat or skip one
+    page = Paginator(shown, MY_UPLOADS_PER_PAGE).get_page(request.GET.get("page"))
+    groups = [{"key": key, "label": label, "count": counts[key]} for key, (label, _) in UPLOAD_GROUPS.items()]
+    return render(request, "uploads/my_uploads.html", {
+        "page": page,
+        "uploads": page.object_list,
+        "total": counts["all"],
+        "groups": groups,
+        # The summary line names in progress, ready and failed always, the others when there are some.
+        "summary": [group for index, group in enumerate(groups) if index < 3 or group["count"]],
+        "state": state,
+        "state_label": UPLOAD_GROUPS[state][0] if state else "",
+    })
 
 
 def _own_upload(request, uid) -> Upload:
@@ -95,11 +132,42 @@ def upload_detail(request, uid):
 
 
 def status_json(upload: Upload) -> dict:
+    """The live status of one upload, as /uploads/<uid>/status answers it (polled by progress.js).
+
+    What it is: `id` (the upload's uid), `name`, `status` (a models.Status value) and
+    `status_label` (its words), `detail` (one line that says where it stands, as the page
+    writes it). Sizes in bytes: `size` (the file), `received_bytes`, `send_size` (what is sent:
+    the file or its QCOW2 conversion), `sent_bytes`, `send_rate` (bytes/s), `eta_seconds` (or
+    null), `progress_percent` (of the current phase), `convert_percent`. What the check found:
+    `detected_format`, `send_format`, `virtual_size` (or null), `min_disk` (GB). IMS:
+    `ims_image_id`, `ims_status`, `md5`, `sha512` (of what was sent), `staged_sha512` (of the
+    file as uploaded). `attempt`, `retry_at` (ISO time or null), `finished_at` (or null).
+    `details_version` changes whenever the upload's own page would show other details or
+    timeline lines (progress.js then fetches them).
+    Why it stopped and what to do: `error_message`, `error_hint` (plain words; empty while all
+    is well); `stopped` is true for failed and refused uploads (the page shows an error, not a
+    warning).
+
+    Whether to ask again:
+    - `final`: true when nothing will ever change (ready, cancelled): stop asking.
+    - `needs_action`: true when nothing changes until a person acts (failed, refused,
+      reconnect needed); `primary_action` is then what the page offers first.
+    - `finished`: `final` or `needs_action`: nothing changes without a person.
+    - `waiting_on`: "browser" (the rest of the file), "portal", "ims", "person", or null when final.
+
+    What a person can do: `actions`, a list of {"kind", "label", "url", "primary"} with kind
+    "use_format" (plus "format": send the same file again as that format), "retry",
+    "reconnect" (a page, not a form), "remove" or "cancel" (plus "confirm": the question to ask
+    first); `primary_action` is the one marked primary, or null. `suggested_format`,
+    `can_retry` and `can_cancel` say the same for older clients.
+    """
+    actions = upload.actions()
     return {
         "id": str(upload.uid),
         "name": upload.name,
         "status": upload.status,
         "status_label": upload.get_status_display(),
+        "detail": upload.phase_detail,
         "size": upload.size,
         "received_bytes": upload.received_bytes,
         "sent_bytes": upload.sent_bytes,
@@ -109,14 +177,28 @@ def status_json(upload: Upload) -> dict:
         "send_size": upload.send_size or upload.size,
         "convert_percent": upload.convert_percent,
         "detected_format": upload.detected_format,
-        "suggested_format": services.upload_suggested_format(upload),
+        "send_format": upload.send_format,
+        "virtual_size": upload.virtual_size,
+        "min_disk": upload.min_disk,
         "ims_status": upload.ims_status,
         "ims_image_id": upload.ims_image_id,
+        "md5": upload.md5,
+        "sha512": upload.sha512,
+        "staged_sha512": upload.staged_sha512,
         "attempt": upload.attempt,
         "retry_at": upload.retry_at.isoformat() if upload.retry_at else None,
+        "finished_at": upload.finished_at.isoformat() if upload.finished_at else None,
+        "details_version": upload.details_version,
         "error_message": upload.error_message,
         "error_hint": upload.error_hint,
-        "finished": upload.is_finished,
+        "stopped": upload.is_stopped,
+        "final": upload.is_finished,
+        "needs_action": upload.waits_for_a_person,
+        "finished": upload.is_finished or upload.waits_for_a_person,
+        "waiting_on": upload.waiting_on,
+        "actions": actions,
+        "primary_action": next((action for action in actions if action["primary"]), None),
+        "suggested_format": upload.suggested_format,
         "can_retry": upload.can_retry,
         "can_cancel": upload.can_cancel,
     }
@@ -173,12 +255,14 @@ def upload_use_format(request, uid):
 @require_POST
 def upload_cancel(request, uid):
     upload = _own_upload(request, uid)
+    verb = "removed" if upload.is_stopped else "cancelled"
     try:
-        services.upload_cancel(upload=upload, by=request.user.get_username())
+        deletes = services.upload_cancel(upload=upload, by=request.user.get_username())
     except services.ServiceError as exc:
         messages.error(request, str(exc))
     else:
-        messages.success(request, f"“{upload.name}” was cancelled; its staged file and cloud image are removed.")
+        done = f"the portal deletes {deletes}." if deletes else "the portal kept nothing of it."
+        messages.success(request, f"“{upload.name}” was {verb}: {done}")
     return _back(request, upload)
 
 

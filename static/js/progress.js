@@ -1,86 +1,25 @@
 /* Live status on My uploads and on an upload's own page.
  *
  * Every element with data-status-url holds one upload's status block (uploads/snippets/
- * status_block.html). It asks that URL every 2 seconds and rewrites the block in place: the
- * badge, the line of detail, the bar, the problem box and which buttons show. It stops when the
- * upload is finished, asks less often while the tab is hidden or the upload waits for a person,
- * and backs off when the portal does not answer. Text is only ever set with textContent.
+ * status_block.html). It asks that URL every 2 seconds and rewrites the block in place from the
+ * status JSON (documented at uploads.views.status_json): the badge, the line of detail, the bar,
+ * the problem box and which buttons show, with their labels. Words come from the server only.
+ * It stops when the upload is final, asks less often while the tab is hidden or the upload waits
+ * for a person, and backs off when the portal does not answer. On an upload's own page it also
+ * brings the details and the timeline up to date (from a fresh copy of the page) whenever the
+ * JSON says they changed. Text is only ever set with textContent.
  */
 (function () {
   'use strict'
 
   var POLL_MS = 2000
-  var WAITING_POLL_MS = 15000 // failed / reconnect: only a person moves these on
+  var WAITING_POLL_MS = 15000 // failed / refused / reconnect: only a person moves these on
   var HIDDEN_POLL_MS = 10000
   var MAX_BACKOFF_MS = 60000
   var ACTIVE = { receiving: true, checking: true, converting: true, pushing: true, processing: true }
-  var WAITING_FOR_A_PERSON = { failed: true, reconnect: true }
-  var NBSP = '\u00a0'
-
-  // ---- words and numbers, the same as the templates write them ---------------------------
-
-  /* Like Django's filesizeformat: 1024-based, one decimal, "bytes" below 1 KB. */
-  function formatBytes (bytes) {
-    bytes = Number(bytes) || 0
-    if (bytes < 1024) return bytes + NBSP + (bytes === 1 ? 'byte' : 'bytes')
-    var units = ['KB', 'MB', 'GB', 'TB', 'PB']
-    var value = bytes / 1024
-    var unit = 0
-    while (value >= 1024 && unit < units.length - 1) {
-      value /= 1024
-      unit++
-    }
-    return value.toFixed(1) + NBSP + units[unit]
-  }
-
-  function formatDuration (seconds) {
-    if (seconds < 60) return 'less than a minute'
-    if (seconds < 3600) return 'about ' + Math.round(seconds / 60) + ' min'
-    var hours = Math.floor(seconds / 3600)
-    var minutes = Math.round((seconds % 3600) / 60)
-    if (minutes === 60) { hours++; minutes = 0 }
-    return 'about ' + hours + ' h' + (minutes ? ' ' + minutes + ' min' : '')
-  }
-
-  function utcTime (iso) {
-    var date = new Date(iso)
-    if (isNaN(date)) return ''
-    var pad = function (n) { return (n < 10 ? '0' : '') + n }
-    return pad(date.getUTCHours()) + ':' + pad(date.getUTCMinutes()) + ' UTC'
-  }
-
-  function detailText (s) {
-    switch (s.status) {
-      case 'receiving':
-        return formatBytes(s.received_bytes) + ' of ' + formatBytes(s.size) + ' received'
-      case 'received':
-        return s.retry_at
-          ? 'Waiting to be sent again (attempt ' + (s.attempt + 1) + ') at ' + utcTime(s.retry_at)
-          : 'Waiting to be sent to IMS'
-      case 'checking':
-        return 'Checking what the file really is'
-      case 'converting':
-        return 'Converting to QCOW2, which IMS takes · ' + s.convert_percent + '%'
-      case 'pushing': {
-        var parts = [formatBytes(s.sent_bytes) + ' of ' + formatBytes(s.send_size || s.size) + ' sent']
-        if (s.send_rate >= 1) parts.push(formatBytes(s.send_rate) + '/s')
-        if (s.eta_seconds !== null && s.eta_seconds !== undefined) parts.push(formatDuration(s.eta_seconds) + ' left')
-        return parts.join(' · ')
-      }
-      case 'processing':
-        return 'IMS is checking the image (status: ' + (s.ims_status || 'saving') + ')'
-      case 'ready':
-        return 'Ready · image id'
-      case 'failed':
-        return 'Stopped'
-      case 'reconnect':
-        return 'Waiting for you to reconnect your cloud account'
-      case 'cancelled':
-        return 'Cancelled · the portal removed its copy of the file'
-      default:
-        return s.status_label
-    }
-  }
+  // The part of the status block that shows each kind of action (status_block.html).
+  var SLOTS = { use_format: 'use_format', retry: 'retry', reconnect: 'reconnect', remove: 'stop', cancel: 'stop' }
+  var SLOT_NAMES = ['use_format', 'retry', 'reconnect', 'stop']
 
   // ---- the page --------------------------------------------------------------------------
 
@@ -114,7 +53,7 @@
     var badge = part(block, 'badge')
     badge.dataset.status = s.status
     setText(badge, s.status_label)
-    setText(part(block, 'detail'), detailText(s))
+    setText(part(block, 'detail'), s.detail)
 
     var bar = part(block, 'bar')
     bar.value = s.progress_percent
@@ -127,20 +66,58 @@
 
     var problem = part(block, 'problem')
     show(problem, !!s.error_message)
-    problem.classList.toggle('notice--error', s.status === 'failed')
-    problem.classList.toggle('notice--warning', s.status !== 'failed')
+    problem.classList.toggle('notice--error', !!s.stopped)
+    problem.classList.toggle('notice--warning', !s.stopped)
     setText(part(block, 'error-message'), s.error_message || '')
     setText(part(block, 'error-hint'), s.error_hint || '')
     show(part(block, 'error-hint'), !!s.error_hint)
-    show(part(block, 'reconnect-link'), s.status === 'reconnect')
 
-    show(part(block, 'use-format'), !!s.suggested_format)
-    if (s.suggested_format) {
-      part(block, 'use-format-value').value = s.suggested_format
-      setText(part(block, 'use-format-label'), 'Upload it as ' + s.suggested_format.toUpperCase())
-    }
-    show(part(block, 'retry'), s.can_retry)
-    show(part(block, 'cancel'), s.can_cancel)
+    renderActions(block, s.actions || [])
+  }
+
+  /* Show the actions the server offers, with its labels; the primary one looks primary. */
+  function renderActions (block, actions) {
+    var offered = {}
+    actions.forEach(function (action) { offered[SLOTS[action.kind]] = action })
+    SLOT_NAMES.forEach(function (name) {
+      var slot = part(block, name)
+      var action = offered[name]
+      show(slot, !!action)
+      if (!slot || !action) return
+      var button = part(block, name + '-button') || slot
+      setText(button, action.label)
+      button.classList.toggle('button--primary', !!action.primary)
+      button.classList.toggle(button.dataset.quiet, !action.primary)
+      if (action.format) part(block, name + '-value').value = action.format
+      if (action.confirm) slot.dataset.confirm = action.confirm
+    })
+  }
+
+  /* The upload's own page: swap in the details and the timeline of a fresh copy of the page.
+   * Only the latest of overlapping refreshes is applied, so an older copy never wins. */
+  var refreshes = 0
+
+  function refreshSections (block) {
+    var number = ++refreshes
+    return window.fetch(block.dataset.detailPage, { credentials: 'same-origin', cache: 'no-store' })
+      .then(function (response) {
+        if (!response.ok || response.redirected) throw new Error('HTTP ' + response.status)
+        return response.text()
+      })
+      .then(function (html) {
+        if (number !== refreshes) return
+        var fresh = new window.DOMParser().parseFromString(html, 'text/html')
+        document.querySelectorAll('[data-live-section]').forEach(function (section) {
+          var name = section.dataset.liveSection
+          var replacement = fresh.querySelector('[data-live-section="' + name + '"]')
+          if (!replacement) throw new Error('no ' + name + ' in the fresh page')
+          section.replaceWith(document.adoptNode(replacement))
+        })
+        show(part(block, 'page-stale'), false)
+      })
+      .catch(function () {
+        show(part(block, 'page-stale'), true)
+      })
   }
 
   function setStale (block, text) {
@@ -156,6 +133,7 @@
   function watch (block, startDelay) {
     var url = block.dataset.statusUrl
     var current = block.querySelector('.status').dataset.status
+    var detailsVersion = block.dataset.detailsVersion
     var failures = 0
     var timer = null
     var stopped = false
@@ -164,8 +142,8 @@
       timer = window.setTimeout(poll, ms)
     }
 
-    function delayFor (status) {
-      if (WAITING_FOR_A_PERSON[status]) return WAITING_POLL_MS
+    function delayFor (s) {
+      if (s.needs_action) return WAITING_POLL_MS
       return document.hidden ? HIDDEN_POLL_MS : POLL_MS
     }
 
@@ -185,14 +163,17 @@
           setStale(block, '')
           if (s.status !== current) {
             announce('“' + s.name + '”: ' + s.status_label)
-            show(part(block, 'page-stale'), block.hasAttribute('data-detail-page'))
             current = s.status
           }
           render(block, s)
-          if (s.finished) {
+          if (block.dataset.detailPage && s.details_version !== detailsVersion) {
+            detailsVersion = s.details_version
+            refreshSections(block)
+          }
+          if (s.final) {
             stopped = true
           } else {
-            schedule(delayFor(s.status))
+            schedule(delayFor(s))
           }
         })
         .catch(function (error) {

@@ -422,6 +422,7 @@
     // Tus decides whether to try again (network trouble, 5xx, 409, 423); we only say so. A
     // refused HEAD is final unless the portal was only busy or down for a moment.
     onShouldRetry: function (error, attempt, options, next) {
+      if (noRoomForNewUpload(error)) return false
       var refusal = refusedHead(error)
       if (refusal && !passing(refusal.status)) return false
       var again = next(error)
@@ -458,6 +459,14 @@
     var req = error && error.originalRequest
     var res = error && error.originalResponse
     return !!(req && res && req.getMethod && req.getMethod() === 'POST' && res.getStatus() === 400)
+  }
+
+  // True when the server has no room for a new file just now (507 to the creation request): its
+  // message says to try later, and asking again within the minute would only repeat it.
+  function noRoomForNewUpload (error) {
+    var req = error && error.originalRequest
+    var res = error && error.originalResponse
+    return !!(req && res && req.getMethod && req.getMethod() === 'POST' && res.getStatus() === 507)
   }
 
   uppy.on('upload-error', function (file, error, response) {
