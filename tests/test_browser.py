@@ -44,6 +44,7 @@ def browser_page(monkeypatch):
         errors = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.console_errors = errors  # a test that provokes an error reply removes what it expects
         try:
             yield page
         finally:

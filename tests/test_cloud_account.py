@@ -2,12 +2,13 @@
 
 from datetime import timedelta
 
+import pytest
 from django.db import connection
 from django.utils import timezone
 
 from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_NAME, DEMO_USER
 from uploads import crypto
-from uploads.models import CloudAccount
+from uploads.models import CloudAccount, Status, Upload
 
 FORM = {"domain": DEMO_DOMAIN, "user_name": DEMO_USER, "password": DEMO_PASSWORD, "project": DEMO_PROJECT_NAME}
 
@@ -78,3 +79,44 @@ def test_a_rotated_key_still_opens_old_tokens(settings):
 def test_it_needs_sign_in(client):
     response = client.get("/cloud/")
     assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+
+
+def test_connecting_from_a_link_goes_back_to_the_page_it_came_from(alice_client, sim):
+    page = alice_client.get("/cloud/?next=/uploads/").content.decode()
+    assert '<input type="hidden" name="next" value="/uploads/">' in page
+    response = alice_client.post("/cloud/", {**FORM, "next": "/uploads/"})
+    assert response.status_code == 302 and response["Location"] == "/uploads/"
+
+
+@pytest.mark.parametrize("target", [
+    "https://evil.example/", "//evil.example/", "/\\evil.example", "\\\\evil.example", "https:evil.example",
+    "javascript:alert(1)", "http://testserver/upload/", " //evil.example", "upload/", "/\t/evil.example",
+])
+def test_a_next_that_leaves_the_site_is_ignored(alice_client, sim, target):
+    page = alice_client.get("/cloud/", {"next": target}).content.decode()
+    assert 'name="next"' not in page
+    response = alice_client.post("/cloud/", {**FORM, "next": target})
+    assert response.status_code == 302 and response["Location"] == "/cloud/"
+
+
+def test_a_connected_account_offers_the_way_on_to_upload(alice_client, sim):
+    alice_client.post("/cloud/", FORM)
+    page = alice_client.get("/cloud/").content.decode()
+    assert '<a class="button button--primary" href="/upload/">Continue to Upload</a>' in page
+    page = alice_client.get("/cloud/?next=/uploads/").content.decode()
+    assert '<a class="button button--primary" href="/uploads/">Go back to where you were</a>' in page
+    assert 'href="/upload/">Continue to Upload</a>' in page
+
+
+def test_a_wrong_password_keeps_the_way_back(alice_client, sim):
+    response = alice_client.post("/cloud/", {**FORM, "password": "nope", "next": "/upload/"})
+    assert '<input type="hidden" name="next" value="/upload/">' in response.content.decode()
+
+
+def test_the_links_to_the_cloud_account_page_carry_the_way_back(alice_client, alice):
+    page = alice_client.get("/upload/").content.decode()
+    assert 'href="/cloud/?next=/upload/">Connect cloud account</a>' in page
+    upload = Upload.objects.create(owner=alice, name="web", filename="web.qcow2", disk_format="qcow2", size=10,
+                                   staged_name="w", status=Status.RECONNECT)
+    page = alice_client.get(f"/uploads/{upload.uid}/").content.decode()
+    assert f'href="/cloud/?next=/uploads/{upload.uid}/"' in page  # its Reconnect button

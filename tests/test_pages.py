@@ -1,10 +1,15 @@
 """The pages people see: their own uploads only, live status JSON, Retry/Cancel, admin."""
 
+import json
+import re
+
 import pytest
 from django.test import Client
 
 from uploads import services
+from uploads.forms import UploadMetadataForm
 from uploads.models import Status, Upload, UploadEvent
+from uploads.views import UPLOAD_PAGE_WORDS
 
 HOSTILE = '<script>alert("x")</script>'
 
@@ -200,3 +205,19 @@ def test_the_service_refuses_to_cancel_a_finished_upload(upload):
     upload.refresh_from_db()
     with pytest.raises(services.ServiceError):
         services.upload_cancel(upload=upload, by="alice")
+
+
+def test_the_upload_page_takes_its_limits_and_words_from_the_server(alice_client, alice_with_token):
+    page = alice_client.get("/upload/").content.decode()
+
+    def script(name):
+        return json.loads(re.search(rf'<script id="{name}" type="application/json">(.*?)</script>', page).group(1))
+
+    limits = script("upload-limits")
+    fields = UploadMetadataForm.base_fields
+    assert limits["min_ram"] == {"min": fields["min_ram"].min_value, "max": fields["min_ram"].max_value}
+    assert limits["tags"]["max_length"] == fields["tags"].max_length
+    assert script("upload-words")["cancelled"] == UPLOAD_PAGE_WORDS["cancelled"] == (
+        "Cancelled on My uploads: nothing more is sent.")
+    assert f'max="{fields["min_ram"].max_value}"' in page  # the "Same for every file" field
+    assert 'data-status-url="/uploads/00000000-0000-0000-0000-000000000000/status"' in page

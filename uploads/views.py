@@ -1,17 +1,19 @@
 """Pages and the live status JSON. Thin: read the request, call a service, render."""
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db.models import Count, Q
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
 
 from uploads import services, status_access
-from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm
+from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, UploadMetadataForm
 from uploads.ims import ImsError
 from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
 
@@ -33,6 +35,36 @@ def home(request):
     return redirect("upload")
 
 
+# What the upload page says about a file whose upload the portal ended while the page was
+# still sending it (or wanted to continue it): it stops there and never starts the file again
+# by itself. static/js/upload.js picks the sentence from the upload's live status.
+UPLOAD_PAGE_WORDS = {
+    "cancelled": "Cancelled on My uploads: nothing more is sent.",
+    "failed": "The portal stopped this upload:",
+    "removed": "This upload is no longer in the portal.",
+    "elsewhere": "This file already reached the portal from another page; follow it on My uploads.",
+    "checking": "Stopped; asking the portal why…",
+    "start_again": "To upload the file again from the start, press Retry; or remove it from the list.",
+    "add_again": "To upload it again, remove it from the list and add it again.",
+    "applied": "{fields}: set for each file in the list ({count}).",
+    "nothing_to_apply": "Fill in at least one of the fields above, then press Apply to all files.",
+    "no_files": "Add files first; then these details go to each of them.",
+}
+
+
+def _upload_limits() -> dict:
+    """The limits the tus server checks the details against, for the page's fields."""
+    fields = UploadMetadataForm.base_fields
+    return {
+        "image_name": {"max_length": fields["image_name"].max_length},
+        "os_version": {"max_length": fields["os_version"].max_length},
+        "min_disk": {"min": fields["min_disk"].min_value, "max": fields["min_disk"].max_value},
+        "min_ram": {"min": fields["min_ram"].min_value, "max": fields["min_ram"].max_value},
+        "tags": {"max_length": fields["tags"].max_length},
+        "max_bytes": settings.UPLOAD_MAX_BYTES,
+    }
+
+
 @login_required
 def upload_page(request):
     return render(
@@ -42,6 +74,8 @@ def upload_page(request):
             "os_versions": COMMON_OS_VERSIONS,
             "disk_formats": DiskFormat.choices,
             "extension_formats": {ext: fmt.value for ext, fmt in EXTENSION_FORMATS.items()},
+            "limits": _upload_limits(),
+            "words": UPLOAD_PAGE_WORDS,
         },
     )
 
@@ -232,9 +266,25 @@ def upload_cancel(request, uid):
     return _back(request, upload)
 
 
+def _safe_next(request: HttpRequest) -> str:
+    """The page to go back to after connecting (`next`, from the link or the form), or "".
+
+    Only a path on this site counts: a full address, even one to this host, or anything a
+    browser could read as another site ("//evil.example", "/\\evil.example") is ignored, so
+    a link to the Cloud account page can never send someone elsewhere after they signed in.
+    """
+    target = request.POST.get("next") or request.GET.get("next") or ""
+    if target.startswith("/") and url_has_allowed_host_and_scheme(
+        target, allowed_hosts=None, require_https=request.is_secure()
+    ):
+        return target
+    return ""
+
+
 @login_required
 def cloud_account(request):
     account = CloudAccount.objects.filter(user=request.user).first()
+    next_url = _safe_next(request)
     form = CloudAccountForm.for_account(account, request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
@@ -243,8 +293,8 @@ def cloud_account(request):
             form.add_error(None, f"{exc.message} {exc.hint}".strip())
         else:
             messages.success(request, "Your cloud account is connected.")
-            return redirect("cloud_account")
-    return render(request, "uploads/cloud_account.html", {"form": form})
+            return redirect(next_url or "cloud_account")
+    return render(request, "uploads/cloud_account.html", {"form": form, "next_url": next_url})
 
 
 @login_required

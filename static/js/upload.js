@@ -1,8 +1,9 @@
 /* The upload page: Uppy's Dashboard sends disk images to the portal's tus server.
  *
  * Uppy comes as the browser bundle of the `uppy` npm package (window.Uppy, loaded before this
- * file). The page passes everything else in: data- attributes on #uploader and two json_script
- * blocks (disk formats, file endings). No inline script, so a strict CSP can forbid them.
+ * file). The page passes everything else in: data- attributes on #uploader and json_script
+ * blocks (disk formats, file endings, the limits of each detail, the page's sentences). No
+ * inline script, so a strict CSP can forbid them.
  *
  * What the tus server reads from Upload-Metadata: filename, image_name, disk_format, os_version,
  * min_disk, min_ram, tags. Only those (plus filetype) are sent; Uppy's own meta stays home.
@@ -37,7 +38,9 @@
   var diskFormats = readJson('disk-formats') // [["qcow2", "QCOW2"], ...]
   var extensionFormats = readJson('extension-formats') // {".qcow2": "qcow2", ...}
   var extensions = Object.keys(extensionFormats)
-  var maxBytes = Number(root.dataset.maxBytes)
+  var limits = readJson('upload-limits') // {"min_ram": {"min": 0, "max": ...}, "max_bytes": ...}
+  var words = readJson('upload-words') // {"cancelled": "Cancelled on My uploads...", ...}
+  var maxBytes = limits.max_bytes
 
   // ---- small helpers ---------------------------------------------------------------------
 
@@ -53,6 +56,10 @@
   function imageNameFor (fileName) {
     var dot = fileName.lastIndexOf('.')
     return (dot > 0 ? fileName.slice(0, dot) : fileName).slice(0, 255) || 'image'
+  }
+
+  function uidOf (url) {
+    return (String(url || '').match(UUID_RE) || [])[0] || ''
   }
 
   function cookie (name) {
@@ -100,9 +107,8 @@
     })
   }
 
-  function showDone (file, uploadURL) {
+  function showDone (file, uid) {
     var item = document.createElement('li')
-    var uid = (String(uploadURL || '').match(UUID_RE) || [])[0]
     if (uid) {
       var link = document.createElement('a')
       link.href = root.dataset.detailUrl.replace(ZERO_UUID, uid)
@@ -113,13 +119,20 @@
     }
     item.appendChild(document.createTextNode(' (' + file.name + ')'))
     doneList.appendChild(item)
+    if (doneBox.hidden) {
+      doneBox.hidden = false
+      doneBox.querySelector('.alert__title').focus({ preventScroll: true })
+    }
   }
+
+  var SIGNED_OUT = 'The portal refused the file because your sign-in has ended. Reload this page (sign in again if asked) and add the file again; it continues where it stopped.'
 
   /* The tus server refuses with a plain-text reason written for people ("Tag “x” is not valid…",
      "Connect your cloud account first…"): show it as it is. Anything else gets plain words. */
   function reasonFor (error, response) {
     var res = error && error.originalResponse
-    var status = res && res.getStatus ? res.getStatus() : (response && response.status)
+    var refusal = refusedContinuation(error)
+    var status = res && res.getStatus ? res.getStatus() : ((refusal && refusal.status) || (response && response.status))
     var body = ''
     var type = ''
     if (res && res.getBody) {
@@ -134,9 +147,7 @@
     if (!status) {
       return 'The connection to the portal was lost. Check your network, then press Retry: the upload continues where it stopped.'
     }
-    if (status === 403) {
-      return 'The portal refused the file because your sign-in has ended. Reload this page (sign in again if asked) and add the file again; it continues where it stopped.'
-    }
+    if (status === 403) return SIGNED_OUT
     if (status === 413) return 'The file is 128 GB or larger; IMS takes only smaller images.'
     return 'The portal could not take this file just now (error ' + status + '). Press Retry; if it keeps happening, tell your portal administrator.'
   }
@@ -190,35 +201,152 @@
     {
       id: 'image_name',
       name: 'Image name',
-      render: textField('image_name', { maxLength: 255, required: true, placeholder: 'e.g. ubuntu-24.04-web' },
+      render: textField('image_name', { maxLength: limits.image_name.max_length, required: true, placeholder: 'e.g. ubuntu-24.04-web' },
         'How the image is called in IMS.')
     },
     {
       id: 'os_version',
       name: 'OS version',
-      render: textField('os_version', { list: 'os-version-options', maxLength: 255, placeholder: 'e.g. Ubuntu 24.04 server 64bit', autocomplete: 'off' },
+      render: textField('os_version', { list: 'os-version-options', maxLength: limits.os_version.max_length, placeholder: 'e.g. Ubuntu 24.04 server 64bit', autocomplete: 'off' },
         'The operating system inside the image. Pick from the list or type your own.')
     },
     { id: 'disk_format', name: 'Disk format', render: diskFormatField },
     {
       id: 'min_disk',
       name: 'Min disk (GB)',
-      render: textField('min_disk', { type: 'number', min: 0, max: 1024, step: 1, inputMode: 'numeric', placeholder: 'e.g. 40' },
+      render: textField('min_disk', { type: 'number', min: limits.min_disk.min, max: limits.min_disk.max, step: 1, inputMode: 'numeric', placeholder: 'e.g. 40' },
         'Smallest system disk for servers made from this image. Leave empty if unsure.')
     },
     {
       id: 'min_ram',
       name: 'Min RAM (MB)',
-      render: textField('min_ram', { type: 'number', min: 0, max: 2097152, step: 1, inputMode: 'numeric', placeholder: 'e.g. 2048' },
+      render: textField('min_ram', { type: 'number', min: limits.min_ram.min, max: limits.min_ram.max, step: 1, inputMode: 'numeric', placeholder: 'e.g. 2048' },
         'Smallest memory for servers made from this image. Leave empty if unsure.')
     },
     {
       id: 'tags',
       name: 'Tags',
-      render: textField('tags', { maxLength: 2000, placeholder: 'e.g. team=web, env=test' },
+      render: textField('tags', { maxLength: limits.tags.max_length, placeholder: 'e.g. team=web, env=test' },
         'Optional labels as key=value, separated by commas.')
     }
   ]
+
+  // ---- an upload the portal ended while this page was sending it --------------------------
+
+  /* To continue an upload, tus-js-client asks where it stands (HEAD). On any refusal but 423 it
+     quietly forgets that upload and starts the file again as a new one from byte 0: a file
+     cancelled on My uploads (PATCH 409, then HEAD 410) was sent all over again and nobody was
+     told. A HEAD goes only to an upload this page (or an earlier visit) made, so a refusal means
+     that upload is over or unreachable: turn the reply into an error, which tus reports. */
+  function refuseToStartAgain (req, res) {
+    var status = res.getStatus()
+    if (req.getMethod() !== 'HEAD' || (status >= 200 && status < 300) || status === 423) return
+    var error = new Error('tus: the portal answered ' + status + ' to continuing an upload')
+    error.refusedContinuation = { url: req.getURL(), status: status }
+    throw error
+  }
+
+  // The portal was busy or down for a moment: trying the same upload again can help.
+  function passing (status) {
+    return status === 423 || status === 429 || status >= 500
+  }
+
+  function refusedHead (error) {
+    return (error && error.causingError && error.causingError.refusedContinuation) || null
+  }
+
+  // {url, status} of a refused HEAD or PATCH of an upload this page was continuing, else null.
+  function refusedContinuation (error) {
+    if (!error) return null
+    if (refusedHead(error)) return refusedHead(error)
+    var req = error.originalRequest
+    var res = error.originalResponse
+    if (req && res && req.getMethod() === 'PATCH') return { url: req.getURL(), status: res.getStatus() }
+    return null
+  }
+
+  // 404: no such upload (any more); 410: cancelled or expired; 409 (after tus's own retries):
+  // it stopped receiving bytes. Either way it is over: say why, never start it again silently.
+  function uploadIsOver (refusal) {
+    return !!refusal && [404, 409, 410].indexOf(refusal.status) !== -1
+  }
+
+  /* Forget where the ended upload was (tus keeps it in localStorage, Uppy on the file), so that
+     Retry, which the person presses knowing why, starts the file as a new upload. */
+  function forgetUpload (file, url) {
+    try {
+      for (var i = localStorage.length - 1; i >= 0; i--) {
+        var key = localStorage.key(i)
+        if (key.indexOf('tus::') === 0 && storedUploadUrl(key) === url) localStorage.removeItem(key)
+      }
+    } catch (e) {
+      // No storage in this browser (private mode, blocked): then nothing was kept either.
+    }
+    var current = uppy.getFile(file.id)
+    if (current && current.tus && current.tus.uploadUrl) {
+      uppy.setFileState(file.id, { tus: Object.assign({}, current.tus, { uploadUrl: null }) })
+    }
+  }
+
+  function storedUploadUrl (key) {
+    try {
+      return (JSON.parse(localStorage.getItem(key)) || {}).uploadUrl
+    } catch (e) {
+      return null
+    }
+  }
+
+  /* What became of upload `uid`, from its live status: {over: true, text, again, gone} when it
+     ended (`again`: Retry can start it afresh; `gone`: its bytes are not in the portal),
+     {over: false} while it is still receiving (`signedOut`: the session ended, so the portal
+     would not say), or null when the portal cannot tell. Only an ended upload is forgotten. */
+  function whatBecameOf (uid) {
+    if (!uid) return Promise.resolve(null)
+    return fetch(root.dataset.statusUrl.replace(ZERO_UUID, uid), {
+      credentials: 'same-origin',
+      redirect: 'manual', // to the sign-in page: the session ended, which says nothing of the upload
+      headers: { Accept: 'application/json' }
+    }).then(function (res) {
+      if (res.type === 'opaqueredirect') return { over: false, signedOut: true }
+      if (res.status === 404) return { over: true, gone: true, text: words.removed, again: true }
+      if (!res.ok) return null
+      return res.json().then(function (upload) {
+        if (upload.status === 'receiving') return { over: false }
+        if (upload.status === 'cancelled') return { over: true, gone: true, text: words.cancelled, again: true }
+        if (upload.status === 'failed') {
+          return { over: true, text: (words.failed + ' ' + (upload.error_message || '')).trim(), again: true }
+        }
+        return { over: true, text: words.elsewhere, again: false }
+      })
+    }).catch(function () {
+      return null
+    })
+  }
+
+  function stopFile (file, text) {
+    if (!uppy.getFile(file.id)) return
+    uppy.setFileState(file.id, { error: text })
+    showProblem(file.id, text, file.name) // in a role=alert region: read out when it appears
+  }
+
+  /* The portal refused to go on with this file's upload. Ask what became of it: if it ended,
+     forget it and say why; else (still receiving, or no answer) report the refusal as any other
+     error, keeping the upload for Retry to continue. */
+  function endedUpload (file, refusal, otherwise) {
+    uppy.setFileState(file.id, { error: words.checking })
+    whatBecameOf(uidOf(refusal.url)).then(function (fate) {
+      if (fate && fate.signedOut) {
+        stopFile(file, SIGNED_OUT)
+        return
+      }
+      if (!fate || !fate.over) {
+        otherwise()
+        return
+      }
+      forgetUpload(file, refusal.url)
+      stopFile(file, fate.again ? fate.text + ' ' + words.start_again : fate.text)
+    })
+  }
 
   // ---- Uppy ------------------------------------------------------------------------------
 
@@ -275,7 +403,7 @@
     fileManagerSelectionType: 'files',
     singleFileFullScreen: false,
     autoOpen: 'metaEditor',
-    note: 'Disk images smaller than 128 GB each. Use the pencil on a file to set its name, OS and format.',
+    note: 'Disk images smaller than 128 GB each. Check the details of each file in the list below.',
     metaFields: metaFields
   })
 
@@ -290,9 +418,13 @@
     removeFingerprintOnSuccess: true,
     allowedMetaFields: SENT_META,
     headers: function () { return { 'X-CSRFToken': csrfToken() } },
-    // Tus decides whether to try again (network trouble, 5xx, 409, 423); we only say so.
+    onAfterResponse: refuseToStartAgain,
+    // Tus decides whether to try again (network trouble, 5xx, 409, 423); we only say so. A
+    // refused HEAD is final unless the portal was only busy or down for a moment.
     onShouldRetry: function (error, attempt, options, next) {
       if (noRoomForNewUpload(error)) return false
+      var refusal = refusedHead(error)
+      if (refusal && !passing(refusal.status)) return false
       var again = next(error)
       if (again) retryingNote.hidden = false
       return again
@@ -339,17 +471,27 @@
 
   uppy.on('upload-error', function (file, error, response) {
     if (!file || !uppy.getFile(file.id)) return
+    var refusal = refusedContinuation(error)
+    if (uploadIsOver(refusal)) {
+      endedUpload(file, refusal, function () { showUploadError(file, error, response) })
+    } else {
+      showUploadError(file, error, response)
+    }
+  })
+
+  function showUploadError (file, error, response) {
+    if (!uppy.getFile(file.id)) return
     var reason = reasonFor(error, response)
     var state = { error: reason } // instead of tus's technical message
     if (detailsRefused(error)) {
-      reason += ' Use the pencil on the file to change its details, then press Retry.'
+      reason += ' Use Edit in the list of files to change its details, then press Retry.'
       state.error = reason
       // Uppy offers the pencil only for files that never started; this one never did.
       state.progress = { percentage: 0, bytesUploaded: false, bytesTotal: file.size, uploadComplete: false, uploadStarted: null }
     }
     uppy.setFileState(file.id, state)
     showProblem(file.id, reason, file.name)
-  })
+  }
 
   function hideRetrying () { retryingNote.hidden = true }
   uppy.on('upload-progress', hideRetrying)
@@ -361,18 +503,177 @@
   uppy.on('retry-all', function (files) { files.forEach(function (file) { clearProblem(file.id) }) })
   uppy.on('file-removed', function (file) { clearProblem(file.id) })
 
+  /* The last bytes can arrive just after the upload was cancelled on My uploads (the PATCH had
+     started before): then the tus reply is a success, but the file is not in the portal. */
   uppy.on('upload-success', function (file, response) {
     if (!file) return
     clearProblem(file.id)
-    showDone(file, response && response.uploadURL)
+    var uid = uidOf(response && response.uploadURL)
+    whatBecameOf(uid).then(function (fate) {
+      if (fate && fate.gone) {
+        stopFile(file, fate.text + ' ' + words.add_again)
+      } else {
+        showDone(file, uid)
+      }
+    })
   })
 
-  uppy.on('complete', function (result) {
-    if (!result.successful || result.successful.length === 0) return
-    var firstTime = doneBox.hidden
-    doneBox.hidden = false
-    if (firstTime) doneBox.querySelector('.alert__title').focus({ preventScroll: true })
+  // ---- every file's details, in a list of their own -------------------------------------
+
+  /* The Dashboard shows a file's details only in its editor, which opens by itself for the
+     first file of a batch: the others went with their defaults unseen. This list shows the
+     details of every file not yet sent, each with its own Edit; "Same for every file" sets the
+     OS version, min RAM and tags of all of them at once. */
+  var detailsBox = document.getElementById('file-details')
+  var detailRows = detailsBox.querySelector('tbody')
+  var applyForm = document.getElementById('apply-all')
+  var applyStatus = document.getElementById('apply-all-status')
+  var rows = new Map() // file id -> <tr>
+  var APPLY_FIELDS = [
+    { id: 'os_version', label: 'OS version' },
+    { id: 'min_ram', label: 'Min RAM' },
+    { id: 'tags', label: 'Tags' }
+  ]
+
+  function formatLabel (value) {
+    var choice = diskFormats.filter(function (c) { return c[0] === value })[0]
+    return choice ? choice[1] : ''
+  }
+
+  function notYetSent (file) {
+    return !file.progress.uploadStarted
+  }
+
+  function cell (tr, text, emptyText) {
+    var td = document.createElement('td')
+    setCell(td, text, emptyText)
+    tr.appendChild(td)
+  }
+
+  function setCell (td, text, emptyText) {
+    td.textContent = text || emptyText || '—'
+    td.classList.toggle('muted', !text)
+  }
+
+  function newRow (file) {
+    var tr = document.createElement('tr')
+    var head = document.createElement('th')
+    head.scope = 'row'
+    var name = document.createElement('span')
+    name.className = 'file-table__name'
+    var fileName = document.createElement('span')
+    fileName.className = 'file-table__filename'
+    fileName.textContent = file.name
+    head.appendChild(name)
+    head.appendChild(fileName)
+    tr.appendChild(head)
+    for (var i = 0; i < 5; i++) cell(tr, '')
+    var actions = document.createElement('td')
+    var edit = document.createElement('button')
+    edit.type = 'button'
+    edit.className = 'button button--small button--quiet'
+    edit.appendChild(document.createTextNode('Edit'))
+    var hidden = document.createElement('span')
+    hidden.className = 'visually-hidden'
+    hidden.textContent = ' the details of ' + file.name
+    edit.appendChild(hidden)
+    edit.addEventListener('click', function () { openEditor(file.id, edit) })
+    actions.appendChild(edit)
+    tr.appendChild(actions)
+    return tr
+  }
+
+  function fillRow (tr, file) {
+    var meta = file.meta
+    var cells = tr.children
+    setCell(cells[0].firstChild, meta.image_name, 'No name')
+    setCell(cells[1], formatLabel(meta.disk_format), 'Not chosen')
+    setCell(cells[2], meta.os_version, 'Not set')
+    setCell(cells[3], String(meta.min_disk || ''), 'Not set')
+    setCell(cells[4], String(meta.min_ram || ''), 'Not set')
+    setCell(cells[5], meta.tags, 'None')
+  }
+
+  function showDetailsList () {
+    var waiting = uppy.getFiles().filter(notYetSent)
+    var ids = new Set(waiting.map(function (file) { return file.id }))
+    rows.forEach(function (tr, id) {
+      if (!ids.has(id)) {
+        tr.remove()
+        rows.delete(id)
+      }
+    })
+    waiting.forEach(function (file, index) {
+      var tr = rows.get(file.id)
+      if (!tr) {
+        tr = newRow(file)
+        rows.set(file.id, tr)
+      }
+      fillRow(tr, file)
+      // The Dashboard's order; a row already in place is not moved, which would lose its focus.
+      var here = detailRows.children[index]
+      if (here !== tr) detailRows.insertBefore(tr, here || null)
+    })
+    detailsBox.hidden = waiting.length === 0
+  }
+
+  var editedFrom = null // the Edit button that opened the editor, to go back to
+
+  function openEditor (fileId, button) {
+    editedFrom = button
+    uppy.getPlugin('Dashboard').toggleFileCard(true, fileId)
+    root.scrollIntoView({ block: 'start', behavior: 'smooth' })
+  }
+
+  uppy.on('dashboard:file-edit-complete', function () {
+    var button = editedFrom
+    editedFrom = null
+    // After the Dashboard has drawn the file list again (it moves the focus there).
+    if (button) setTimeout(function () { if (button.isConnected) button.focus() }, 0)
   })
+
+  // The values to apply, or a sentence saying what is wrong with them (that field is marked).
+  function valuesToApply () {
+    var values = {}
+    var problem = ''
+    APPLY_FIELDS.forEach(function (field) {
+      var input = applyForm.elements[field.id]
+      var value = input.value.trim()
+      input.setAttribute('aria-invalid', String(!input.validity.valid))
+      if (!input.validity.valid) {
+        if (!problem) input.focus()
+        problem = problem || (field.label + ': ' + input.validationMessage)
+      } else if (value) {
+        values[field.id] = value
+      }
+    })
+    return problem || values
+  }
+
+  applyForm.addEventListener('submit', function (event) {
+    event.preventDefault()
+    var values = valuesToApply()
+    var waiting = uppy.getFiles().filter(notYetSent)
+    if (typeof values === 'string') {
+      applyStatus.textContent = values
+      return
+    }
+    var names = APPLY_FIELDS.filter(function (field) { return field.id in values })
+      .map(function (field) { return field.label })
+    if (names.length === 0) {
+      applyStatus.textContent = words.nothing_to_apply
+      return
+    }
+    if (waiting.length === 0) {
+      applyStatus.textContent = words.no_files
+      return
+    }
+    waiting.forEach(function (file) { uppy.setFileMeta(file.id, values) })
+    applyStatus.textContent = words.applied.replace('{fields}', names.join(', ')).replace('{count}', waiting.length)
+  })
+
+  uppy.on('state-update', showDetailsList)
+  uppy.on('files-added', function () { applyStatus.textContent = '' }) // it spoke of the files before
 
   // Closing the page stops bytes in flight; warn while a file is still on its way to the portal.
   window.addEventListener('beforeunload', function (event) {
