@@ -213,6 +213,19 @@ UPLOAD_MAX_UNFINISHED_BYTES_PER_USER = int(os.environ.get("UPLOAD_MAX_UNFINISHED
 # A new upload is refused while the staging disk has less free space than its size plus this
 # reserve, which stays for conversions, the database and the logs on the same disk.
 STAGING_FREE_RESERVE_BYTES = int(os.environ.get("STAGING_FREE_RESERVE_BYTES", 5 * 1024**3))
+# Hostile or broken clients (gunicorn.conf.py, portal/gunicorn_worker.py, uploads/request_body.py):
+# a client that sends nothing for REQUEST_IDLE_TIMEOUT_SECONDS, in its headers, its body or an
+# upload's chunk, is cut off; a slow client that keeps sending is not. What an upload received
+# until then is kept, and a new PATCH may take over from a writer that silent.
+REQUEST_IDLE_TIMEOUT_SECONDS = float(os.environ.get("REQUEST_IDLE_TIMEOUT_SECONDS", 60))
+# Every request but a tus PATCH (forms, sign-in) has a small body: larger ones are refused (413)
+# before a thread waits for them, and Django refuses them too under any other server.
+REQUEST_BODY_MAX_BYTES = int(os.environ.get("REQUEST_BODY_MAX_BYTES", 64 * 1024))
+DATA_UPLOAD_MAX_MEMORY_SIZE = REQUEST_BODY_MAX_BYTES
+# How many request threads of one web process may receive upload chunks at once; more get 503
+# and try again (tus clients do by themselves), so that pages always find a thread: gunicorn.conf.py
+# gives each process 32, this leaves 8 of them to everything else.
+UPLOAD_RECEIVING_THREADS = int(os.environ.get("UPLOAD_RECEIVING_THREADS", 24))
 # How long the staged copy of an image that is ready in IMS is kept (to compare, or send again).
 STAGING_RETENTION_HOURS = float(os.environ.get("STAGING_RETENTION_HOURS", 24))
 UPLOAD_POLL_SECONDS = float(os.environ.get("UPLOAD_POLL_SECONDS", 5))

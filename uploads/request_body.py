@@ -12,13 +12,52 @@ The socket is used only when gunicorn's request objects are exactly what this co
 other server (the Django test client, runserver), the portable path reads `request.read()`.
 Both keep gunicorn's own count of the unread body right at every step, so a connection goes on
 to its next request where the body ends, or is closed when a read failed.
+
+Both give up on a client that sends nothing for REQUEST_IDLE_TIMEOUT_SECONDS (BodyTimeout, an
+OSError like any lost connection: the caller keeps what arrived). The socket gets a kernel receive
+timeout (SO_RCVTIMEO) rather than a Python one: a Python timeout makes the socket non-blocking,
+and MSG_WAITALL would then return after every packet. With SO_RCVTIMEO, one recv_into() still
+fills the whole buffer from a fast client, returns what arrived when the timeout runs out with
+some bytes in, and fails (EAGAIN) when none came at all.
 """
 
 import socket
 import ssl
+import struct
+import time
 
+from django.conf import settings
 from django.http import HttpRequest
 from gunicorn.http.body import Body, LengthReader
+
+# How long one recv_into() of the socket path may wait: the longest gap between two writes into
+# staging (and so between two looks at the upload's progress) while a client keeps sending.
+RECV_SLICE_SECONDS = 1.0
+
+
+class BodyTimeout(TimeoutError):
+    """The client sent nothing for REQUEST_IDLE_TIMEOUT_SECONDS."""
+
+
+def set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """A kernel receive timeout on a blocking socket: recv() fails with EAGAIN after `seconds`."""
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
+
+
+def set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
+
+
+def close_if_unread(request: HttpRequest) -> None:
+    """When the view answers without reading the whole body (refused, or the client went
+    silent), gunicorn is to close the connection at once rather than wait to drain the rest."""
+    body = request.META.get("wsgi.input")
+    if isinstance(body, Body) and not (isinstance(body.reader, LengthReader) and body.reader.length == 0):
+        body.failed = True
 
 
 class RequestBody:
@@ -26,9 +65,19 @@ class RequestBody:
 
     def __init__(self, request: HttpRequest):
         self.request = request
+        sock = request.META.get("gunicorn.socket")
+        if isinstance(sock, socket.socket):
+            # gunicorn's reads wait in recv() for as long as the client is silent: not longer
+            # than the idle timeout (then recv() fails and the read raises an OSError).
+            set_receive_timeout(sock, settings.REQUEST_IDLE_TIMEOUT_SECONDS)
 
     def readinto(self, buffer: memoryview) -> int:
-        data = self.request.read(len(buffer))
+        try:
+            data = self.request.read(len(buffer))
+        except OSError as exc:
+            if _is_timeout(exc):
+                raise BodyTimeout("the client sent nothing for too long") from exc
+            raise
         buffer[: len(data)] = data
         return len(data)
 
@@ -46,6 +95,9 @@ class SocketBody:
         self.body = body
         self.reader = body.reader
         self.held: memoryview | None = None  # taken from gunicorn at the first read
+        self.idle_seconds = settings.REQUEST_IDLE_TIMEOUT_SECONDS
+        self.last_bytes_at = time.monotonic()
+        set_receive_timeout(sock, min(RECV_SLICE_SECONDS, self.idle_seconds))
 
     def _take_held(self) -> memoryview:
         held = self.reader.unreader.take_buffered()
@@ -66,16 +118,30 @@ class SocketBody:
             self.held = self.held[count:]
         else:
             try:
-                # MSG_WAITALL: one system call (GIL released) for the whole buffer, unless the
-                # client stops sending or goes away.
-                count = self.sock.recv_into(buffer, wanted, socket.MSG_WAITALL)
+                count = self._receive(buffer, wanted)
             except OSError:
                 self.body.failed = True  # the connection's position is unknown: gunicorn closes it
                 raise
             if count == 0:
                 self.body.failed = True
         self.reader.length -= count
+        if self.reader.length == 0:  # whatever reads this connection next waits the idle timeout
+            set_receive_timeout(self.sock, self.idle_seconds)
         return count
+
+    def _receive(self, buffer: memoryview, wanted: int) -> int:
+        """MSG_WAITALL: one system call (GIL released) for the whole buffer, unless the client
+        is slower than that (then what came within RECV_SLICE_SECONDS), or goes away, or sends
+        nothing for the idle timeout (BodyTimeout)."""
+        while True:
+            try:
+                count = self.sock.recv_into(buffer, wanted, socket.MSG_WAITALL)
+            except BlockingIOError:  # SO_RCVTIMEO ran out with no byte received
+                if time.monotonic() - self.last_bytes_at >= self.idle_seconds:
+                    raise BodyTimeout("the client sent nothing for too long") from None
+                continue
+            self.last_bytes_at = time.monotonic()
+            return count
 
 
 def body_of(request: HttpRequest, length: int) -> RequestBody | SocketBody:
@@ -85,6 +151,12 @@ def body_of(request: HttpRequest, length: int) -> RequestBody | SocketBody:
     if _is_plain_socket(sock) and _is_unread_gunicorn_body(body, length):
         return SocketBody(sock, body)
     return RequestBody(request)
+
+
+def _is_timeout(exc: OSError) -> bool:
+    """A read that failed because SO_RCVTIMEO ran out (Django wraps it in UnreadablePostError)."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return isinstance(cause, (BlockingIOError, TimeoutError, ssl.SSLWantReadError))
 
 
 def _is_plain_socket(sock) -> bool:

@@ -349,6 +349,15 @@ class ChecksumMismatch(Exception):
     """The chunk's bytes do not match the checksum the client sent with them."""
 
 
+class UploadStopped(Exception):
+    """The upload stopped receiving (cancelled, expired) while this chunk was on its way."""
+
+
+# While a PATCH streams, the bytes received are written to the row at most this often, so that
+# My uploads moves during a 50 MB chunk; at the end of the chunk they are written in any case.
+RECEIVE_PROGRESS_SECONDS = 1.0
+
+
 def upload_receive(
     *, upload: Upload, offset: int, stream: BinaryIO, length: int, checksum: tuple[str, bytes] | None = None
 ) -> int:
@@ -356,23 +365,63 @@ def upload_receive(
 
     The offset is checked again once the staged file is locked, so that two requests racing
     with the same offset can never both write. With `checksum` (algorithm, digest) a chunk whose
-    bytes do not match is not kept (ChecksumMismatch).
+    bytes do not match is not kept (ChecksumMismatch), and so no progress is recorded before its
+    end. A writer silent for REQUEST_IDLE_TIMEOUT_SECONDS is taken over by the next PATCH
+    (staging.TakenOver then ends the silent one). The row is only ever moved forward, and only
+    while it is receiving (UploadStopped otherwise: a cancel during the chunk wins).
     """
-    with staging.locked_for_writing(upload.staged_name) as staged:
-        status, received = Upload.objects.values_list("status", "received_bytes").get(pk=upload.pk)
-        if status != Status.RECEIVING or received != offset:
-            raise OffsetConflict(received)
-        hasher = hashlib.new(checksum[0]) if checksum else None
-        new_offset = offset + staging.write_at(staged, offset, stream, length, hasher)
-        if checksum and hasher.digest() != checksum[1]:
-            staged.truncate(offset)
-            raise ChecksumMismatch()
-        # The expiry stays where creation put it: bytes that trickle in do not push it back.
-        Upload.objects.filter(pk=upload.pk).update(received_bytes=new_offset)
-    upload.received_bytes = new_offset
+    try:
+        writer = staging.locked_for_writing(upload.staged_name, settings.REQUEST_IDLE_TIMEOUT_SECONDS)
+        with writer as staged:
+            status, received = Upload.objects.values_list("status", "received_bytes").get(pk=upload.pk)
+            if status != Status.RECEIVING:
+                raise UploadStopped()
+            if received != offset:
+                raise OffsetConflict(received)
+            new_offset = offset + _write_chunk(upload, staged, offset, stream, length, checksum)
+            if not staged.record(lambda: _record_received(upload, new_offset)):
+                raise UploadStopped()
+    except FileNotFoundError:  # the staged file was deleted: cancelled or expired meanwhile
+        raise UploadStopped() from None
     if new_offset == upload.size and _move(upload, Status.RECEIVED, "All bytes received"):
         _enqueue_push(upload.pk)
     return new_offset
+
+
+def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: BinaryIO, length: int,
+                 checksum: tuple[str, bytes] | None) -> int:
+    """Write the chunk; returns how many bytes of it were kept."""
+    hasher = hashlib.new(checksum[0]) if checksum else None
+    last_record = time.monotonic()
+
+    def progress(written: int) -> None:
+        nonlocal last_record
+        if time.monotonic() - last_record >= RECEIVE_PROGRESS_SECONDS:
+            last_record = time.monotonic()
+            if not staged.record(lambda: _record_received(upload, offset + written)):
+                raise UploadStopped()
+
+    try:
+        written = staging.write_at(staged, offset, stream, length, hasher, None if checksum else progress)
+    except staging.StagingFull as full:
+        if not checksum:  # what was written before the disk filled up is kept
+            staged.record(lambda: _record_received(upload, offset + full.written))
+        raise
+    if checksum and hasher.digest() != checksum[1]:
+        staged.truncate(offset)
+        raise ChecksumMismatch()
+    return written
+
+
+def _record_received(upload: Upload, received: int) -> bool:
+    """Write the bytes received, forward only and only while receiving; False when the row
+    stopped receiving (a cancel or expiry won). The expiry stays where creation put it: bytes
+    that trickle in do not push it back."""
+    rows = Upload.objects.filter(pk=upload.pk, status=Status.RECEIVING, received_bytes__lte=received)
+    if not rows.update(received_bytes=received):
+        return False
+    upload.received_bytes = received
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

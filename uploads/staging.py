@@ -8,14 +8,20 @@ import errno
 import fcntl
 import os
 import shutil
+import struct
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
 from django.core.files.storage import storages
 
 BUFFER_SIZE = 1024 * 1024
+# The file beside a staged file that names the request writing into it (see Writer).
+WRITER_SUFFIX = ".writer"
+# How long a write waits for another request's write into the same file to end.
+TURN_WAIT_SECONDS = 10
 
 # One write into staging at a time in a process. Writing into the page cache is kernel work that
 # a thread does at gigabytes a second, far above any upload's network rate, so one writer keeps
@@ -26,11 +32,26 @@ _ONE_WRITER = threading.Lock()
 
 
 class StagingBusy(Exception):
-    """Another request is writing to the same staged file right now."""
+    """Another request is writing to the same staged file right now; `retry_after` seconds from
+    now it will have been silent for long enough to be taken over (if it is still silent)."""
+
+    def __init__(self, name: str, retry_after: float = 1):
+        super().__init__(name)
+        self.retry_after = max(1, int(retry_after + 0.999))
 
 
 class StagingFull(Exception):
-    """The staging disk has no room left for the bytes being written."""
+    """The staging disk has no room left for the bytes being written; `written` bytes were
+    written before it filled up."""
+
+    def __init__(self, name: str, written: int = 0):
+        super().__init__(name)
+        self.written = written
+
+
+class TakenOver(Exception):
+    """Another request took this staged file over (this writer had been silent for too long):
+    this one must neither write nor record anything more."""
 
 
 def storage():
@@ -61,26 +82,152 @@ def create(name: str) -> None:
         pass
 
 
-@contextmanager
-def locked_for_writing(name: str) -> Iterator[BinaryIO]:
-    """The staged file, opened for writing and locked against any other writer (StagingBusy)."""
-    # Unbuffered, so that a full disk shows up at write() and not later at close().
-    with open(path(name), "r+b", buffering=0) as staged:
+class Writer:
+    """The one request writing into a staged file, fenced against a request that took over.
+
+    The file beside the staged file (`<name>.writer`) holds a generation number: the writer
+    that may write. Each writer holds a lock on the byte of its own generation for as long as it
+    lives (an open-file-description lock: per request, not per process, and gone with its
+    process), and the lock of byte 0 for a moment around each write and each record of
+    progress, so that checking the generation and writing are one step. A new writer takes the
+    next generation when the current one's byte is free (it ended, or its process died), or when
+    nothing was written into the staged file for `idle_seconds` (its mtime; a writer touches it
+    when it starts): the silent one, should it wake up, finds another generation and stops
+    (TakenOver) before it writes a byte at its stale offset. Otherwise StagingBusy.
+    """
+
+    def __init__(self, name: str, idle_seconds: float):
+        self.name = name
+        self.idle_seconds = idle_seconds
+        self.generation = 0
+        self.file: BinaryIO | None = None
+        self.writer_fd: int | None = None
+
+    def __enter__(self) -> "Writer":
+        # Unbuffered, so that a full disk shows up at write() and not later at close().
+        self.file = open(path(self.name), "r+b", buffering=0)
         try:
-            fcntl.flock(staged, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StagingBusy(name) from None
-        yield staged
+            self.writer_fd = os.open(writer_path(self.name), os.O_RDWR | os.O_CREAT, 0o600)
+            self._claim()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if not os.path.exists(path(self.name)):  # deleted meanwhile (cancelled): no leftovers
+            _unlink(writer_path(self.name))
+        self._close()  # frees this generation's byte: the next writer may start at once
+
+    def _claim(self) -> None:
+        with self._turn():
+            current = self._current()
+            if current and not _lock_byte(self.writer_fd, current):
+                silent_for = time.time() - os.fstat(self.file.fileno()).st_mtime
+                if silent_for < self.idle_seconds:
+                    raise StagingBusy(self.name, self.idle_seconds - silent_for)
+            elif current:
+                _unlock_byte(self.writer_fd, current)  # it was free: only tested
+            self.generation = current + 1
+            _lock_byte(self.writer_fd, self.generation)
+            os.ftruncate(self.writer_fd, 0)
+            os.pwrite(self.writer_fd, str(self.generation).encode(), 0)
+            os.utime(self.file.fileno())  # "written now": nobody takes over a writer just started
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Byte 0's lock: held around one write, never while waiting for the network."""
+        deadline = time.monotonic() + TURN_WAIT_SECONDS
+        while not _lock_byte(self.writer_fd, 0):
+            if time.monotonic() > deadline:  # a write stuck in the disk: not ours to wait on
+                raise StagingBusy(self.name)
+            time.sleep(0.01)
+        try:
+            yield
+        finally:
+            _unlock_byte(self.writer_fd, 0)
+
+    def _current(self) -> int:
+        text = os.pread(self.writer_fd, 32, 0)
+        return int(text) if text.isdigit() else 0
+
+    def _check(self) -> None:
+        if self._current() != self.generation:
+            raise TakenOver(self.name)
+
+    def _close(self) -> None:
+        if self.writer_fd is not None:
+            os.close(self.writer_fd)  # releases its locks
+            self.writer_fd = None
+        if self.file is not None:
+            self.file.close()
+
+    # What write_at() uses: a file's truncate/seek/write, each write checked against the token.
+    def truncate(self, size: int) -> None:
+        with self._turn():
+            self._check()
+            self.file.truncate(size)
+
+    def seek(self, offset: int) -> None:
+        self.file.seek(offset)
+
+    def write(self, view: memoryview) -> int:
+        with self._turn():
+            self._check()
+            return self.file.write(view)
+
+    def record(self, update: Callable[[], bool]) -> bool:
+        """Run `update` (a database write of the progress) only while still the writer."""
+        with self._turn():
+            self._check()
+            return update()
 
 
-def write_at(staged: BinaryIO, offset: int, body, length: int, hasher=None) -> int:
+def _lock_byte(fd: int, offset: int) -> bool:
+    """An exclusive open-file-description lock on one byte; False when another holds it."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
+    except (BlockingIOError, PermissionError):  # EAGAIN, or EACCES on some systems
+        return False
+    return True
+
+
+def _unlock_byte(fd: int, offset: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, offset))
+
+
+def _flock(kind: int, offset: int) -> bytes:
+    # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks), padded to 32 bytes
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, offset, 1, 0)
+
+
+def writer_path(name: str) -> str:
+    return path(name) + WRITER_SUFFIX
+
+
+def _unlink(file_path: str) -> None:
+    try:
+        os.unlink(file_path)
+    except FileNotFoundError:
+        pass
+
+
+def locked_for_writing(name: str, idle_seconds: float = 60) -> Writer:
+    """The staged file, opened for writing by this request alone (StagingBusy when another
+    request is writing and has not been silent for `idle_seconds`); a context manager."""
+    return Writer(name, idle_seconds)
+
+
+def write_at(staged, offset: int, body, length: int, hasher=None,
+             progress: Callable[[int], None] | None = None) -> int:
     """Copy up to `length` bytes from `body` (anything with `readinto()`, see request_body.py)
-    into the staged file at `offset`, through one reused buffer.
+    into the staged file (a Writer, or a plain file) at `offset`, through one reused buffer.
 
-    Returns how many bytes were written; a client that goes away mid-chunk leaves what arrived,
-    and the caller records that as the new offset. Bytes past the offset from an earlier,
-    interrupted write are cut off first, so the file always ends at the recorded offset.
-    `hasher` (a hashlib object), when given, sees every byte written.
+    Returns how many bytes were written; a client that goes away mid-chunk, or sends nothing
+    for the idle timeout, leaves what arrived, and the caller records that as the new offset.
+    Bytes past the offset from an earlier, interrupted write are cut off first, so the file
+    always ends at the recorded offset. `hasher` (a hashlib object), when given, sees every
+    byte written; `progress`, when given, is told the count written after each buffer.
     """
     written = 0
     staged.truncate(offset)
@@ -101,10 +248,13 @@ def write_at(staged: BinaryIO, offset: int, body, length: int, hasher=None) -> i
                 _write_all(staged, chunk)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                staged.truncate(offset)  # give the space back: the chunk is sent again
-                raise StagingFull(staged.name) from None
+                # Give back the space of the buffer that did not fit; what came before it stays.
+                staged.truncate(offset + written)
+                raise StagingFull(staged.name, written) from None
             raise
         written += count
+        if progress is not None:
+            progress(written)
     return written
 
 
@@ -131,3 +281,4 @@ def open_for_reading(name: str) -> BinaryIO:
 def delete(name: str) -> None:
     if name:
         storage().delete(name)
+        _unlink(writer_path(name))

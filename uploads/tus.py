@@ -10,7 +10,8 @@ X-CSRFToken header).
 """
 
 import base64
-import binascii
+import hashlib
+import threading
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -53,8 +54,9 @@ def parse_metadata(header: str) -> dict[str, str]:
             continue
         key, _, encoded = pair.partition(" ")
         try:
+            # A str with non-ASCII characters raises ValueError, not binascii.Error (its subclass).
             metadata[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):
             raise ValueError(f"Upload-Metadata value of “{key}” is not valid base64 UTF-8.") from None
     return metadata
 
@@ -67,14 +69,38 @@ def parse_checksum(header: str) -> tuple[str, bytes] | None:
     if algorithm not in CHECKSUM_ALGORITHMS:
         raise ValueError(f"Upload-Checksum algorithm must be one of {', '.join(CHECKSUM_ALGORITHMS)}.")
     try:
-        return algorithm, base64.b64decode(encoded.strip(), validate=True)
-    except binascii.Error:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except ValueError:  # binascii.Error, or non-ASCII characters
         raise ValueError("Upload-Checksum digest is not valid base64.") from None
+    if len(digest) != hashlib.new(algorithm).digest_size:
+        raise ValueError(f"Upload-Checksum digest is not a {algorithm} digest (wrong length).")
+    return algorithm, digest
+
+
+class BadHeader(ValueError):
+    """A header the server parses holds something else than it must; the message says what."""
+
+
+# More digits than any size the portal takes (128 GB has 12): refused before int() sees them.
+MAX_DIGITS = 15
+
+
+def parse_count(name: str, value: str) -> int:
+    """A byte count or offset: ASCII digits only (no sign, space, other scripts' digits, hex)."""
+    if not value:
+        raise BadHeader(f"{name} is empty; it must be a number of bytes.")
+    # str.isdigit() is also true for "²" and "١٢", which int() refuses or reads: a strict pattern.
+    if not value.isascii() or not value.isdigit():
+        raise BadHeader(f"{name} must be a whole number of bytes written with the digits 0-9 only.")
+    if len(value) > MAX_DIGITS:
+        raise BadHeader(f"{name} is larger than any file the portal takes (under 128 GB).")
+    return int(value)
 
 
 def _integer_header(request: HttpRequest, name: str) -> int | None:
-    value = request.headers.get(name, "")
-    return int(value) if value.isdigit() else None
+    """The header's value as a count of bytes; None when it is missing (BadHeader when wrong)."""
+    value = request.headers.get(name)
+    return None if value is None else parse_count(name, value)
 
 
 def _refuse_unsupported_version(request: HttpRequest) -> HttpResponse | None:
@@ -100,7 +126,10 @@ def tus_collection(request: HttpRequest) -> HttpResponse:
     refused = _refuse_unsupported_version(request)
     if refused:
         return refused
-    return _create(request)
+    try:
+        return _create(request)
+    except BadHeader as exc:
+        return _response(400, str(exc))
 
 
 def _create(request: HttpRequest) -> HttpResponse:
@@ -170,7 +199,13 @@ def _resource(request: HttpRequest, uid) -> HttpResponse:
     if request.method == "HEAD":
         return _head(upload)
     if request.method == "PATCH":
-        return _patch(request, upload)
+        try:
+            response = _patch(request, upload)
+        except BadHeader as exc:
+            response = _response(400, str(exc))
+        # A body refused, or cut short by a silent client, is not waited for.
+        request_body.close_if_unread(request)
+        return response
     if request.method == "DELETE":
         return _delete(request, upload)
     return _response(405, "Method not allowed.", Allow="HEAD, PATCH, DELETE, OPTIONS")
@@ -207,6 +242,9 @@ def _patch(request: HttpRequest, upload: Upload) -> HttpResponse:
         checksum = parse_checksum(request.headers.get("Upload-Checksum", ""))
     except ValueError as exc:
         return _response(400, str(exc))
+    if not RECEIVING_THREADS.acquire(blocking=False):
+        return _response(503, "The portal is receiving many uploads at once; this one continues in a moment.",
+                         Retry_After="2")
     try:
         new_offset = services.upload_receive(
             upload=upload, offset=offset, stream=request_body.body_of(request, length), length=length,
@@ -218,15 +256,27 @@ def _patch(request: HttpRequest, upload: Upload) -> HttpResponse:
     except services.OffsetConflict as exc:
         return _response(409, f"Wrong offset: the server has {exc.received_bytes} bytes.",
                          Upload_Offset=str(exc.received_bytes))
-    except staging.StagingBusy:
-        return _response(423, "Another request is writing to this upload; try again.")
+    except services.UploadStopped:
+        return _response(409, "This upload was cancelled or has expired while this chunk was arriving.")
+    except staging.TakenOver:
+        return _response(409, "This request was silent for too long and another one has taken over the upload.")
+    except staging.StagingBusy as exc:
+        return _response(423, "Another request is writing to this upload; try again.",
+                         Retry_After=str(exc.retry_after))
     except staging.StagingFull:
         return _response(
             507,
             "The portal's staging disk is full. Your upload is kept and can resume later; "
             "an administrator has to free space.",
         )
+    finally:
+        RECEIVING_THREADS.release()
     return _response(204, Upload_Offset=str(new_offset), **_expires(upload))
+
+
+# The request threads of this process that may stream upload chunks (each may wait on its client
+# for up to the idle timeout); the others stay free for pages and status requests.
+RECEIVING_THREADS = threading.BoundedSemaphore(settings.UPLOAD_RECEIVING_THREADS)
 
 
 def _delete(request: HttpRequest, upload: Upload) -> HttpResponse:
