@@ -15,7 +15,9 @@ bind = f"127.0.0.1:{os.environ.get('PORT', '8000')}"
 # at once held all of 16 threads; uploads/request_body.py keeps each one nearly off the GIL).
 # Each thread keeps a database connection of its own (CONN_MAX_AGE): 2 x 32 plus the workers
 # stay under PostgreSQL's default max_connections of 100.
-worker_class = "gthread"
+# The worker is gthread, but a thread gets a request only once it is all there (or is an upload's
+# chunk): a client slow to send its request never holds a thread (portal/gunicorn_worker.py).
+worker_class = "portal.gunicorn_worker.PortalWorker"
 workers = 2
 threads = 32
 
