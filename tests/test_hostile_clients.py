@@ -377,6 +377,13 @@ def test_the_sign_in_page_answers_while_200_connections_stall(web, alice, client
         assert page.status_code == 200
         assert time.monotonic() - started < 10, f"the sign-in page took {time.monotonic() - started:.1f}s"
 
+        # A form body larger than REQUEST_BODY_MAX_BYTES is refused before any thread waits for it.
+        with socket.create_connection(address, timeout=10) as big:
+            big.sendall(raw_request("POST", "/accounts/login/", {
+                "Content-Type": "application/x-www-form-urlencoded", "Content-Length": str(10 * 1024 * 1024),
+            }, b"username=alice"))
+            assert big.recv(100).startswith(b"HTTP/1.1 413 ")
+
         # Each stalled PATCH either got a thread (until the idle timeout) or was told to come back
         # (503: too many uploads at once). One that got a thread let go after the idle timeout,
         # kept the bytes it had received, and resumes from a new connection.
@@ -390,8 +397,13 @@ def test_the_sign_in_page_answers_while_200_connections_stall(web, alice, client
         resume.headers.update({**session, **TUS})
         where = f"{url}/tus/{upload.uid}"
         assert resume.head(where, timeout=10).headers["Upload-Offset"] == "1000"
-        more = resume.patch(where, data=b"r" * 49_000, timeout=30,
-                            headers={"Upload-Offset": "1000", "Content-Type": OCTETS})
+
+        def send_more():  # as a tus client does, come back after a 503 (stalled PATCHes still ending)
+            response = resume.patch(where, data=b"r" * 49_000, timeout=30,
+                                    headers={"Upload-Offset": "1000", "Content-Type": OCTETS})
+            return response if response.status_code != 503 else None
+
+        more = wait_for(send_more, timeout=3 * IDLE_SECONDS + 10, interval=0.5, what="a thread for the PATCH")
         assert more.status_code == 204, more.text
         assert more.headers["Upload-Offset"] == "50000"
         assert Upload.objects.get(pk=upload.pk).received_bytes == 50_000
