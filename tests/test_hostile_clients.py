@@ -351,8 +351,9 @@ def raw_request(method: str, path: str, headers: dict, body: bytes = b"") -> byt
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def test_the_sign_in_page_answers_while_200_connections_stall(web, alice, client):
+def test_the_sign_in_page_answers_while_200_connections_stall(web, alice, client, settings):
     url, process = web
+    settings.UPLOAD_MAX_UNFINISHED_PER_USER = STALLED_UPLOADS  # one person's many stalled uploads
     address = (urlsplit(url).hostname, urlsplit(url).port)
     client.force_login(alice)
     session = tus_headers(client)
