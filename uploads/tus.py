@@ -89,7 +89,7 @@ def parse_count(name: str, value: str) -> int:
     """A byte count or offset: ASCII digits only (no sign, space, other scripts' digits, hex)."""
     if not value:
         raise BadHeader(f"{name} is empty; it must be a number of bytes.")
-    # str.isdigit() is also true for "²" and "١٢", which int() refuses or reads: a strict pattern.
+    # str.isdigit() alone is also true for "²" (which int() refuses) and "١٢" (which it reads).
     if not value.isascii() or not value.isdigit():
         raise BadHeader(f"{name} must be a whole number of bytes written with the digits 0-9 only.")
     if len(value) > MAX_DIGITS:
