@@ -289,7 +289,8 @@ def test_a_writer_that_has_been_silent_for_the_idle_timeout_is_taken_over(alice,
 def test_a_second_writer_gets_423_with_retry_after(tus_client):
     url = create(tus_client, length=10)["Location"]
     with staging.locked_for_writing(Upload.objects.get().staged_name, idle_seconds=60):
-        response = tus_client.generic("PATCH", url, b"hello", content_type=OCTETS, headers={**TUS, "Upload-Offset": "0"})
+        response = tus_client.generic("PATCH", url, b"hello", content_type=OCTETS,
+                                      headers={**TUS, "Upload-Offset": "0"})
     assert response.status_code == 423
     assert 1 <= int(response["Retry-After"]) <= 60
 
