@@ -23,7 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
-from uploads import crypto, inspect, staging
+from uploads import crypto, fairness, inspect, staging
 from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, IamClient, ImsClient, ImsError
 from uploads.models import (
     FINISHED,
@@ -437,7 +437,8 @@ def uploads_to_reconcile() -> list[int]:
     unclaimed = Q(status=Status.RECEIVED, status_changed_at__lte=stale) & (
         Q(retry_at__isnull=True) | Q(retry_at__lte=stale)
     )
-    return list(Upload.objects.filter(unclaimed | _abandoned()).values_list("pk", flat=True)[:500])
+    found = list(Upload.objects.filter(unclaimed | _abandoned()).values_list("pk", flat=True)[:500])
+    return fairness.worth_nudging(found)  # one waiting for a slot is queued when the slot frees
 
 
 def upload_push(*, upload_id: int) -> PushOutcome:
@@ -456,19 +457,38 @@ def upload_push(*, upload_id: int) -> PushOutcome:
         _wait_for_reconnect(upload, why_not)
         return PushOutcome()
     attempt = upload.attempt + 1
-    if not _move(
-        upload,
-        Status.CHECKING,
-        f"Checking the file (attempt {attempt})",
-        on_attempt=upload.attempt,
-        attempt=attempt,
-        sent_bytes=0,
-        send_rate=0,
-        heartbeat_at=timezone.now(),
-        retry_at=None,
-        **NO_ERROR,
-    ):
-        return PushOutcome()
+    with transaction.atomic():  # the fair-share check and the claim, under the slots' locks
+        turn = fairness.take_turn(upload)
+        if turn.goes_first:
+            _enqueue_push(turn.goes_first)
+        # Over a cap it waits, RECEIVED, without a retry: a push that ends queues it (_hand_off).
+        if not turn.may_start or not _move(
+            upload,
+            Status.CHECKING,
+            f"Checking the file (attempt {attempt})",
+            on_attempt=upload.attempt,
+            attempt=attempt,
+            sent_bytes=0,
+            send_rate=0,
+            heartbeat_at=timezone.now(),
+            retry_at=None,
+            **NO_ERROR,
+        ):
+            return PushOutcome()
+    try:
+        return _push_claimed(upload, token, attempt)
+    finally:
+        _hand_off(upload)
+
+
+def _hand_off(upload: Upload) -> None:
+    """The push ended, one way or another: its slot is free for the next waiting uploads."""
+    for upload_id in fairness.next_after(upload):
+        _enqueue_push(upload_id)
+
+
+def _push_claimed(upload: Upload, token: str, attempt: int) -> PushOutcome:
+    """Check, convert and send an upload this worker claimed, on this attempt."""
     client = _ims(token)
     try:
         with _heartbeat(upload.pk, attempt):
