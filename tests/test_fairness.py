@@ -125,8 +125,17 @@ def test_the_cloud_projects_cap_holds_across_people(alice_connected, bob_connect
 
 
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_claims_never_pass_the_cap(alice_connected, sim, task_queue, monkeypatch):
-    uploads = [received_upload(alice_connected, name=f"u{i}") for i in range(6)]
+@pytest.mark.parametrize("cap", ["person", "project"])
+def test_concurrent_claims_never_pass_the_cap(cap, alice_connected, django_user_model, sim, settings, task_queue,
+                                              monkeypatch):
+    if cap == "person":
+        owners = [alice_connected]
+    else:  # three people of one cloud project, each with room of their own
+        settings.PUSH_CONCURRENCY_PER_USER, settings.PUSH_CONCURRENCY_PER_PROJECT = 5, 2
+        owners = [alice_connected] + [django_user_model.objects.create_user(f"user{i}") for i in range(2)]
+        for owner in owners[1:]:
+            connect_cloud(owner)
+    uploads = [received_upload(owners[i % len(owners)], name=f"u{i}") for i in range(6)]
     release = threading.Event()
 
     def hold_the_slot(upload, token, attempt):  # a push that lasts until the test says so
