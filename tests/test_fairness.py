@@ -3,6 +3,7 @@ start by themselves, slots freed by dead workers, and beat's tasks safe to run t
 
 import io
 import os
+import re
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -45,7 +46,7 @@ def status_of(upload: Upload) -> str:
 
 
 def waiting_text(client, upload: Upload) -> str:
-    return client.get(f"/uploads/{upload.uid}/status").json()["waiting_text"]
+    return client.get(f"/uploads/{upload.uid}/status").json()["detail"]
 
 
 @pytest.fixture
@@ -94,7 +95,9 @@ def test_an_upload_over_the_persons_cap_waits_received_and_says_how_many_are_ahe
     assert [r for r in sim.requests_seen() if r["path"].startswith("/v2")] == []  # IMS was not asked
     assert waiting_text(client, third) == "Waiting to send: yours is next"
     assert waiting_text(client, fourth) == "Waiting to send: 1 upload ahead of yours"
-    assert waiting_text(client, sending[0]) == ""
+    assert not waiting_text(client, sending[0]).startswith("Waiting to send")
+    page = client.get("/uploads/").content.decode()  # the page says it too, before its first poll
+    assert "Waiting to send: yours is next" in page and "Waiting to send: 1 upload ahead of yours" in page
 
 
 def test_the_cap_is_a_setting(alice_connected, sim, settings, task_queue):
@@ -293,6 +296,7 @@ def most_at_once(intervals: list[tuple]) -> int:
 def test_ten_uploads_of_one_person_do_not_hold_up_one_of_another(faults_stack, alice, bob, client, tmp_path):
     stack = faults_stack
     stack.start_all([stack.worker("w2")])  # two worker processes of one slot each, beat on its own
+    log_start = {name: len(w.full_output()) for name, w in stack.workers.items()}
     for person in (alice, bob):
         connect_cloud(person)
     client.force_login(alice)
@@ -318,3 +322,39 @@ def test_ten_uploads_of_one_person_do_not_hold_up_one_of_another(faults_stack, a
     bobs_wait = event_time(bobs, "Checking the file") - event_time(bobs, "All bytes received")
     assert bobs_wait <= longest_push + timedelta(seconds=1), (bobs_wait, longest_push, logs)
     assert most_at_once(pushes) <= 2  # alice's cap
+    # Waiting uploads are queued again when a slot frees, never in a loop: a few messages each.
+    runs = sum(len(re.findall(r"push_upload\[[0-9a-f-]+\] received", w.full_output()[log_start[name]:]))
+               for name, w in stack.workers.items())
+    assert runs <= 5 * len(everyone), f"{runs} push messages for {len(everyone)} uploads"
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_worker_killed_while_holding_a_slot_loses_nothing_and_sends_nothing_twice(faults_stack, alice, client,
+                                                                                      tmp_path):
+    stack = faults_stack
+    w1, w2 = stack.workers["w1"], stack.worker("w2")
+    stack.start_all([w2])
+    connect_cloud(alice)
+    client.force_login(alice)
+    stack.sim.set_faults(put_bytes_per_second=2 * MiB)  # six seconds a push: time to kill one midway
+    uploads = [tus_upload(stack, client, make_image(tmp_path / f"k{i}.raw", 12 * MiB)) for i in range(3)]
+
+    def two_sending():
+        return Upload.objects.filter(pk__in=[u.pk for u in uploads], status=Status.PUSHING, sent_bytes__gt=0).count() == 2
+
+    wait_for(two_sending, timeout=60, interval=0.1, what="both slots to be sending")
+    assert status_of(uploads[2]) == Status.RECEIVED  # alice's third waits for a slot
+    w1.kill()  # its slot is held by a push whose heartbeat stops
+
+    def all_done():
+        return all(status_of(u) in (Status.READY, Status.FAILED, Status.RECONNECT) for u in uploads)
+
+    wait_for(all_done, timeout=180, interval=0.2, what="all three uploads to end")
+    assert [status_of(u) for u in uploads] == [Status.READY] * 3, stack.logs_text()
+    images = stack.sim.images()
+    assert sorted(i["id"] for i in images) == sorted(Upload.objects.get(pk=u.pk).ims_image_id for u in uploads)
+    for upload in uploads:
+        upload.refresh_from_db()
+        assert [i["checksum"] for i in images if i["id"] == upload.ims_image_id] == [upload.md5]

@@ -1,5 +1,10 @@
 """Celery tasks: thin. Each takes an upload id (never a token), calls a service, and decides
-about retrying. The database row guards every step, so a lost or repeated message is harmless."""
+about retrying. The database row guards every step, so a lost or repeated message is harmless.
+
+Beat runs exactly once per deployment (one `celery beat` process). Its tasks (poll_due_uploads,
+reconcile_uploads, clean_staging) are nevertheless safe to run twice at the same moment: due polls
+are leased with a guarded update, a push is claimed by one worker only, and each clean-up is a
+guarded move (tests/test_fairness.py keeps them so)."""
 
 from celery import shared_task
 
