@@ -237,8 +237,9 @@ PUSH_STALE_SECONDS = float(os.environ.get("PUSH_STALE_SECONDS", 120))
 # person, and for one cloud project (CloudAccount.project_id); more wait, received, and start by
 # themselves when a push of theirs ends. Keep them below the number of worker processes, so that
 # one person's uploads never hold every worker.
-PUSH_CONCURRENCY_PER_USER = int(os.environ.get("PUSH_CONCURRENCY_PER_USER", 2))
-PUSH_CONCURRENCY_PER_PROJECT = int(os.environ.get("PUSH_CONCURRENCY_PER_PROJECT", 4))
+# (At least 1: with 0 nothing would ever be sent.)
+PUSH_CONCURRENCY_PER_USER = max(1, int(os.environ.get("PUSH_CONCURRENCY_PER_USER", 2)))
+PUSH_CONCURRENCY_PER_PROJECT = max(1, int(os.environ.get("PUSH_CONCURRENCY_PER_PROJECT", 4)))
 # The reconciler runs this often and re-queues received uploads nobody claimed for this long.
 RECONCILE_EVERY_SECONDS = float(os.environ.get("RECONCILE_EVERY_SECONDS", 60))
 RECONCILE_GRACE_SECONDS = float(os.environ.get("RECONCILE_GRACE_SECONDS", 120))

@@ -320,7 +320,8 @@ def test_ten_uploads_of_one_person_do_not_hold_up_one_of_another(faults_stack, a
     pushes = [(event_time(u, "Checking the file"), event_time(u, "IMS received the whole file")) for u in alices]
     longest_push = max(end - start for start, end in pushes)
     bobs_wait = event_time(bobs, "Checking the file") - event_time(bobs, "All bytes received")
-    assert bobs_wait <= longest_push + timedelta(seconds=1), (bobs_wait, longest_push, logs)
+    # Without the caps it waits for four of alice's pushes (about 9 s); the slack is for a busy machine.
+    assert bobs_wait <= longest_push + timedelta(seconds=2), (bobs_wait, longest_push, logs)
     assert most_at_once(pushes) <= 2  # alice's cap
     # Waiting uploads are queued again when a slot frees, never in a loop: a few messages each.
     runs = sum(len(re.findall(r"push_upload\[[0-9a-f-]+\] received", w.full_output()[log_start[name]:]))
