@@ -45,7 +45,7 @@ def status_of(upload: Upload) -> str:
     return Upload.objects.values_list("status", flat=True).get(pk=upload.pk)
 
 
-def waiting_text(client, upload: Upload) -> str:
+def detail_of(client, upload: Upload) -> str:
     return client.get(f"/uploads/{upload.uid}/status").json()["detail"]
 
 
@@ -93,9 +93,9 @@ def test_an_upload_over_the_persons_cap_waits_received_and_says_how_many_are_ahe
         assert status_of(upload) == Status.RECEIVED
     assert task_queue == []  # and nothing queued it again
     assert [r for r in sim.requests_seen() if r["path"].startswith("/v2")] == []  # IMS was not asked
-    assert waiting_text(client, third) == "Waiting to send: yours is next"
-    assert waiting_text(client, fourth) == "Waiting to send: 1 upload ahead of yours"
-    assert not waiting_text(client, sending[0]).startswith("Waiting to send")
+    assert detail_of(client, third) == "Waiting to send: yours is next"
+    assert detail_of(client, fourth) == "Waiting to send: 1 upload ahead of yours"
+    assert not detail_of(client, sending[0]).startswith("Waiting to send")
     page = client.get("/uploads/").content.decode()  # the page says it too, before its first poll
     assert "Waiting to send: yours is next" in page and "Waiting to send: 1 upload ahead of yours" in page
 
@@ -119,7 +119,7 @@ def test_the_cloud_projects_cap_holds_across_people(alice_connected, bob_connect
     assert status_of(bobs) == Status.RECEIVED
     client.force_login(bob_connected)
     # Ahead of Bob's: alice's waiting upload in the same (full) project, created before his.
-    assert waiting_text(client, bobs) == "Waiting to send: 1 upload ahead of yours"
+    assert detail_of(client, bobs) == "Waiting to send: 1 upload ahead of yours"
 
     settings.PUSH_CONCURRENCY_PER_PROJECT = 3
     services.upload_push(upload_id=bobs.pk)
