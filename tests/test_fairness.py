@@ -17,7 +17,7 @@ from tusclient.client import TusClient
 
 from tests.conftest import connect_cloud, make_image, tus_headers, wait_for
 from tests.fault_stack import FaultStack, fault_stack, faults_stack  # noqa: F401  (fixtures)
-from uploads import services, tasks
+from uploads import fairness, services, tasks
 from uploads.models import Status, Upload, UploadEvent
 
 MiB = 1024 * 1024
@@ -220,6 +220,18 @@ def test_someone_with_pushes_running_gives_way_to_someone_with_none(alice_connec
     assert status_of(alices) == Status.READY
 
 
+def test_many_waiting_uploads_of_one_person_do_not_hide_another_persons(alice_connected, bob_connected, sim,
+                                                                         monkeypatch, task_queue):
+    monkeypatch.setattr(fairness, "LOOK_AHEAD", 2)  # as if alice had hundreds waiting
+    for i in range(2):
+        held_by_a_worker(received_upload(alice_connected, name=f"a-running{i}"))
+    alices = [received_upload(alice_connected, name=f"a{i}") for i in range(3)]
+    bobs = received_upload(bob_connected, name="b")
+    Upload.objects.update(status_changed_at=timezone.now() - timedelta(hours=1))
+    assert services.uploads_to_reconcile() == [bobs.pk]  # alice has no free slot; bob has
+    assert fairness.next_after(alices[0]) == [bobs.pk]
+
+
 # ---------------------------------------------------------------------------------------------
 # Beat runs exactly once, but its tasks are safe to run twice at once
 
@@ -342,12 +354,14 @@ def test_a_worker_killed_while_holding_a_slot_loses_nothing_and_sends_nothing_tw
     stack.sim.set_faults(put_bytes_per_second=2 * MiB)  # six seconds a push: time to kill one midway
     uploads = [tus_upload(stack, client, make_image(tmp_path / f"k{i}.raw", 12 * MiB)) for i in range(3)]
 
+    mine = Upload.objects.filter(pk__in=[u.pk for u in uploads])
+
     def two_sending():
-        return Upload.objects.filter(pk__in=[u.pk for u in uploads], status=Status.PUSHING, sent_bytes__gt=0).count() == 2
+        return mine.filter(status=Status.PUSHING, sent_bytes__gt=0).count() == 2
 
     wait_for(two_sending, timeout=60, interval=0.1, what="both slots to be sending")
-    assert status_of(uploads[2]) == Status.RECEIVED  # alice's third waits for a slot
-    w1.kill()  # its slot is held by a push whose heartbeat stops
+    assert mine.filter(status=Status.RECEIVED).count() == 1  # alice's third waits for a slot
+    w1.kill()  # one worker each: w1's slot is held by a push whose heartbeat stops
 
     def all_done():
         return all(status_of(u) in (Status.READY, Status.FAILED, Status.RECONNECT) for u in uploads)

@@ -109,17 +109,25 @@ def _fairer_waiting(upload: Upload, load: Load) -> int | None:
     mine = load.by_owner[upload.owner_id]
     if mine == 0:
         return None  # nobody has fewer than none
+    others = _waiting_rows(Upload.objects.exclude(owner_id=upload.owner_id), load)
     candidates = [
         (load.by_owner[owner_id], created_at, pk)
-        for pk, owner_id, project, created_at in _waiting_rows(Upload.objects.exclude(owner_id=upload.owner_id))
+        for pk, owner_id, project, created_at in others
         if load.by_owner[owner_id] < mine and load.has_room(owner_id, project or "")
     ]
     return min(candidates)[2] if candidates else None
 
 
-def _waiting_rows(uploads: QuerySet) -> list[tuple]:
+def _waiting_rows(uploads: QuerySet, load: Load) -> list[tuple]:
+    """(pk, owner id, project, created) of the waiting ones among `uploads`, oldest first, leaving
+    out people and projects without a free slot (so that a thousand uploads of one person waiting
+    for their own slots do not hide another person's)."""
+    full_owners = [o for o, n in load.by_owner.items() if n >= settings.PUSH_CONCURRENCY_PER_USER]
+    full_projects = [p for p, n in load.by_project.items() if n >= settings.PUSH_CONCURRENCY_PER_PROJECT]
     return list(
         uploads.filter(waiting())
+        .exclude(owner_id__in=full_owners)
+        .exclude(owner__cloud_account__project_id__in=full_projects)
         .order_by("created_at", "pk")
         .values_list("pk", "owner_id", "owner__cloud_account__project_id", "created_at")[:LOOK_AHEAD]
     )
@@ -130,7 +138,7 @@ def startable(uploads: QuerySet) -> list[int]:
     (people with fewer pushes running first, then the oldest), no more than the free slots."""
     load = current_load()
     chosen = []
-    rows = sorted(_waiting_rows(uploads), key=lambda row: (load.by_owner[row[1]], row[3], row[0]))
+    rows = sorted(_waiting_rows(uploads, load), key=lambda row: (load.by_owner[row[1]], row[3], row[0]))
     for pk, owner_id, project, _ in rows:
         if load.has_room(owner_id, project or ""):
             load.add(owner_id, project or "")
