@@ -23,7 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
-from uploads import crypto, inspect, staging
+from uploads import crypto, diskimage, staging
 from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, IamClient, ImsClient, ImsError
 from uploads.models import (
     FINISHED,
@@ -487,11 +487,11 @@ def upload_push(*, upload_id: int) -> PushOutcome:
     except FileRefused as exc:
         _refuse(upload, client, attempt, exc.problem)
         return PushOutcome()
-    except inspect.FileChanged as exc:  # the staged bytes changed under us: Retry checks them afresh
+    except diskimage.FileChanged as exc:  # the staged bytes changed under us: Retry checks them afresh
         problem = exc.problem
         return _retry_or_fail(upload, client, attempt, problem.message, hint=problem.hint, code=problem.code,
                               detail=problem.detail, permanent=True)
-    except inspect.InspectError as exc:
+    except diskimage.InspectError as exc:
         return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code="check_failed",
                               detail=exc.detail, permanent=exc.permanent)
     except ImsError as exc:
@@ -552,7 +552,7 @@ def _take_over(upload: Upload) -> None:
 class FileRefused(Exception):
     """The file may not be sent as it is: `problem` says why, in plain words."""
 
-    def __init__(self, problem: inspect.Problem):
+    def __init__(self, problem: diskimage.Problem):
         super().__init__(problem.code)
         self.problem = problem
 
@@ -564,7 +564,7 @@ class _Stopped(Exception):
 def _check_file(upload: Upload, attempt: int) -> None:
     """Inspect the staged file; convert it when IMS does not take its format. Afterwards the
     upload knows what to send: `send_format` and `send_size` of the staged or converted file."""
-    result = inspect.inspect_file(
+    result = diskimage.inspect_file(
         staging.path(upload.staged_name), declared_format=upload.disk_format
     )
     _save(upload, attempt, detected_format=result.detected_format or "", virtual_size=result.virtual_size,
@@ -585,8 +585,8 @@ def _check_file(upload: Upload, attempt: int) -> None:
               converted_name="")
 
 
-def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
-    label = inspect.LABELS[result.detected_format]
+def _convert(upload: Upload, attempt: int, result: diskimage.Inspection) -> None:
+    label = diskimage.LABELS[result.detected_format]
     if not _move(upload, Status.CONVERTING,
                  f"Converting the {label} file to QCOW2: IMS does not take {label} files directly",
                  on_attempt=attempt, convert_percent=0):
@@ -608,11 +608,11 @@ def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
             ):
                 raise _Stopped()  # cancelled or taken over: convert_to_qcow2 stops qemu-img
 
-    inspect.convert_to_qcow2(
+    diskimage.convert_to_qcow2(
         staging.path(upload.staged_name), staging.path(name), src_format=result.detected_format,
         virtual_size=result.virtual_size, on_progress=progress,
     )
-    converted = inspect.inspect_file(staging.path(name), declared_format="qcow2")
+    converted = diskimage.inspect_file(staging.path(name), declared_format="qcow2")
     if converted.problem:  # qemu-img wrote something unexpected: never send it
         raise FileRefused(converted.problem)
     _note(upload, f"Converted to QCOW2 ({human_size(staging.size(name))})")
@@ -625,7 +625,7 @@ def _save(upload: Upload, attempt: int, **fields) -> None:
         setattr(upload, key, value)
 
 
-def _inspection_record(result: inspect.Inspection) -> dict:
+def _inspection_record(result: diskimage.Inspection) -> dict:
     record = {"checks": result.checks, "actual_size": result.actual_size}
     if result.problem:
         record["problem"] = {"code": result.problem.code, "detail": result.problem.detail,
@@ -633,8 +633,8 @@ def _inspection_record(result: inspect.Inspection) -> dict:
     return record
 
 
-def _describe(result: inspect.Inspection) -> str:
-    text = f"a {inspect.LABELS.get(result.detected_format, result.detected_format)} disk"
+def _describe(result: diskimage.Inspection) -> str:
+    text = f"a {diskimage.LABELS.get(result.detected_format, result.detected_format)} disk"
     if result.virtual_size:
         text += f" of {human_size(result.virtual_size)}"
     return text
@@ -648,7 +648,7 @@ def _min_disk_raised(old_gb: int, new_gb: int, virtual_size: int) -> str:
     return f"{text} to hold the disk inside the file ({human_size(virtual_size)})"
 
 
-def _checks_text(result: inspect.Inspection) -> str:
+def _checks_text(result: diskimage.Inspection) -> str:
     return "\n".join(f"{name}: {outcome}" for name, outcome in result.checks.items())
 
 
@@ -802,7 +802,7 @@ def _find_image(client: ImsClient, image_id: str):
 
 def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     """Stream the file to the image; the bytes are inspected again on the way, so a file that
-    changed since it was checked stops the PUT (inspect.FileChanged)."""
+    changed since it was checked stops the PUT (diskimage.FileChanged)."""
     try:
         staged = staging.open_for_reading(upload.converted_name or upload.staged_name)
     except FileNotFoundError:
@@ -811,7 +811,7 @@ def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
             kind="missing", permanent=True, hint="Upload the file again.",
         ) from None
     with staged:
-        body = inspect.wrap_stream(staged, upload.send_format, size=upload.send_size)
+        body = diskimage.wrap_stream(staged, upload.send_format, size=upload.send_size)
         result = client.upload_file(
             upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
         )
@@ -873,7 +873,7 @@ def _retry_or_fail(
     return PushOutcome()
 
 
-def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: inspect.Problem) -> None:
+def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: diskimage.Problem) -> None:
     """The check refused the file: it never goes to IMS as it is. The staged file stays (for
     STAGING_RETENTION_HOURS), so that the one-click format fix needs no new upload; a copy
     converted from it and an image an earlier attempt made are deleted."""
