@@ -322,12 +322,12 @@ def time_inspection(work: Path, raw: Path) -> dict:
     how long the two qemu-img runs inside it take alone."""
     from django.conf import settings
 
-    from uploads import diskimage
+    from uploads import diskimage, qemu
 
     qcow2 = work / "data-4g.qcow2"
     t0 = time.monotonic()
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True)
-    info = diskimage.qemu_img_info(qcow2, "qcow2")
+    info = qemu.qemu_img_info(qcow2, "qcow2")
     say(f"made {qcow2.name} with qemu-img convert in {time.monotonic() - t0:.1f} s: virtual "
         f"{info['virtual-size'] / GIB:.2f} GiB, file {qcow2.stat().st_size / GIB:.2f} GiB, "
         f"{qcow2.stat().st_blocks * 512 / GIB:.2f} GiB allocated")
@@ -347,7 +347,7 @@ def time_inspection(work: Path, raw: Path) -> dict:
             # Where the time goes: qemu-img alone (inspect_file runs info, then check for qcow2).
             parts = []
             for what in ("info", "check"):
-                if what == "check" and fmt not in diskimage.QEMU_CHECKABLE:
+                if what == "check" and fmt not in qemu.QEMU_CHECKABLE:
                     continue
                 started = time.perf_counter()
                 subprocess.run(["qemu-img", what, "-f", fmt, "--force-share", "--output=json", str(path)],

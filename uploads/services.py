@@ -23,7 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
-from uploads import crypto, diskimage, staging
+from uploads import crypto, diskimage, errors, qemu, staging
 from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, IamClient, ImsClient, ImsError
 from uploads.models import (
     FINISHED,
@@ -488,10 +488,10 @@ def upload_push(*, upload_id: int) -> PushOutcome:
         _refuse(upload, client, attempt, exc.problem)
         return PushOutcome()
     except diskimage.FileChanged as exc:  # the staged bytes changed under us: Retry checks them afresh
-        problem = exc.problem
+        problem = exc
         return _retry_or_fail(upload, client, attempt, problem.message, hint=problem.hint, code=problem.code,
                               detail=problem.detail, permanent=True)
-    except diskimage.InspectError as exc:
+    except errors.InspectError as exc:
         return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code="check_failed",
                               detail=exc.detail, permanent=exc.permanent)
     except ImsError as exc:
@@ -552,7 +552,7 @@ def _take_over(upload: Upload) -> None:
 class FileRefused(Exception):
     """The file may not be sent as it is: `problem` says why, in plain words."""
 
-    def __init__(self, problem: diskimage.Problem):
+    def __init__(self, problem: errors.Problem):
         super().__init__(problem.code)
         self.problem = problem
 
@@ -608,7 +608,7 @@ def _convert(upload: Upload, attempt: int, result: diskimage.Inspection) -> None
             ):
                 raise _Stopped()  # cancelled or taken over: convert_to_qcow2 stops qemu-img
 
-    diskimage.convert_to_qcow2(
+    qemu.convert_to_qcow2(
         staging.path(upload.staged_name), staging.path(name), src_format=result.detected_format,
         virtual_size=result.virtual_size, on_progress=progress,
     )
@@ -873,7 +873,7 @@ def _retry_or_fail(
     return PushOutcome()
 
 
-def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: diskimage.Problem) -> None:
+def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: errors.Problem) -> None:
     """The check refused the file: it never goes to IMS as it is. The staged file stays (for
     STAGING_RETENTION_HOURS), so that the one-click format fix needs no new upload; a copy
     converted from it and an image an earlier attempt made are deleted."""
