@@ -24,7 +24,7 @@ from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import crypto, diskimage, errors, qemu, staging
-from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, IamClient, ImsClient, ImsError
+from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, CloudError, IamClient, ImsClient
 from uploads.models import (
     FINISHED,
     RETRYABLE,
@@ -112,8 +112,8 @@ def _note(upload: Upload, message: str, detail: str = "") -> None:
     UploadEvent.objects.create(upload_id=upload.pk, message=message, detail=detail)
 
 
-def _error_fields(exc: ImsError) -> dict:
-    return {"error_message": exc.message, "error_hint": exc.hint, "error_code": exc.code or exc.kind}
+def _error_fields(exc: CloudError) -> dict:
+    return {"error_message": exc.message, "error_hint": exc.hint, "error_code": exc.code}
 
 
 NO_ERROR = {"error_message": "", "error_hint": "", "error_code": ""}
@@ -139,7 +139,7 @@ def _enqueue_discard(upload_id: int) -> None:
 def cloud_account_connect(*, user, domain: str, user_name: str, password: str, project: str) -> CloudAccount:
     """Ask IAM for a project-scoped token and keep only the token (encrypted) and its expiry.
 
-    Raises ImsError with a message for the person when IAM refuses. Uploads that waited for a
+    Raises CloudError with a message for the person when IAM refuses. Uploads that waited for a
     new sign-in continue by themselves.
     """
     token = IamClient(settings.IAM_ENDPOINT).get_token(
@@ -494,7 +494,7 @@ def upload_push(*, upload_id: int) -> PushOutcome:
     except errors.InspectError as exc:
         return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code="check_failed",
                               detail=exc.detail, permanent=exc.permanent)
-    except ImsError as exc:
+    except (CloudError, errors.StagedFileMissing) as exc:
         return _push_failed(upload, client, attempt, exc)
     except SoftTimeLimitExceeded:
         return _retry_or_fail(
@@ -794,8 +794,8 @@ def _sums_of_file_to_send(upload: Upload) -> dict | None:
 def _find_image(client: ImsClient, image_id: str):
     try:
         return client.get_image(image_id)
-    except ImsError as exc:
-        if exc.kind == "not_found":
+    except CloudError as exc:
+        if exc.code == "not_found":
             return None
         raise
 
@@ -806,10 +806,7 @@ def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     try:
         staged = staging.open_for_reading(upload.converted_name or upload.staged_name)
     except FileNotFoundError:
-        raise ImsError(
-            "The staged copy of your file is missing, so it cannot be sent.",
-            kind="missing", permanent=True, hint="Upload the file again.",
-        ) from None
+        raise errors.StagedFileMissing() from None
     with staged:
         body = diskimage.wrap_stream(staged, upload.send_format, size=upload.send_size)
         result = client.upload_file(
@@ -844,15 +841,15 @@ def _progress_recorder(upload: Upload, attempt: int):
     return record
 
 
-def _push_failed(upload: Upload, client: ImsClient, attempt: int, exc: ImsError) -> PushOutcome:
-    if exc.kind == "aborted":  # cancelled (or taken over) while sending: the canceller cleans up
+def _push_failed(upload: Upload, client: ImsClient, attempt: int, exc: errors.PortalError) -> PushOutcome:
+    if exc.code == "aborted":  # cancelled (or taken over) while sending: the canceller cleans up
         _note(upload, "Sending stopped")
         return PushOutcome()
-    if exc.kind == "auth":
-        _move(upload, Status.RECONNECT, exc.message, detail=exc.raw, on_attempt=attempt, **_error_fields(exc))
+    if exc.code == "auth":
+        _move(upload, Status.RECONNECT, exc.message, detail=exc.detail, on_attempt=attempt, **_error_fields(exc))
         return PushOutcome()
-    return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code=exc.code or exc.kind,
-                          detail=exc.raw, permanent=exc.permanent)
+    return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code=exc.code,
+                          detail=exc.detail, permanent=exc.permanent)
 
 
 def _retry_or_fail(
@@ -889,8 +886,8 @@ def _delete_quietly(upload: Upload, client: ImsClient) -> None:
     """Remove a half-made image after a failure; a failure to do so is noted, not raised."""
     try:
         client.delete_image(upload.ims_image_id)
-    except ImsError as exc:
-        _note(upload, f"Could not delete IMS image {upload.ims_image_id}: {exc.message}", exc.raw)
+    except CloudError as exc:
+        _note(upload, f"Could not delete IMS image {upload.ims_image_id}: {exc.message}", exc.detail)
         return
     _note(upload, f"Deleted IMS image {upload.ims_image_id}")
     Upload.objects.filter(pk=upload.pk).update(ims_image_id="", ims_status="")
@@ -933,7 +930,7 @@ def upload_poll(*, upload_id: int) -> None:
     client = _ims(token)
     try:
         image = client.get_image(upload.ims_image_id)
-    except ImsError as exc:
+    except CloudError as exc:
         _poll_failed(upload, exc)
         return
     if image.status in IMS_DONE_STATUSES:
@@ -968,14 +965,14 @@ def _schedule_poll(upload: Upload, ims_status: str) -> None:
     )
 
 
-def _poll_failed(upload: Upload, exc: ImsError) -> None:
-    if exc.kind == "auth":
-        _move(upload, Status.RECONNECT, exc.message, detail=exc.raw, **_error_fields(exc))
+def _poll_failed(upload: Upload, exc: CloudError) -> None:
+    if exc.code == "auth":
+        _move(upload, Status.RECONNECT, exc.message, detail=exc.detail, **_error_fields(exc))
     elif not exc.permanent:
-        _note(upload, f"Checking the image failed for now: {exc.message}", exc.raw)
+        _note(upload, f"Checking the image failed for now: {exc.message}", exc.detail)
         _schedule_poll(upload, upload.ims_status)
     else:
-        _move(upload, Status.FAILED, exc.message, detail=exc.raw, **_error_fields(exc))
+        _move(upload, Status.FAILED, exc.message, detail=exc.detail, **_error_fields(exc))
 
 
 def _finish(upload: Upload, client: ImsClient, image) -> None:
