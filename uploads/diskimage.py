@@ -292,7 +292,7 @@ class InspectedStream:
       streamOptimized VMDK's footer): the PUT is aborted before its body is complete.
 
     Read from the start, in buffers of 1 MiB or more: InspectWrapper runs ten inspectors per
-    read() whatever its size (about 40 µs): ~0.05 s per GiB with 1 MiB, ~2.5 s with 64 KiB.
+    read() whatever its size, so small buffers cost CPU per GiB (figures: bench/README.md).
     """
 
     def __init__(self, fileobj: BinaryIO, expected_format: str, size: int):

@@ -378,7 +378,7 @@ class _FileBody:
 class _Hashing:
     """MD5 and SHA-512 of the bytes sent, each computed in a thread of its own beside the sending one.
 
-    Hashing costs more CPU than sending (about 1.4 s per GiB for each): in the sending thread it
+    Hashing costs more CPU than sending (bench/README.md has the figures): in the sending thread it
     would halve the speed. hashlib lets go of the GIL while it hashes, so the three threads run
     on whatever cores are free. At most QUEUED buffers wait for each hash, so memory stays
     bounded. Use it as a context manager: leaving it waits for the last buffer to be hashed.

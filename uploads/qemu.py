@@ -34,7 +34,7 @@ class Limits:
 
 # Glance and Nova run `qemu-img info` with 1 GiB of address space; reading headers needs < 1 s CPU.
 INFO_LIMITS = Limits(cpu_seconds=10, address_space=1 * GiB, timeout=60)
-# Converting is real work (about 1 CPU second per GB of data) but never needs much memory.
+# Converting is real work (CPU time grows with the data: bench/README.md) but never needs much memory.
 CONVERT_LIMITS = Limits(cpu_seconds=4 * 3600, address_space=1 * GiB, timeout=None)
 
 # The portal's format names (uploads/diskformats.py) as qemu-img's -f takes them.
