@@ -23,8 +23,8 @@ from django.urls import reverse
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
-from uploads import crypto, fairness, inspect, staging
-from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, IamClient, ImsClient, ImsError
+from uploads import crypto, diskimage, errors, fairness, qemu, staging
+from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, CloudError, IamClient, ImsClient
 from uploads.models import (
     FINISHED,
     RETRYABLE,
@@ -112,8 +112,8 @@ def _note(upload: Upload, message: str, detail: str = "") -> None:
     UploadEvent.objects.create(upload_id=upload.pk, message=message, detail=detail)
 
 
-def _error_fields(exc: ImsError) -> dict:
-    return {"error_message": exc.message, "error_hint": exc.hint, "error_code": exc.code or exc.kind}
+def _error_fields(exc: CloudError) -> dict:
+    return {"error_message": exc.message, "error_hint": exc.hint, "error_code": exc.code}
 
 
 NO_ERROR = {"error_message": "", "error_hint": "", "error_code": ""}
@@ -139,7 +139,7 @@ def _enqueue_discard(upload_id: int) -> None:
 def cloud_account_connect(*, user, domain: str, user_name: str, password: str, project: str) -> CloudAccount:
     """Ask IAM for a project-scoped token and keep only the token (encrypted) and its expiry.
 
-    Raises ImsError with a message for the person when IAM refuses. Uploads that waited for a
+    Raises CloudError with a message for the person when IAM refuses. Uploads that waited for a
     new sign-in continue by themselves.
     """
     token = IamClient(settings.IAM_ENDPOINT).get_token(
@@ -507,14 +507,14 @@ def _push_claimed(upload: Upload, token: str, attempt: int) -> PushOutcome:
     except FileRefused as exc:
         _refuse(upload, client, attempt, exc.problem)
         return PushOutcome()
-    except inspect.FileChanged as exc:  # the staged bytes changed under us: Retry checks them afresh
-        problem = exc.problem
+    except diskimage.FileChanged as exc:  # the staged bytes changed under us: Retry checks them afresh
+        problem = exc
         return _retry_or_fail(upload, client, attempt, problem.message, hint=problem.hint, code=problem.code,
                               detail=problem.detail, permanent=True)
-    except inspect.InspectError as exc:
+    except errors.InspectError as exc:
         return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code="check_failed",
                               detail=exc.detail, permanent=exc.permanent)
-    except ImsError as exc:
+    except (CloudError, errors.StagedFileMissing) as exc:
         return _push_failed(upload, client, attempt, exc)
     except SoftTimeLimitExceeded:
         return _retry_or_fail(
@@ -572,7 +572,7 @@ def _take_over(upload: Upload) -> None:
 class FileRefused(Exception):
     """The file may not be sent as it is: `problem` says why, in plain words."""
 
-    def __init__(self, problem: inspect.Problem):
+    def __init__(self, problem: errors.Problem):
         super().__init__(problem.code)
         self.problem = problem
 
@@ -584,7 +584,7 @@ class _Stopped(Exception):
 def _check_file(upload: Upload, attempt: int) -> None:
     """Inspect the staged file; convert it when IMS does not take its format. Afterwards the
     upload knows what to send: `send_format` and `send_size` of the staged or converted file."""
-    result = inspect.inspect_file(
+    result = diskimage.inspect_file(
         staging.path(upload.staged_name), declared_format=upload.disk_format
     )
     _save(upload, attempt, detected_format=result.detected_format or "", virtual_size=result.virtual_size,
@@ -605,8 +605,8 @@ def _check_file(upload: Upload, attempt: int) -> None:
               converted_name="")
 
 
-def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
-    label = inspect.LABELS[result.detected_format]
+def _convert(upload: Upload, attempt: int, result: diskimage.Inspection) -> None:
+    label = diskimage.LABELS[result.detected_format]
     if not _move(upload, Status.CONVERTING,
                  f"Converting the {label} file to QCOW2: IMS does not take {label} files directly",
                  on_attempt=attempt, convert_percent=0):
@@ -628,11 +628,11 @@ def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
             ):
                 raise _Stopped()  # cancelled or taken over: convert_to_qcow2 stops qemu-img
 
-    inspect.convert_to_qcow2(
+    qemu.convert_to_qcow2(
         staging.path(upload.staged_name), staging.path(name), src_format=result.detected_format,
         virtual_size=result.virtual_size, on_progress=progress,
     )
-    converted = inspect.inspect_file(staging.path(name), declared_format="qcow2")
+    converted = diskimage.inspect_file(staging.path(name), declared_format="qcow2")
     if converted.problem:  # qemu-img wrote something unexpected: never send it
         raise FileRefused(converted.problem)
     _note(upload, f"Converted to QCOW2 ({human_size(staging.size(name))})")
@@ -645,7 +645,7 @@ def _save(upload: Upload, attempt: int, **fields) -> None:
         setattr(upload, key, value)
 
 
-def _inspection_record(result: inspect.Inspection) -> dict:
+def _inspection_record(result: diskimage.Inspection) -> dict:
     record = {"checks": result.checks, "actual_size": result.actual_size}
     if result.problem:
         record["problem"] = {"code": result.problem.code, "detail": result.problem.detail,
@@ -653,8 +653,8 @@ def _inspection_record(result: inspect.Inspection) -> dict:
     return record
 
 
-def _describe(result: inspect.Inspection) -> str:
-    text = f"a {inspect.LABELS.get(result.detected_format, result.detected_format)} disk"
+def _describe(result: diskimage.Inspection) -> str:
+    text = f"a {diskimage.LABELS.get(result.detected_format, result.detected_format)} disk"
     if result.virtual_size:
         text += f" of {human_size(result.virtual_size)}"
     return text
@@ -668,7 +668,7 @@ def _min_disk_raised(old_gb: int, new_gb: int, virtual_size: int) -> str:
     return f"{text} to hold the disk inside the file ({human_size(virtual_size)})"
 
 
-def _checks_text(result: inspect.Inspection) -> str:
+def _checks_text(result: diskimage.Inspection) -> str:
     return "\n".join(f"{name}: {outcome}" for name, outcome in result.checks.items())
 
 
@@ -814,24 +814,21 @@ def _sums_of_file_to_send(upload: Upload) -> dict | None:
 def _find_image(client: ImsClient, image_id: str):
     try:
         return client.get_image(image_id)
-    except ImsError as exc:
-        if exc.kind == "not_found":
+    except CloudError as exc:
+        if exc.code == "not_found":
             return None
         raise
 
 
 def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     """Stream the file to the image; the bytes are inspected again on the way, so a file that
-    changed since it was checked stops the PUT (inspect.FileChanged)."""
+    changed since it was checked stops the PUT (diskimage.FileChanged)."""
     try:
         staged = staging.open_for_reading(upload.converted_name or upload.staged_name)
     except FileNotFoundError:
-        raise ImsError(
-            "The staged copy of your file is missing, so it cannot be sent.",
-            kind="missing", permanent=True, hint="Upload the file again.",
-        ) from None
+        raise errors.StagedFileMissing() from None
     with staged:
-        body = inspect.wrap_stream(staged, upload.send_format, size=upload.send_size)
+        body = diskimage.wrap_stream(staged, upload.send_format, size=upload.send_size)
         result = client.upload_file(
             upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
         )
@@ -864,15 +861,15 @@ def _progress_recorder(upload: Upload, attempt: int):
     return record
 
 
-def _push_failed(upload: Upload, client: ImsClient, attempt: int, exc: ImsError) -> PushOutcome:
-    if exc.kind == "aborted":  # cancelled (or taken over) while sending: the canceller cleans up
+def _push_failed(upload: Upload, client: ImsClient, attempt: int, exc: errors.PortalError) -> PushOutcome:
+    if exc.code == "aborted":  # cancelled (or taken over) while sending: the canceller cleans up
         _note(upload, "Sending stopped")
         return PushOutcome()
-    if exc.kind == "auth":
-        _move(upload, Status.RECONNECT, exc.message, detail=exc.raw, on_attempt=attempt, **_error_fields(exc))
+    if exc.code == "auth":
+        _move(upload, Status.RECONNECT, exc.message, detail=exc.detail, on_attempt=attempt, **_error_fields(exc))
         return PushOutcome()
-    return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code=exc.code or exc.kind,
-                          detail=exc.raw, permanent=exc.permanent)
+    return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code=exc.code,
+                          detail=exc.detail, permanent=exc.permanent)
 
 
 def _retry_or_fail(
@@ -893,7 +890,7 @@ def _retry_or_fail(
     return PushOutcome()
 
 
-def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: inspect.Problem) -> None:
+def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: errors.Problem) -> None:
     """The check refused the file: it never goes to IMS as it is. The staged file stays (for
     STAGING_RETENTION_HOURS), so that the one-click format fix needs no new upload; a copy
     converted from it and an image an earlier attempt made are deleted."""
@@ -909,8 +906,8 @@ def _delete_quietly(upload: Upload, client: ImsClient) -> None:
     """Remove a half-made image after a failure; a failure to do so is noted, not raised."""
     try:
         client.delete_image(upload.ims_image_id)
-    except ImsError as exc:
-        _note(upload, f"Could not delete IMS image {upload.ims_image_id}: {exc.message}", exc.raw)
+    except CloudError as exc:
+        _note(upload, f"Could not delete IMS image {upload.ims_image_id}: {exc.message}", exc.detail)
         return
     _note(upload, f"Deleted IMS image {upload.ims_image_id}")
     Upload.objects.filter(pk=upload.pk).update(ims_image_id="", ims_status="")
@@ -953,7 +950,7 @@ def upload_poll(*, upload_id: int) -> None:
     client = _ims(token)
     try:
         image = client.get_image(upload.ims_image_id)
-    except ImsError as exc:
+    except CloudError as exc:
         _poll_failed(upload, exc)
         return
     if image.status in IMS_DONE_STATUSES:
@@ -988,14 +985,14 @@ def _schedule_poll(upload: Upload, ims_status: str) -> None:
     )
 
 
-def _poll_failed(upload: Upload, exc: ImsError) -> None:
-    if exc.kind == "auth":
-        _move(upload, Status.RECONNECT, exc.message, detail=exc.raw, **_error_fields(exc))
+def _poll_failed(upload: Upload, exc: CloudError) -> None:
+    if exc.code == "auth":
+        _move(upload, Status.RECONNECT, exc.message, detail=exc.detail, **_error_fields(exc))
     elif not exc.permanent:
-        _note(upload, f"Checking the image failed for now: {exc.message}", exc.raw)
+        _note(upload, f"Checking the image failed for now: {exc.message}", exc.detail)
         _schedule_poll(upload, upload.ims_status)
     else:
-        _move(upload, Status.FAILED, exc.message, detail=exc.raw, **_error_fields(exc))
+        _move(upload, Status.FAILED, exc.message, detail=exc.detail, **_error_fields(exc))
 
 
 def _finish(upload: Upload, client: ImsClient, image) -> None:
