@@ -226,6 +226,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = REQUEST_BODY_MAX_BYTES
 # and try again (tus clients do by themselves), so that pages always find a thread: gunicorn.conf.py
 # gives each process 32, this leaves 8 of them to everything else.
 UPLOAD_RECEIVING_THREADS = int(os.environ.get("UPLOAD_RECEIVING_THREADS", 24))
+# Review (uploads/review.py): when on, every upload that passed the file check waits for a
+# reviewer (permission uploads.review_upload) to approve it before it is sent to IMS. Members of
+# the groups in UPLOAD_REVIEW_GROUPS (comma-separated names) need approval even when it is off.
+UPLOAD_REVIEW_REQUIRED = env_bool("UPLOAD_REVIEW_REQUIRED", False)
+UPLOAD_REVIEW_GROUPS = env_list("UPLOAD_REVIEW_GROUPS", "")
 # How long the staged copy of an image that is ready in IMS is kept (to compare, or send again).
 STAGING_RETENTION_HOURS = float(os.environ.get("STAGING_RETENTION_HOURS", 24))
 UPLOAD_POLL_SECONDS = float(os.environ.get("UPLOAD_POLL_SECONDS", 5))

@@ -81,6 +81,32 @@ def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def image_create_body(
+    *,
+    name: str,
+    disk_format: str,
+    os_version: str = "",
+    min_disk: int = 0,
+    min_ram: int = 0,
+    tags: list[str] | None = None,
+) -> dict:
+    """The JSON body of POST /v2/images: what ImsClient.create_image sends, and what a reviewer is
+    shown before approving (uploads/review.py)."""
+    body = {
+        "name": name,
+        "container_format": "bare",
+        "disk_format": disk_format,
+        "min_disk": min_disk,
+        "min_ram": min_ram,
+        "visibility": "private",
+        "protected": False,
+        "tags": tags or [],
+    }
+    if os_version:
+        body["__os_version"] = os_version
+    return body
+
+
 def _error_text(response: requests.Response) -> tuple[str, str]:
     """The (code, message) of an error reply: IMS JSON, Keystone JSON, Glance JSON or HTML/text."""
     try:
@@ -270,18 +296,8 @@ class ImsClient:
         self, *, name: str, disk_format: str, os_version: str = "", min_disk: int = 0, min_ram: int = 0,
         tags: list[str] | None = None,
     ) -> Image:
-        body = {
-            "name": name,
-            "container_format": "bare",
-            "disk_format": disk_format,
-            "min_disk": min_disk,
-            "min_ram": min_ram,
-            "visibility": "private",
-            "protected": False,
-            "tags": tags or [],
-        }
-        if os_version:
-            body["__os_version"] = os_version
+        body = image_create_body(name=name, disk_format=disk_format, os_version=os_version, min_disk=min_disk,
+                                 min_ram=min_ram, tags=tags)
         response = self._call("POST", "/v2/images", "creating the image", json=body)
         return _image(response.json())
 

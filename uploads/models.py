@@ -11,6 +11,7 @@ from datetime import timezone as dt_timezone
 from django.conf import settings
 from django.db import models
 from django.urls import reverse
+from django.utils.translation import gettext_lazy as _
 
 from uploads.sizes import human_size
 
@@ -28,6 +29,10 @@ class Status(models.TextChoices):
     # cannot help. The staged file is kept for a while, so that a format fix needs no new upload.
     REFUSED = "refused", "Refused"
     RECONNECT = "reconnect", "Reconnect needed"  # the cloud sign-in expired or was refused
+    # The file passed the check; a reviewer must approve it before anything is sent (uploads/review.py).
+    AWAITING_REVIEW = "awaiting_review", "Awaiting review"
+    # A reviewer said no, with a reason; the staged file is kept for STAGING_RETENTION_HOURS.
+    REJECTED = "rejected", "Rejected"
     CANCELLED = "cancelled", "Cancelled"  # the owner gave up; staged file and IMS image removed
 
 
@@ -38,13 +43,20 @@ ALLOWED_MOVES: dict[str, set[str]] = {
     # CHECKING/CONVERTING -> RECEIVED: a temporary problem (no room to convert, a dead worker).
     # CHECKING/CONVERTING -> RECONNECT: the converted file takes longer to send than the token lasts.
     # CHECKING/CONVERTING -> REFUSED: the file (or what conversion made of it) failed the check.
+    # CHECKING/CONVERTING -> AWAITING_REVIEW: the file passed the check and needs a reviewer's approval.
     Status.CHECKING: {
         Status.PUSHING, Status.CONVERTING, Status.FAILED, Status.REFUSED, Status.RECEIVED, Status.RECONNECT,
-        Status.CANCELLED,
+        Status.CANCELLED, Status.AWAITING_REVIEW,
     },
     Status.CONVERTING: {
         Status.PUSHING, Status.FAILED, Status.REFUSED, Status.RECEIVED, Status.RECONNECT, Status.CANCELLED,
+        Status.AWAITING_REVIEW,
     },
+    # AWAITING_REVIEW -> RECEIVED: approved; the push is queued (and skips the check if the file
+    # did not change since). -> REJECTED: a reviewer said no. -> CANCELLED: the owner gave up.
+    Status.AWAITING_REVIEW: {Status.RECEIVED, Status.REJECTED, Status.CANCELLED},
+    # A rejected file is never sent: the owner uploads a fixed one; Remove deletes this one now.
+    Status.REJECTED: {Status.CANCELLED},
     # PUSHING -> RECEIVED: a transient fault; the push is queued again with backoff.
     Status.PUSHING: {
         Status.PROCESSING,
@@ -66,12 +78,13 @@ ALLOWED_MOVES: dict[str, set[str]] = {
 # Nothing will ever change: no moves lead on.
 FINISHED = {Status.READY, Status.CANCELLED}
 # Nothing changes until a person acts: Retry or Remove, a format fix, or a new cloud sign-in.
-WAITING_FOR_A_PERSON = {Status.FAILED, Status.REFUSED, Status.RECONNECT}
+WAITING_FOR_A_PERSON = {Status.FAILED, Status.REFUSED, Status.RECONNECT, Status.REJECTED}
 # Who moves an unfinished upload on next (Upload.waiting_on; the status JSON's `waiting_on`).
 WAITING_ON = {
     Status.RECEIVING: "browser",
     Status.RECEIVED: "portal", Status.CHECKING: "portal", Status.CONVERTING: "portal", Status.PUSHING: "portal",
     Status.PROCESSING: "ims",
+    Status.AWAITING_REVIEW: "reviewer",
     **{status: "person" for status in WAITING_FOR_A_PERSON},
 }
 # States in which a worker is busy with the upload (and keeps its heartbeat fresh).
@@ -196,12 +209,28 @@ class Upload(models.Model):
     error_hint = models.TextField(blank=True)
     error_code = models.CharField(max_length=64, blank=True)
 
+    # Review (uploads/review.py): what the checked file looked like when it went to the reviewers
+    # (size, mtime, inode of the staged and converted files), and the decision taken on it.
+    checked_file = models.JSONField(default=dict, blank=True, editable=False)
+    review_decision = models.CharField(max_length=16, blank=True, choices=[
+        ("approved", _("Approved")), ("rejected", _("Rejected")),
+    ])
+    reviewed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="reviewed_uploads"
+    )
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+    review_reason = models.TextField(blank=True)
+
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["status", "next_poll_at"])]
+        # The second: the review queue, oldest first (uploads/review.py review_queue).
+        indexes = [
+            models.Index(fields=["status", "next_poll_at"]),
+            models.Index(fields=["status", "status_changed_at"]),
+        ]
         # Admins need it for the admin's Retry and Cancel actions; viewing needs only view_upload.
         permissions = [("review_upload", "Can review, retry and cancel uploads")]
 
@@ -265,6 +294,8 @@ class Upload(models.Model):
             })
         if self.status == Status.FAILED and self.can_retry:
             actions.append({"kind": "retry", "label": "Retry", "url": reverse("upload_retry", args=[self.uid])})
+        if self.status == Status.REJECTED:
+            actions.append({"kind": "upload_again", "label": str(_("Upload a fixed file")), "url": reverse("upload")})
         if self.status == Status.RECONNECT:
             actions.append({"kind": "reconnect", "label": "Reconnect your cloud account",
                             "url": reverse("cloud_account")})
@@ -284,8 +315,8 @@ class Upload(models.Model):
 
     @property
     def is_stopped(self) -> bool:
-        """Failed or refused: nothing runs any more, so the upload is removed rather than cancelled."""
-        return self.status in {Status.FAILED, Status.REFUSED}
+        """Failed, refused or rejected: nothing runs any more, so the upload is removed rather than cancelled."""
+        return self.status in {Status.FAILED, Status.REFUSED, Status.REJECTED}
 
     @property
     def primary_action(self) -> dict | None:
@@ -331,10 +362,12 @@ class Upload(models.Model):
             return f"Converting to QCOW2, which IMS takes · {self.convert_percent}%"
         if s == Status.PROCESSING:
             return f"IMS is checking the image (status: {self.ims_status or 'saving'})"
+        if s == Status.REJECTED:
+            return str(_("Not sent to IMS: a reviewer rejected it"))
         if s == Status.REFUSED:
             kept = "" if self.has_staged_copy else "; the portal no longer keeps the file"
             return f"Not sent to IMS: the file did not pass the check{kept}"
-        return PHASE_WORDS.get(s, self.get_status_display())
+        return str(PHASE_WORDS.get(s, self.get_status_display()))
 
     @property
     def details_version(self) -> str:
@@ -343,7 +376,7 @@ class Upload(models.Model):
         shown = (
             self.status, self.disk_format, self.detected_format, self.send_format, self.virtual_size,
             self.min_disk, self.ims_image_id, self.ims_status, self.md5, self.sha512, self.staged_sha512,
-            self.attempt, self.finished_at, self.error_code,
+            self.attempt, self.finished_at, self.error_code, self.review_decision, self.reviewed_at,
         )
         return hashlib.blake2s(repr(shown).encode(), digest_size=8).hexdigest()
 
@@ -378,6 +411,9 @@ PHASE_WORDS = {
     Status.READY: "Ready · image id",
     Status.FAILED: "Stopped",
     Status.RECONNECT: "Waiting for you to reconnect your cloud account",
+    Status.AWAITING_REVIEW: _(
+        "The file passed the check; waiting for a reviewer to approve it before it is sent to IMS"
+    ),
     Status.CANCELLED: "Cancelled · the portal removed its copy of the file",
 }
 

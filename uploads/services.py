@@ -311,9 +311,9 @@ def staging_cleanup() -> int:
     """Delete staged copies that no upload needs any more; returns how many.
 
     Ready uploads keep theirs for STAGING_RETENTION_HOURS (to compare or send again), refused ones
-    as long (time to choose the format fix), cancelled ones lose it at once (should their clean-up
-    task have been lost), unfinished browser uploads when they expire. Failed uploads and those
-    waiting for a reconnect keep it for Retry.
+    as long (time to choose the format fix), rejected ones as long (to look at again), cancelled ones
+    lose it at once (should their clean-up task have been lost), unfinished browser uploads when
+    they expire. Failed uploads and those waiting for a reconnect keep it for Retry.
     """
     now = timezone.now()
     count = 0
@@ -324,7 +324,7 @@ def staging_cleanup() -> int:
         count += 1
     kept_until = now - timedelta(hours=settings.STAGING_RETENTION_HOURS)
     finished = Q(status=Status.READY, finished_at__lte=kept_until) | Q(status=Status.CANCELLED)
-    finished |= Q(status=Status.REFUSED, status_changed_at__lte=kept_until)
+    finished |= Q(status__in=[Status.REFUSED, Status.REJECTED], status_changed_at__lte=kept_until)
     for upload in Upload.objects.filter(finished, staged_deleted_at__isnull=True):
         _delete_staged(upload, "Deleted the staged copy: no longer needed")
         count += 1
@@ -492,7 +492,14 @@ def _push_claimed(upload: Upload, token: str, attempt: int) -> PushOutcome:
     client = _ims(token)
     try:
         with _heartbeat(upload.pk, attempt):
-            _check_file(upload, attempt)
+            from uploads import review  # review uses _move from here: import here to avoid the cycle
+
+            if review.approved_and_unchanged(upload):
+                _note(upload, "Approved, and the file is unchanged since its check: sent without checking again")
+            else:
+                _check_file(upload, attempt)
+                if review.upload_hold_for_review(upload=upload, attempt=attempt):
+                    return PushOutcome()  # a reviewer approves (and queues the push) or rejects
             if upload.converted_name and _token_for_push(upload)[0] is None:
                 # Converting took a while and may have made the file bigger: ask again.
                 _wait_for_reconnect(upload, _token_for_push(upload)[1], on_attempt=attempt)

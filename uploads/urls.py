@@ -1,6 +1,6 @@
 from django.urls import path
 
-from uploads import tus, views
+from uploads import review_views, tus, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -11,6 +11,11 @@ urlpatterns = [
     path("uploads/<uuid:uid>/retry", views.upload_retry, name="upload_retry"),
     path("uploads/<uuid:uid>/cancel", views.upload_cancel, name="upload_cancel"),
     path("uploads/<uuid:uid>/use-format", views.upload_use_format, name="upload_use_format"),
+    path("review/", review_views.review_queue, name="review_queue"),
+    path("review/decide", review_views.review_decide, name="review_decide"),
+    path("review/<uuid:uid>/", review_views.review_page, name="review_page"),
+    path("review/<uuid:uid>/retry", review_views.review_retry, name="review_retry"),
+    path("review/<uuid:uid>/cancel", review_views.review_cancel, name="review_cancel"),
     path("cloud/", views.cloud_account, name="cloud_account"),
     path("cloud/disconnect", views.cloud_disconnect, name="cloud_disconnect"),
     path("tus/", tus.tus_collection, name="tus_collection"),

@@ -12,7 +12,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
 
-from uploads import fairness, services, status_access
+from uploads import fairness, review, services, status_access
 from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, UploadMetadataForm
 from uploads.ims import CloudError
 from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
@@ -27,6 +27,8 @@ def cloud_account_context(request: HttpRequest) -> dict:
         "cloud_account": account,
         "cloud_connected": services.cloud_account_usable(account),
         "waiting_for_reconnect": Upload.objects.filter(owner=request.user, status=Status.RECONNECT).count(),
+        # The header's link to the review queue, with how many wait (reviewers only).
+        "review_count": review.review_count() if review.is_reviewer(request.user) else None,
     }
 
 
@@ -90,8 +92,10 @@ UPLOAD_GROUPS = {
     "in_progress": ("In progress", Q(status__in=IN_PROGRESS)),
     "ready": ("Ready", Q(status=Status.READY)),
     "failed": ("Failed", ~Q(status__in=[*IN_PROGRESS, Status.READY, Status.REFUSED, Status.RECONNECT,
-                                         Status.CANCELLED])),
+                                         Status.CANCELLED, Status.AWAITING_REVIEW, Status.REJECTED])),
+    "awaiting_review": ("Awaiting review", Q(status=Status.AWAITING_REVIEW)),
     "refused": ("Refused", Q(status=Status.REFUSED)),  # not a failure: the check refused the file
+    "rejected": ("Rejected", Q(status=Status.REJECTED)),  # a reviewer said no (uploads/review.py)
     "reconnect": ("Reconnect needed", Q(status=Status.RECONNECT)),
     "cancelled": ("Cancelled", Q(status=Status.CANCELLED)),
 }
@@ -146,19 +150,21 @@ def status_json(upload: Upload) -> dict:
     `details_version` changes whenever the upload's own page would show other details or
     timeline lines (progress.js then fetches them).
     Why it stopped and what to do: `error_message`, `error_hint` (plain words; empty while all
-    is well); `stopped` is true for failed and refused uploads (the page shows an error, not a
+    is well); `stopped` is true for failed, refused and rejected uploads (the page shows an error, not a
     warning).
 
     Whether to ask again:
     - `final`: true when nothing will ever change (ready, cancelled): stop asking.
     - `needs_action`: true when nothing changes until a person acts (failed, refused,
-      reconnect needed); `primary_action` is then what the page offers first.
+      rejected, reconnect needed); `primary_action` is then what the page offers first.
     - `finished`: `final` or `needs_action`: nothing changes without a person.
-    - `waiting_on`: "browser" (the rest of the file), "portal", "ims", "person", or null when final.
+    - `waiting_on`: "browser" (the rest of the file), "portal", "ims", "reviewer" (awaiting review:
+      see uploads/review.py), "person", or null when final.
 
     What a person can do: `actions`, a list of {"kind", "label", "url", "primary"} with kind
     "use_format" (plus "format": send the same file again as that format), "retry",
-    "reconnect" (a page, not a form), "remove" or "cancel" (plus "confirm": the question to ask
+    "reconnect" and "upload_again" (pages, not forms; "upload_again" after a reviewer rejected
+    it, whose reason is the `error_message`), "remove" or "cancel" (plus "confirm": the question to ask
     first); `primary_action` is the one marked primary, or null. `suggested_format`,
     `can_retry` and `can_cancel` say the same for older clients.
     """

@@ -18,8 +18,8 @@
   var MAX_BACKOFF_MS = 60000
   var ACTIVE = { receiving: true, checking: true, converting: true, pushing: true, processing: true }
   // The part of the status block that shows each kind of action (status_block.html).
-  var SLOTS = { use_format: 'use_format', retry: 'retry', reconnect: 'reconnect', remove: 'stop', cancel: 'stop' }
-  var SLOT_NAMES = ['use_format', 'retry', 'reconnect', 'stop']
+  var SLOTS = { use_format: 'use_format', retry: 'retry', reconnect: 'reconnect', upload_again: 'upload_again', remove: 'stop', cancel: 'stop' }
+  var SLOT_NAMES = ['use_format', 'retry', 'reconnect', 'upload_again', 'stop']
 
   // ---- the page --------------------------------------------------------------------------
 
