@@ -12,7 +12,7 @@ from django.contrib.auth.models import Group, Permission
 from django.utils import timezone
 
 from tests.test_pipeline import DATA, received_upload, timeline
-from uploads import ims, review, services, staging
+from uploads import fairness, ims, review, services, staging
 from uploads.models import ALLOWED_MOVES, WAITING_ON, Status, Upload, UploadEvent, can_move
 
 
@@ -283,6 +283,22 @@ def test_neither_the_reconciler_nor_a_redelivered_message_pushes_an_upload_await
     assert ims_calls(sim) == []
 
 
+def test_uploads_awaiting_review_or_rejected_hold_no_push_slot(review_on, settings, alice_connected, carol, sim):
+    settings.PUSH_CONCURRENCY_PER_USER = 1
+    waiting = awaiting_upload(alice_connected, name="waiting")
+    review.upload_reject(upload=awaiting_upload(alice_connected, name="rejected"), by=carol, reason="No")
+    assert not fairness.current_load().by_owner
+    assert Upload.objects.get(pk=waiting.pk).heartbeat_at is None
+    settings.UPLOAD_REVIEW_REQUIRED = False
+    assert pushed_now(received_upload(alice_connected, DATA, name="third")).status == Status.READY
+
+
+def pushed_now(upload: Upload) -> Upload:
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    return upload
+
+
 def test_a_rejected_file_is_deleted_after_the_retention(review_on, settings, alice_connected, carol, sim):
     upload = awaiting_upload(alice_connected)
     review.upload_reject(upload=upload, by=carol, reason="No")
@@ -455,3 +471,31 @@ def test_a_single_decision_from_the_review_page_comes_back_to_it(review_on, alic
                                               "decision": "reject", "reason": "Wrong image"})
     assert response["Location"] == f"/review/{upload.uid}/"
     assert UploadEvent.objects.filter(upload=upload, message="Rejected by carol: Wrong image").exists()
+
+
+def test_a_reviewer_deletes_a_ready_image_from_ims(review_on, alice_connected, carol, sim, client, task_queue):
+    upload = awaiting_upload(alice_connected)
+    review.upload_approve(upload=upload, by=carol)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    image_id = upload.ims_image_id
+    client.force_login(carol)
+    assert f"/review/{upload.uid}/delete-image" in client.get(f"/review/{upload.uid}/").content.decode()
+    response = client.post(f"/review/{upload.uid}/delete-image", follow=True)
+    assert f"Image {image_id} was deleted from IMS." in response.content.decode()
+    upload.refresh_from_db()
+    assert (upload.status, upload.ims_image_id, upload.ims_status) == (Status.READY, "", "deleted")
+    assert sim.images() == [] and f"Image {image_id} deleted from IMS by carol" in timeline(upload)
+    with pytest.raises(review.ReviewError, match="Only the image of a ready upload"):
+        review.upload_delete_image(upload=upload, by=carol)  # nothing left to delete
+
+
+def test_deleting_an_image_needs_the_owners_sign_in(review_on, alice_connected, carol, sim, task_queue):
+    upload = awaiting_upload(alice_connected)
+    review.upload_approve(upload=upload, by=carol)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    alice_connected.cloud_account.delete()
+    with pytest.raises(review.ReviewError, match="sign-in of alice has expired"):
+        review.upload_delete_image(upload=upload, by=carol)
+    assert Upload.objects.get(pk=upload.pk).ims_image_id == upload.ims_image_id and len(sim.images()) == 1

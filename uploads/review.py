@@ -21,7 +21,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from uploads import services  # the one guarded move: services._move (refactor2: services/state.py)
-from uploads import staging
+from uploads import ims, staging
 from uploads.models import Status, Upload
 
 PERMISSION = "uploads.review_upload"
@@ -169,3 +169,34 @@ def upload_reject(*, upload: Upload, by, reason: str) -> None:
         error_code="rejected",
     ):
         raise _not_awaiting(upload)
+
+
+def upload_delete_image(*, upload: Upload, by) -> None:
+    """A reviewer takes a ready image out of IMS (with its owner's sign-in). The upload stays
+    Ready, as the file did reach IMS; its timeline and its page say who deleted the image."""
+    if not is_reviewer(by):
+        raise ReviewError(_("Only reviewers can delete images from IMS."))
+    if upload.status != Status.READY or not upload.ims_image_id:
+        raise ReviewError(
+            _("Only the image of a ready upload is deleted here; to stop “%(name)s”, cancel it (that deletes "
+              "its image too).") % {"name": upload.name}
+        )
+    token = services._usable_token(upload.owner_id)
+    if token is None:
+        raise ReviewError(
+            _("The cloud sign-in of %(owner)s has expired, so the portal cannot delete the image for them. "
+              "Ask them to reconnect, or delete image %(image)s in the cloud console.")
+            % {"owner": _name(upload.owner), "image": upload.ims_image_id}
+        )
+    image_id = upload.ims_image_id
+    try:
+        services._ims(token).delete_image(image_id)
+    except ims.ImsError as exc:
+        services._note(upload, f"Could not delete IMS image {image_id}: {exc.message}", exc.raw)
+        raise ReviewError(_("IMS did not delete the image: %(why)s Nothing was changed.") % {"why": exc.message})
+    message = _("Image %(image)s deleted from IMS by %(who)s") % {"image": image_id, "who": _name(by)}
+    if Upload.objects.filter(pk=upload.pk, ims_image_id=image_id).update(
+        ims_image_id="", ims_status="deleted", error_message=message + ".", error_hint="",
+    ):
+        services._note(upload, message)
+    upload.refresh_from_db()

@@ -130,3 +130,17 @@ def review_cancel(request, uid):
         messages.success(request, _("“%(name)s” was cancelled; the portal deletes %(what)s.")
                          % {"name": upload.name, "what": deletes or _("nothing more")})
     return redirect("review_page", uid=upload.uid)
+
+
+@reviewer_only
+@require_POST
+def review_delete_image(request, uid):
+    upload = get_object_or_404(Upload, uid=uid)
+    image_id = upload.ims_image_id
+    try:
+        review.upload_delete_image(upload=upload, by=request.user)
+    except review.ReviewError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, _("Image %(image)s was deleted from IMS.") % {"image": image_id})
+    return redirect("review_page", uid=upload.uid)

@@ -16,6 +16,7 @@ urlpatterns = [
     path("review/<uuid:uid>/", review_views.review_page, name="review_page"),
     path("review/<uuid:uid>/retry", review_views.review_retry, name="review_retry"),
     path("review/<uuid:uid>/cancel", review_views.review_cancel, name="review_cancel"),
+    path("review/<uuid:uid>/delete-image", review_views.review_delete_image, name="review_delete_image"),
     path("cloud/", views.cloud_account, name="cloud_account"),
     path("cloud/disconnect", views.cloud_disconnect, name="cloud_disconnect"),
     path("tus/", tus.tus_collection, name="tus_collection"),
