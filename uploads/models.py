@@ -30,9 +30,9 @@ class Status(models.TextChoices):
     REFUSED = "refused", "Refused"
     RECONNECT = "reconnect", "Reconnect needed"  # the cloud sign-in expired or was refused
     # The file passed the check; a reviewer must approve it before anything is sent (uploads/review.py).
-    AWAITING_REVIEW = "awaiting_review", "Awaiting review"
+    AWAITING_REVIEW = "awaiting_review", _("Awaiting review")
     # A reviewer said no, with a reason; the staged file is kept for STAGING_RETENTION_HOURS.
-    REJECTED = "rejected", "Rejected"
+    REJECTED = "rejected", _("Rejected")
     CANCELLED = "cancelled", "Cancelled"  # the owner gave up; staged file and IMS image removed
 
 

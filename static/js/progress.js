@@ -13,7 +13,7 @@
   'use strict'
 
   var POLL_MS = 2000
-  var WAITING_POLL_MS = 15000 // failed / refused / reconnect: only a person moves these on
+  var WAITING_POLL_MS = 15000 // failed / refused / reconnect / awaiting review: only a person moves these on
   var HIDDEN_POLL_MS = 10000
   var MAX_BACKOFF_MS = 60000
   var ACTIVE = { receiving: true, checking: true, converting: true, pushing: true, processing: true }
@@ -143,7 +143,7 @@
     }
 
     function delayFor (s) {
-      if (s.needs_action) return WAITING_POLL_MS
+      if (s.needs_action || s.waiting_on === 'reviewer') return WAITING_POLL_MS
       return document.hidden ? HIDDEN_POLL_MS : POLL_MS
     }
 
