@@ -191,8 +191,8 @@ def upload_delete_image(*, upload: Upload, by) -> None:
     image_id = upload.ims_image_id
     try:
         services._ims(token).delete_image(image_id)
-    except ims.ImsError as exc:
-        services._note(upload, f"Could not delete IMS image {image_id}: {exc.message}", exc.raw)
+    except ims.CloudError as exc:
+        services._note(upload, f"Could not delete IMS image {image_id}: {exc.message}", exc.detail)
         raise ReviewError(_("IMS did not delete the image: %(why)s Nothing was changed.") % {"why": exc.message})
     message = _("Image %(image)s deleted from IMS by %(who)s") % {"image": image_id, "who": _name(by)}
     if Upload.objects.filter(pk=upload.pk, ims_image_id=image_id).update(
