@@ -1,0 +1,270 @@
+"""Sending a received upload to IMS: claim it, check it, make the image, stream the bytes,
+and end a failed attempt (try again later, wait for a new sign-in, or fail). A heartbeat tells
+the reconciler that the worker is alive; a push whose heartbeat stopped is taken over."""
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import DatabaseError, connection
+from django.db.models import Q
+from django.utils import timezone
+from celery.exceptions import SoftTimeLimitExceeded
+
+from uploads import inspect, staging
+from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, ImsClient, ImsError
+from uploads.models import WORKING, Status, Upload
+from uploads.services import cloud, images
+from uploads.services.check import FileRefused, Stopped, check_file
+from uploads.services.poll import upload_poll
+from uploads.services.state import NO_ERROR, PushOutcome, error_fields, move, note, save
+from uploads.sizes import human_size
+
+log = logging.getLogger(__name__)
+
+MAX_PUSH_ATTEMPTS = 5
+MAX_RETRY_DELAY = 300  # seconds; far below the broker's visibility timeout (settings)
+
+
+def uploads_to_reconcile() -> list[int]:
+    """Uploads that expect a push but may have none coming: received ones nobody claimed (the
+    message was lost, say Redis restarted without its data) and pushes whose heartbeat stopped
+    (the worker died). Queueing them again is harmless: only one push can claim a row."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.RECONCILE_GRACE_SECONDS)
+    unclaimed = Q(status=Status.RECEIVED, status_changed_at__lte=stale) & (
+        Q(retry_at__isnull=True) | Q(retry_at__lte=stale)
+    )
+    return list(Upload.objects.filter(unclaimed | _abandoned()).values_list("pk", flat=True)[:500])
+
+
+def upload_push(*, upload_id: int) -> PushOutcome:
+    """Claim a received upload, check what the file really is (converting it when IMS does not
+    take its format), and stream it to IMS with its owner's token.
+
+    Safe to call twice: only one caller wins the claim (RECEIVED -> CHECKING).
+    """
+    upload = Upload.objects.filter(pk=upload_id).first()
+    if upload is not None and _push_is_abandoned(upload):
+        _take_over(upload)
+    if upload is None or upload.status != Status.RECEIVED:
+        return PushOutcome()
+    token, why_not = cloud.token_for_push(upload)
+    if token is None:
+        _wait_for_reconnect(upload, why_not)
+        return PushOutcome()
+    attempt = upload.attempt + 1
+    if not move(
+        upload,
+        Status.CHECKING,
+        f"Checking the file (attempt {attempt})",
+        on_attempt=upload.attempt,
+        attempt=attempt,
+        sent_bytes=0,
+        send_rate=0,
+        heartbeat_at=timezone.now(),
+        retry_at=None,
+        **NO_ERROR,
+    ):
+        return PushOutcome()
+    client = cloud.ims_client(token)
+    try:
+        with _heartbeat(upload.pk, attempt):
+            check_file(upload, attempt)
+            if upload.converted_name and cloud.token_for_push(upload)[0] is None:
+                # Converting took a while and may have made the file bigger: ask again.
+                _wait_for_reconnect(upload, cloud.token_for_push(upload)[1], on_attempt=attempt)
+                return PushOutcome()
+            if not move(upload, Status.PUSHING, "Sending to IMS", on_attempt=attempt,
+                        push_started_at=timezone.now()):
+                return PushOutcome()  # cancelled meanwhile
+            if not images.prepare_image(upload, client, attempt):
+                _send_file(upload, client, attempt)
+    except Stopped:
+        return PushOutcome()
+    except FileRefused as exc:
+        _refuse(upload, client, attempt, exc.problem)
+        return PushOutcome()
+    except inspect.FileChanged as exc:  # the staged bytes changed under us: Retry checks them afresh
+        problem = exc.problem
+        return _retry_or_fail(upload, client, attempt, problem.message, hint=problem.hint, code=problem.code,
+                              detail=problem.detail, permanent=True)
+    except inspect.InspectError as exc:
+        return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code="check_failed",
+                              detail=exc.detail, permanent=exc.permanent)
+    except ImsError as exc:
+        return _push_failed(upload, client, attempt, exc)
+    except SoftTimeLimitExceeded:
+        return _retry_or_fail(
+            upload, client, attempt,
+            "Sending this file took too long: the link to the cloud is slower than the portal supports.",
+            hint="Press Retry at a quieter time; if it happens again, ask an administrator.",
+            code="timed_out", detail="Celery soft time limit of the push", permanent=True,
+        )
+    except Exception as exc:  # a bug or an outage of our own: never leave the upload stuck
+        log.exception("upload %s: the push failed unexpectedly", upload.pk)
+        return _retry_or_fail(upload, client, attempt, "The portal ran into a problem of its own.",
+                              hint=HINT_CONTACT_ADMIN, code="internal", detail=f"{type(exc).__name__}: {exc}",
+                              permanent=False)
+    # The next check is due after one interval: this one happens now, so beat does not race it.
+    move(
+        upload,
+        Status.PROCESSING,
+        "IMS received the whole file and is processing it",
+        on_attempt=attempt,
+        sent_bytes=upload.send_size,
+        next_poll_at=timezone.now() + timedelta(seconds=settings.UPLOAD_POLL_SECONDS),
+        ims_status="saving",
+    )
+    upload_poll(upload_id=upload.pk)
+    return PushOutcome()
+
+
+def _wait_for_reconnect(upload: Upload, why: str, on_attempt: int | None = None) -> None:
+    move(
+        upload,
+        Status.RECONNECT,
+        "Waiting for the owner to reconnect the cloud account",
+        on_attempt=on_attempt,
+        error_message=why,
+        error_hint=HINT_RECONNECT + " Your file is kept until then.",
+        error_code="token_expired",
+    )
+
+
+def _take_over(upload: Upload) -> None:
+    """The worker of this push died (no heartbeat): start again, or give up after the last attempt."""
+    message = "The worker that was handling this upload stopped"
+    if upload.attempt - upload.requeued_at_attempt >= MAX_PUSH_ATTEMPTS:
+        move(upload, Status.FAILED, message, on_attempt=upload.attempt, where=_abandoned(),
+             error_message="The portal could not finish sending this file.", error_hint=HINT_CONTACT_ADMIN,
+             error_code="abandoned")
+    else:
+        move(upload, Status.RECEIVED, f"{message}; starting again", on_attempt=upload.attempt, where=_abandoned())
+
+
+@contextmanager
+def _heartbeat(upload_id: int, attempt: int):
+    """While a push runs, say so every few seconds, whatever it is waiting for: a heartbeat
+    that stops means the worker died, and the reconciler hands the upload to another."""
+    stop = threading.Event()
+
+    def beat():
+        try:
+            while not stop.wait(settings.PUSH_HEARTBEAT_SECONDS):
+                try:
+                    Upload.objects.filter(pk=upload_id, status__in=WORKING, attempt=attempt).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except DatabaseError:  # a locked or restarting database: beat again next time
+                    log.warning("upload %s: heartbeat not written", upload_id, exc_info=True)
+                    connection.close()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{upload_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _abandoned() -> Q:
+    """Pushes whose worker died: their message may come again (late acknowledgement), or the
+    reconciler finds them, but the row still says checking, converting or pushing."""
+    stale = timezone.now() - timedelta(seconds=settings.PUSH_STALE_SECONDS)
+    return Q(status__in=WORKING, heartbeat_at__lt=stale)
+
+
+def _push_is_abandoned(upload: Upload) -> bool:
+    return Upload.objects.filter(_abandoned(), pk=upload.pk).exists()
+
+
+def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
+    """Stream the file to the image; the bytes are inspected again on the way, so a file that
+    changed since it was checked stops the PUT (inspect.FileChanged)."""
+    try:
+        staged = staging.open_for_reading(upload.converted_name or upload.staged_name)
+    except FileNotFoundError:
+        raise ImsError(
+            "The staged copy of your file is missing, so it cannot be sent.",
+            kind="missing", permanent=True, hint="Upload the file again.",
+        ) from None
+    with staged:
+        body = inspect.wrap_stream(staged, upload.send_format, size=upload.send_size)
+        result = client.upload_file(
+            upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
+        )
+    sums = {"md5": result.md5, "sha512": result.sha512}
+    if not upload.converted_name:  # what was sent is the file as uploaded
+        sums["staged_sha512"] = result.sha512
+    save(upload, attempt, **sums)
+    note(upload, f"Sent {human_size(result.sent_bytes)} to IMS (md5 {result.md5})")
+
+
+def _progress_recorder(upload: Upload, attempt: int):
+    """Record bytes sent at most once a second; tell the sender to stop when the upload was
+    cancelled or taken over (the guarded update then matches no row)."""
+    started = time.monotonic()
+    last_write = 0.0
+
+    def record(sent: int) -> bool:
+        nonlocal last_write
+        now = time.monotonic()
+        if now - last_write < 1.0 and sent < upload.send_size:
+            return True
+        last_write = now
+        rate = sent / max(now - started, 1e-6)
+        return bool(
+            Upload.objects.filter(pk=upload.pk, status=Status.PUSHING, attempt=attempt).update(
+                sent_bytes=sent, send_rate=rate
+            )
+        )
+
+    return record
+
+
+def _push_failed(upload: Upload, client: ImsClient, attempt: int, exc: ImsError) -> PushOutcome:
+    if exc.kind == "aborted":  # cancelled (or taken over) while sending: the canceller cleans up
+        note(upload, "Sending stopped")
+        return PushOutcome()
+    if exc.kind == "auth":
+        move(upload, Status.RECONNECT, exc.message, detail=exc.raw, on_attempt=attempt, **error_fields(exc))
+        return PushOutcome()
+    return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code=exc.code or exc.kind,
+                          detail=exc.raw, permanent=exc.permanent)
+
+
+def _retry_or_fail(
+    upload: Upload, client: ImsClient, attempt: int, message: str, *, hint: str, code: str, detail: str,
+    permanent: bool,
+) -> PushOutcome:
+    """End this attempt: back to RECEIVED to try again after a backoff when that can help and
+    attempts are left, else FAILED with no image left behind in IMS."""
+    fields = {"error_message": message, "error_hint": hint or HINT_CONTACT_ADMIN, "error_code": code}
+    if not permanent and attempt - upload.requeued_at_attempt < MAX_PUSH_ATTEMPTS:
+        delay = min(MAX_RETRY_DELAY, 5 * 3 ** (attempt - 1))
+        moved = move(upload, Status.RECEIVED, f"{message} Trying again in {delay} seconds.", detail=detail,
+                     on_attempt=attempt, retry_at=timezone.now() + timedelta(seconds=delay), **fields)
+        return PushOutcome(retry_in=delay if moved else None)
+    if upload.ims_image_id:
+        images.delete_quietly(upload, client)
+    move(upload, Status.FAILED, message, detail=detail, on_attempt=attempt, **fields)
+    return PushOutcome()
+
+
+def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: inspect.Problem) -> None:
+    """The check refused the file: it never goes to IMS as it is. The staged file stays (for
+    STAGING_RETENTION_HOURS), so that the one-click format fix needs no new upload; a copy
+    converted from it and an image an earlier attempt made are deleted."""
+    staging.delete(upload.converted_name)
+    save(upload, attempt, converted_name="")
+    if upload.ims_image_id:
+        images.delete_quietly(upload, client)
+    move(upload, Status.REFUSED, problem.message, detail=problem.detail, on_attempt=attempt,
+         error_message=problem.message, error_hint=problem.hint or HINT_CONTACT_ADMIN, error_code=problem.code)
