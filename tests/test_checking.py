@@ -222,15 +222,15 @@ def test_a_token_that_would_not_last_the_converted_file_waits_for_reconnect(alic
     qemu_img("convert", "-f", "raw", "-O", "vmdk", disk, image)
     upload = received(alice_connected, image, "vmdk")
     asked = []
-    original = services.cloud.token_for_push
+    original = services.cloud.why_token_cannot_push
 
-    def lasts_only_for_the_original(upload):
+    def lasts_only_for_the_original(token, upload):
         asked.append(upload.send_size)
         if upload.converted_name:  # asked again about the converted copy: not long enough
-            return None, "Your cloud sign-in ends before the converted file could be sent."
-        return original(upload)
+            return "Your cloud sign-in ends before the converted file could be sent."
+        return original(token, upload)
 
-    monkeypatch.setattr(services.cloud, "token_for_push", lasts_only_for_the_original)
+    monkeypatch.setattr(services.cloud, "why_token_cannot_push", lasts_only_for_the_original)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.RECONNECT, f"{upload.error_message} {upload.events.last().detail}"

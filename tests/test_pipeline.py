@@ -74,7 +74,7 @@ def test_a_cut_connection_says_how_far_it_got_in_words(alice_connected, sim):
 
 def test_the_image_gets_the_users_details(alice_connected, sim):
     services.upload_push(upload_id=received_upload(alice_connected, DATA).pk)
-    [image] = ImsClient(sim.url, services.cloud.usable_token(alice_connected.pk)).session.get(
+    [image] = ImsClient(sim.url, services.cloud.owner_token(alice_connected.pk).value).session.get(
         f"{sim.url}/v2/images"
     ).json()["images"]
     assert image["name"] == "web-server" and image["disk_format"] == "raw"
@@ -239,7 +239,7 @@ def test_a_503_while_polling_just_polls_again(alice_connected, sim):
 
 def test_a_retry_reuses_a_queued_image_and_replaces_a_stuck_one(alice_connected, sim):
     upload = received_upload(alice_connected, DATA)
-    client = ImsClient(sim.url, services.cloud.usable_token(alice_connected.pk))
+    client = ImsClient(sim.url, services.cloud.owner_token(alice_connected.pk).value)
     stuck = client.create_image(name="old", disk_format="raw")
     sim.set_image_status(stuck.id, "saving")
     Upload.objects.filter(pk=upload.pk).update(ims_image_id=stuck.id)
@@ -512,7 +512,7 @@ def a_push_that_died_after_its_last_byte(upload, sim, stored: bytes, *, status=S
 
     from django.utils import timezone
 
-    client = ImsClient(sim.url, services.cloud.usable_token(upload.owner_id))
+    client = ImsClient(sim.url, services.cloud.owner_token(upload.owner_id).value)
     image = client.create_image(name=upload.name, disk_format="raw")
     client.upload_file(image.id, io.BytesIO(stored), len(stored))
     Upload.objects.filter(pk=upload.pk).update(

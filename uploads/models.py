@@ -6,11 +6,12 @@ The row is the source of truth for every upload. Its status changes only through
 
 import hashlib
 import uuid
-from datetime import timezone as dt_timezone
+from datetime import timedelta, timezone as dt_timezone
 
 from django.conf import settings
 from django.db import models
 from django.urls import reverse
+from django.utils import timezone
 
 from uploads.sizes import human_size
 
@@ -74,6 +75,8 @@ WAITING_ON = {
     Status.PROCESSING: "ims",
     **{status: "person" for status in WAITING_FOR_A_PERSON},
 }
+# Who is busy with an active upload (Upload.is_active): anyone but a person.
+ACTIVE_PARTIES = {"browser", "portal", "ims"}
 # States in which a worker is busy with the upload (and keeps its heartbeat fresh).
 WORKING = {Status.CHECKING, Status.CONVERTING, Status.PUSHING}
 # States in which Retry may help. Not REFUSED: the same file would be refused the same way.
@@ -83,6 +86,30 @@ CANCELLABLE = {s for s, moves in ALLOWED_MOVES.items() if Status.CANCELLED in mo
 
 def can_move(old: str, new: str) -> bool:
     return new in ALLOWED_MOVES.get(old, set())
+
+
+class ErrorCode:
+    """The `error_code` words the portal sets and acts on, written once. The check's refusals
+    (uploads.inspect) and the cloud client's kinds (uploads.ims) name theirs; these are the ones
+    the portal itself decides on, and the ones it compares with."""
+
+    EXPIRED = "expired"  # the unfinished upload ran out of time (tus expiry)
+    TOKEN_EXPIRED = "token_expired"  # no usable cloud sign-in: waits for a reconnect
+    AUTH = "auth"  # the cloud refused the sign-in: waits for a reconnect
+    ABORTED = "aborted"  # sending stopped because the upload was cancelled or taken over
+    NOT_FOUND = "not_found"  # the image is not (or no longer) in IMS
+    FORMAT_MISMATCH = "format_mismatch"  # the file is another format than the one chosen
+    FILE_CHANGED = "file_changed"  # the staged bytes changed after the check
+    CHECK_FAILED = "check_failed"  # checking or converting could not be done (not the file's fault)
+    CHECKSUM_MISMATCH = "checksum_mismatch"  # IMS stored other bytes than were sent
+    UNVERIFIABLE = "unverifiable"  # the staged copy is gone, so what IMS stored cannot be compared
+    ABANDONED = "abandoned"  # the worker died on the last attempt
+    TIMED_OUT = "timed_out"  # the push outlived its time limit
+    INTERNAL = "internal"  # a fault of the portal itself
+    MISSING = "missing"  # the staged copy to send is gone
+
+    # Codes a new cloud sign-in cures: the upload waits for a reconnect rather than failing.
+    CURED_BY_RECONNECT = frozenset({TOKEN_EXPIRED, AUTH})
 
 
 class DiskFormat(models.TextChoices):
@@ -129,8 +156,16 @@ class CloudAccount(models.Model):
     expires_at = models.DateTimeField()
     connected_at = models.DateTimeField(auto_now=True)
 
+    # A token this close to its end is not used to start work: it could expire mid-call.
+    USABLE_MARGIN = timedelta(minutes=2)
+
     def __str__(self):
         return f"{self.user_name}@{self.domain_name} / {self.project_name or self.project_id}"
+
+    @property
+    def is_usable(self) -> bool:
+        """The token lasts long enough to start work with (USABLE_MARGIN and more)."""
+        return self.expires_at > timezone.now() + self.USABLE_MARGIN
 
 
 class Upload(models.Model):
@@ -215,6 +250,24 @@ class Upload(models.Model):
     def is_finished(self) -> bool:
         """Nothing will ever change: the live status need not be asked again."""
         return self.status in FINISHED
+
+    @property
+    def is_active(self) -> bool:
+        """Moving on by itself: the browser, a worker or IMS is busy with it (the page's bar moves)."""
+        return self.waiting_on in ACTIVE_PARTIES
+
+    @property
+    def receive_deadline(self):
+        """When an unfinished upload expires: TUS_UPLOAD_EXPIRY_SECONDS after it was created. Rows
+        from before this rule may carry a later receive_expires_at (each PATCH pushed it back): the
+        creation time caps it."""
+        cap = self.created_at + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
+        return min(self.receive_expires_at or cap, cap)
+
+    @property
+    def is_expired(self) -> bool:
+        """Still receiving, but its time to finish ran out (staging_cleanup then ends it)."""
+        return self.status == Status.RECEIVING and self.receive_deadline <= timezone.now()
 
     @property
     def waits_for_a_person(self) -> bool:

@@ -20,7 +20,7 @@ from django.utils.http import http_date
 
 from uploads import request_body, services, staging
 from uploads.forms import UploadMetadataForm
-from uploads.models import Status, Upload
+from uploads.models import ErrorCode, Status, Upload
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,termination,expiration,checksum"
@@ -193,7 +193,7 @@ def _resource(request: HttpRequest, uid) -> HttpResponse:
     upload = Upload.objects.filter(uid=uid, owner=request.user).first()
     if upload is None:
         return _response(404, "No such upload.")
-    if request.method in {"HEAD", "PATCH"} and services.upload_is_expired(upload):
+    if request.method in {"HEAD", "PATCH"} and upload.is_expired:
         services.upload_expire(upload=upload)
         return _response(410, "This upload expired; upload the file again.")
     if request.method == "HEAD":
@@ -212,7 +212,7 @@ def _resource(request: HttpRequest, uid) -> HttpResponse:
 
 
 def _head(upload: Upload) -> HttpResponse:
-    if upload.status == Status.CANCELLED or (upload.status == Status.FAILED and upload.error_code == "expired"):
+    if upload.status == Status.CANCELLED or (upload.status == Status.FAILED and upload.error_code == ErrorCode.EXPIRED):
         return _response(410, "This upload was cancelled or expired.")
     return _response(
         200,

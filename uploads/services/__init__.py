@@ -34,7 +34,6 @@ from uploads.services.receive import (
     UploadStopped,
     upload_create,
     upload_expire,
-    upload_is_expired,
     upload_receive,
 )
 from uploads.services.state import PushOutcome, ServiceError
@@ -60,7 +59,6 @@ __all__ = [
     "upload_create",
     "upload_discard",
     "upload_expire",
-    "upload_is_expired",
     "upload_poll",
     "upload_push",
     "upload_receive",

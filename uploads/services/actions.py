@@ -20,7 +20,7 @@ def upload_retry(*, upload: Upload, by) -> None:
         raise ServiceError(f"{why} {upload.error_hint}".strip())
     if upload.status not in RETRYABLE:
         raise ServiceError("Only a failed upload, or one waiting for a new cloud sign-in, can be retried.")
-    if upload.status == Status.RECONNECT and cloud.token_for_push(upload)[0] is None:
+    if upload.status == Status.RECONNECT and cloud.why_token_cannot_push(cloud.owner_token(upload.owner_id), upload):
         raise ServiceError(
             "The cloud sign-in of this upload's owner has expired: reconnect on the Cloud account page, "
             "and the upload continues by itself."
@@ -64,11 +64,11 @@ def upload_discard(*, upload_id: int) -> None:
         return
     delete_staged(upload, "Deleted the staged copy of the cancelled upload")
     if upload.ims_image_id:
-        token = cloud.usable_token(upload.owner_id)
-        if token is None:
-            note(upload, f"IMS image {upload.ims_image_id} was not deleted: the cloud sign-in has expired")
+        token = cloud.owner_token(upload.owner_id)
+        if token.value is None:
+            note(upload, f"IMS image {upload.ims_image_id} was not deleted: {token.why_not}")
             return
-        images.delete_quietly(upload, cloud.ims_client(token))
+        images.delete_quietly(upload, cloud.ims_client(token.value))
 
 
 def staging_cleanup() -> int:
@@ -82,7 +82,7 @@ def staging_cleanup() -> int:
     now = timezone.now()
     count = 0
     started_before = now - timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
-    expired = Q(receive_expires_at__lte=now) | Q(created_at__lte=started_before)  # see _receive_deadline
+    expired = Q(receive_expires_at__lte=now) | Q(created_at__lte=started_before)  # see Upload.receive_deadline
     for upload in Upload.objects.filter(expired, status=Status.RECEIVING):
         upload_expire(upload=upload)
         count += 1

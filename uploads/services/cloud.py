@@ -1,6 +1,11 @@
-"""The owner's cloud account: connecting, and the token a push or a poll works with."""
+"""The owner's cloud account: connecting, and the token a push, a poll or a discard works with.
 
-from datetime import timedelta
+The token is looked up and decrypted once per piece of work (`owner_token`); whether it lasts
+long enough for a push is a question asked of that one lookup (`why_token_cannot_push`).
+"""
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.utils import timezone
@@ -16,7 +21,23 @@ ASSUMED_SEND_RATE = 10 * 1024 * 1024
 # IAM tokens live 24 hours: a push that needs longer starts with a token at least this fresh.
 LONGEST_TOKEN_WAIT = timedelta(hours=23)
 # A token this close to its end is not used to start work: it could expire mid-call.
-TOKEN_MARGIN = timedelta(minutes=2)
+TOKEN_MARGIN = CloudAccount.USABLE_MARGIN
+# How many of the latest pushes the expected send rate is the mean of.
+SEND_RATE_SAMPLE = 20
+
+# Why there is no token to work with, in the same words wherever it is asked.
+NO_SIGN_IN = "Your cloud sign-in has expired (or was never made)."
+UNREADABLE_SIGN_IN = "Your stored cloud sign-in can no longer be read (the portal's key changed)."
+
+
+@dataclass(frozen=True)
+class OwnerToken:
+    """The owner's token, looked up and decrypted once. `value` is None when there is none to
+    work with, and `why_not` then says why in plain words."""
+
+    value: str | None = field(repr=False)
+    expires_at: datetime | None
+    why_not: str = ""
 
 
 def cloud_account_connect(*, user, domain: str, user_name: str, password: str, project: str) -> CloudAccount:
@@ -54,14 +75,18 @@ def cloud_account_disconnect(*, user) -> None:
 
 
 def cloud_account_usable(account: CloudAccount | None) -> bool:
-    return account is not None and account.expires_at > timezone.now() + TOKEN_MARGIN
+    return account is not None and account.is_usable
 
 
-def usable_token(user_id: int) -> str | None:
+def owner_token(user_id: int) -> OwnerToken:
+    """The one lookup of a user's token: fetched and decrypted here, nowhere else."""
     account = CloudAccount.objects.filter(user_id=user_id).first()
     if not cloud_account_usable(account):
-        return None
-    return crypto.decrypt(account.token_encrypted)
+        return OwnerToken(None, None, NO_SIGN_IN)
+    value = crypto.decrypt(account.token_encrypted)
+    if value is None:
+        return OwnerToken(None, account.expires_at, UNREADABLE_SIGN_IN)
+    return OwnerToken(value, account.expires_at)
 
 
 def ims_client(token: str) -> ImsClient:
@@ -73,27 +98,21 @@ def expected_send_rate() -> float:
     rates = list(
         Upload.objects.filter(status=Status.READY, send_rate__gt=0)
         .order_by("-finished_at")
-        .values_list("send_rate", flat=True)[:20]
+        .values_list("send_rate", flat=True)[:SEND_RATE_SAMPLE]
     )
     return sum(rates) / len(rates) if rates else ASSUMED_SEND_RATE
 
 
-def token_for_push(upload: Upload) -> tuple[str | None, str]:
-    """The owner's token if it will last until the push can have finished, else why not.
-
-    A push that needs longer than any token lives (IAM tokens last 24 hours) starts with a
-    fresh one.
-    """
-    account = CloudAccount.objects.filter(user_id=upload.owner_id).first()
-    if not cloud_account_usable(account):
-        return None, "Your cloud sign-in has expired (or was never made), so the file cannot be sent yet."
+def why_token_cannot_push(token: OwnerToken, upload: Upload) -> str:
+    """Why `token` cannot be used to send the upload's file (to send: the staged or converted
+    copy), or "" when it lasts until the push can have finished. A push that needs longer than
+    any token lives (IAM tokens last 24 hours) starts with a fresh one."""
+    if token.value is None:
+        return f"{token.why_not} The file cannot be sent until you sign in again."
     needed = timedelta(seconds=(upload.send_size or upload.size) / expected_send_rate())
-    if account.expires_at < timezone.now() + min(needed, LONGEST_TOKEN_WAIT) + TOKEN_MARGIN:
-        return None, (
-            f"Your cloud sign-in ends in {duration(account.expires_at - timezone.now())}, but sending this "
+    if token.expires_at < timezone.now() + min(needed, LONGEST_TOKEN_WAIT) + TOKEN_MARGIN:
+        return (
+            f"Your cloud sign-in ends in {duration(token.expires_at - timezone.now())}, but sending this "
             f"file takes about {duration(needed)}, so it was not started."
         )
-    token = crypto.decrypt(account.token_encrypted)
-    if token is None:
-        return None, "Your stored cloud sign-in can no longer be read (the portal's key changed)."
-    return token, ""
+    return ""

@@ -5,7 +5,7 @@ import hashlib
 
 from uploads import staging
 from uploads.ims import ImsClient, ImsError
-from uploads.models import Upload
+from uploads.models import ErrorCode, Upload
 from uploads.services.state import note, save
 
 
@@ -77,7 +77,7 @@ def find_image(client: ImsClient, image_id: str):
     try:
         return client.get_image(image_id)
     except ImsError as exc:
-        if exc.kind == "not_found":
+        if exc.kind == ErrorCode.NOT_FOUND:
             return None
         raise
 

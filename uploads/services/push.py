@@ -15,18 +15,34 @@ from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import inspect, staging
-from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, ImsClient, ImsError
-from uploads.models import WORKING, Status, Upload
+from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, ImsClient
+from uploads.models import WORKING, ErrorCode, Status, Upload
 from uploads.services import cloud, images
 from uploads.services.check import FileRefused, Stopped, check_file
 from uploads.services.poll import upload_poll
-from uploads.services.state import NO_ERROR, PushOutcome, error_fields, move, note, save
+from uploads.services.state import (
+    ENDS_AN_ATTEMPT,
+    NO_ERROR,
+    AttemptError,
+    PushOutcome,
+    attempt_error,
+    end_with,
+    error_fields,
+    move,
+    note,
+    save,
+)
 from uploads.sizes import human_size
 
 log = logging.getLogger(__name__)
 
 MAX_PUSH_ATTEMPTS = 5
+# An automatic retry waits FIRST_RETRY_DELAY seconds, then RETRY_BACKOFF times longer each time.
+FIRST_RETRY_DELAY = 5
+RETRY_BACKOFF = 3
 MAX_RETRY_DELAY = 300  # seconds; far below the broker's visibility timeout (settings)
+# How many uploads one run of the reconciler queues again at the most.
+RECONCILE_BATCH = 500
 
 
 def uploads_to_reconcile() -> list[int]:
@@ -38,7 +54,7 @@ def uploads_to_reconcile() -> list[int]:
     unclaimed = Q(status=Status.RECEIVED, status_changed_at__lte=stale) & (
         Q(retry_at__isnull=True) | Q(retry_at__lte=stale)
     )
-    return list(Upload.objects.filter(unclaimed | _abandoned()).values_list("pk", flat=True)[:500])
+    return list(Upload.objects.filter(unclaimed | _abandoned()).values_list("pk", flat=True)[:RECONCILE_BATCH])
 
 
 def upload_push(*, upload_id: int) -> PushOutcome:
@@ -52,12 +68,43 @@ def upload_push(*, upload_id: int) -> PushOutcome:
         _take_over(upload)
     if upload is None or upload.status != Status.RECEIVED:
         return PushOutcome()
-    token, why_not = cloud.token_for_push(upload)
-    if token is None:
+    token = cloud.owner_token(upload.owner_id)
+    why_not = cloud.why_token_cannot_push(token, upload)
+    if why_not:
         _wait_for_reconnect(upload, why_not)
         return PushOutcome()
     attempt = upload.attempt + 1
-    if not move(
+    if not _claim(upload, attempt):
+        return PushOutcome()
+    client = cloud.ims_client(token.value)
+    try:
+        with _heartbeat(upload.pk, attempt):
+            sent = _check_and_send(upload, token, client, attempt)
+    except Stopped:
+        return PushOutcome()
+    except FileRefused as exc:
+        _refuse(upload, client, attempt, exc.problem)
+        return PushOutcome()
+    except Exception as exc:  # whatever it was, the upload is never left stuck
+        return _attempt_failed(upload, client, attempt, _push_error(upload, exc))
+    if sent:
+        # The next check is due after one interval: this one happens now, so beat does not race it.
+        move(
+            upload,
+            Status.PROCESSING,
+            "IMS received the whole file and is processing it",
+            on_attempt=attempt,
+            sent_bytes=upload.send_size,
+            next_poll_at=timezone.now() + timedelta(seconds=settings.UPLOAD_POLL_SECONDS),
+            ims_status="saving",
+        )
+        upload_poll(upload_id=upload.pk)
+    return PushOutcome()
+
+
+def _claim(upload: Upload, attempt: int) -> bool:
+    """RECEIVED -> CHECKING for this attempt, unless another worker (or a cancel) got there first."""
+    return move(
         upload,
         Status.CHECKING,
         f"Checking the file (attempt {attempt})",
@@ -68,80 +115,54 @@ def upload_push(*, upload_id: int) -> PushOutcome:
         heartbeat_at=timezone.now(),
         retry_at=None,
         **NO_ERROR,
-    ):
-        return PushOutcome()
-    client = cloud.ims_client(token)
-    try:
-        with _heartbeat(upload.pk, attempt):
-            check_file(upload, attempt)
-            if upload.converted_name and cloud.token_for_push(upload)[0] is None:
-                # Converting took a while and may have made the file bigger: ask again.
-                _wait_for_reconnect(upload, cloud.token_for_push(upload)[1], on_attempt=attempt)
-                return PushOutcome()
-            if not move(upload, Status.PUSHING, "Sending to IMS", on_attempt=attempt,
-                        push_started_at=timezone.now()):
-                return PushOutcome()  # cancelled meanwhile
-            if not images.prepare_image(upload, client, attempt):
-                _send_file(upload, client, attempt)
-    except Stopped:
-        return PushOutcome()
-    except FileRefused as exc:
-        _refuse(upload, client, attempt, exc.problem)
-        return PushOutcome()
-    except inspect.FileChanged as exc:  # the staged bytes changed under us: Retry checks them afresh
-        problem = exc.problem
-        return _retry_or_fail(upload, client, attempt, problem.message, hint=problem.hint, code=problem.code,
-                              detail=problem.detail, permanent=True)
-    except inspect.InspectError as exc:
-        return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code="check_failed",
-                              detail=exc.detail, permanent=exc.permanent)
-    except ImsError as exc:
-        return _push_failed(upload, client, attempt, exc)
-    except SoftTimeLimitExceeded:
-        return _retry_or_fail(
-            upload, client, attempt,
+    )
+
+
+def _check_and_send(upload: Upload, token: cloud.OwnerToken, client: ImsClient, attempt: int) -> bool:
+    """Check (and maybe convert) the file, then make sure IMS holds it; False when the push
+    stopped on the way (cancelled, or waiting for a longer-lasting sign-in)."""
+    check_file(upload, attempt)
+    if upload.converted_name:
+        # Converting took a while and may have made the file bigger: the same token, asked again.
+        why_not = cloud.why_token_cannot_push(token, upload)
+        if why_not:
+            _wait_for_reconnect(upload, why_not, on_attempt=attempt)
+            return False
+    if not move(upload, Status.PUSHING, "Sending to IMS", on_attempt=attempt, push_started_at=timezone.now()):
+        return False  # cancelled meanwhile
+    if not images.prepare_image(upload, client, attempt):
+        _send_file(upload, client, attempt)
+    return True
+
+
+def _push_error(upload: Upload, exc: Exception) -> AttemptError:
+    """What ended the push, as the one error type: a known error as it is; the time limit and
+    anything unexpected (a bug, an outage of our own) in words of their own."""
+    if isinstance(exc, ENDS_AN_ATTEMPT):
+        return attempt_error(exc)
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return AttemptError(
             "Sending this file took too long: the link to the cloud is slower than the portal supports.",
             hint="Press Retry at a quieter time; if it happens again, ask an administrator.",
-            code="timed_out", detail="Celery soft time limit of the push", permanent=True,
+            code=ErrorCode.TIMED_OUT, detail="Celery soft time limit of the push", permanent=True,
         )
-    except Exception as exc:  # a bug or an outage of our own: never leave the upload stuck
-        log.exception("upload %s: the push failed unexpectedly", upload.pk)
-        return _retry_or_fail(upload, client, attempt, "The portal ran into a problem of its own.",
-                              hint=HINT_CONTACT_ADMIN, code="internal", detail=f"{type(exc).__name__}: {exc}",
-                              permanent=False)
-    # The next check is due after one interval: this one happens now, so beat does not race it.
-    move(
-        upload,
-        Status.PROCESSING,
-        "IMS received the whole file and is processing it",
-        on_attempt=attempt,
-        sent_bytes=upload.send_size,
-        next_poll_at=timezone.now() + timedelta(seconds=settings.UPLOAD_POLL_SECONDS),
-        ims_status="saving",
-    )
-    upload_poll(upload_id=upload.pk)
-    return PushOutcome()
+    log.exception("upload %s: the push failed unexpectedly", upload.pk, exc_info=exc)
+    return AttemptError("The portal ran into a problem of its own.", hint=HINT_CONTACT_ADMIN,
+                        code=ErrorCode.INTERNAL, detail=f"{type(exc).__name__}: {exc}")
 
 
 def _wait_for_reconnect(upload: Upload, why: str, on_attempt: int | None = None) -> None:
-    move(
-        upload,
-        Status.RECONNECT,
-        "Waiting for the owner to reconnect the cloud account",
-        on_attempt=on_attempt,
-        error_message=why,
-        error_hint=HINT_RECONNECT + " Your file is kept until then.",
-        error_code="token_expired",
-    )
+    error = AttemptError(why, hint=HINT_RECONNECT + " Your file is kept until then.", code=ErrorCode.TOKEN_EXPIRED)
+    end_with(upload, error, event="Waiting for the owner to reconnect the cloud account", on_attempt=on_attempt)
 
 
 def _take_over(upload: Upload) -> None:
     """The worker of this push died (no heartbeat): start again, or give up after the last attempt."""
     message = "The worker that was handling this upload stopped"
     if upload.attempt - upload.requeued_at_attempt >= MAX_PUSH_ATTEMPTS:
-        move(upload, Status.FAILED, message, on_attempt=upload.attempt, where=_abandoned(),
-             error_message="The portal could not finish sending this file.", error_hint=HINT_CONTACT_ADMIN,
-             error_code="abandoned")
+        error = AttemptError("The portal could not finish sending this file.", hint=HINT_CONTACT_ADMIN,
+                             code=ErrorCode.ABANDONED)
+        end_with(upload, error, event=message, on_attempt=upload.attempt, where=_abandoned())
     else:
         move(upload, Status.RECEIVED, f"{message}; starting again", on_attempt=upload.attempt, where=_abandoned())
 
@@ -190,10 +211,10 @@ def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     changed since it was checked stops the PUT (inspect.FileChanged)."""
     try:
         staged = staging.open_for_reading(upload.converted_name or upload.staged_name)
-    except FileNotFoundError:
-        raise ImsError(
+    except FileNotFoundError:  # not an error of IMS: the file to send is gone
+        raise AttemptError(
             "The staged copy of your file is missing, so it cannot be sent.",
-            kind="missing", permanent=True, hint="Upload the file again.",
+            hint="Upload the file again.", code=ErrorCode.MISSING, permanent=True,
         ) from None
     with staged:
         body = inspect.wrap_stream(staged, upload.send_format, size=upload.send_size)
@@ -229,33 +250,32 @@ def _progress_recorder(upload: Upload, attempt: int):
     return record
 
 
-def _push_failed(upload: Upload, client: ImsClient, attempt: int, exc: ImsError) -> PushOutcome:
-    if exc.kind == "aborted":  # cancelled (or taken over) while sending: the canceller cleans up
+def _attempt_failed(upload: Upload, client: ImsClient, attempt: int, error: AttemptError) -> PushOutcome:
+    """End this attempt. Stopped on purpose (cancelled, taken over): the canceller cleans up.
+    Cured by a new sign-in: wait for it. Else try again after a backoff when that can help and
+    attempts are left, or fail with no image left behind in IMS."""
+    if error.code == ErrorCode.ABORTED:
         note(upload, "Sending stopped")
         return PushOutcome()
-    if exc.kind == "auth":
-        move(upload, Status.RECONNECT, exc.message, detail=exc.raw, on_attempt=attempt, **error_fields(exc))
+    if error.code in ErrorCode.CURED_BY_RECONNECT:
+        end_with(upload, error, on_attempt=attempt)
         return PushOutcome()
-    return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.hint, code=exc.code or exc.kind,
-                          detail=exc.raw, permanent=exc.permanent)
-
-
-def _retry_or_fail(
-    upload: Upload, client: ImsClient, attempt: int, message: str, *, hint: str, code: str, detail: str,
-    permanent: bool,
-) -> PushOutcome:
-    """End this attempt: back to RECEIVED to try again after a backoff when that can help and
-    attempts are left, else FAILED with no image left behind in IMS."""
-    fields = {"error_message": message, "error_hint": hint or HINT_CONTACT_ADMIN, "error_code": code}
-    if not permanent and attempt - upload.requeued_at_attempt < MAX_PUSH_ATTEMPTS:
-        delay = min(MAX_RETRY_DELAY, 5 * 3 ** (attempt - 1))
-        moved = move(upload, Status.RECEIVED, f"{message} Trying again in {delay} seconds.", detail=detail,
-                     on_attempt=attempt, retry_at=timezone.now() + timedelta(seconds=delay), **fields)
+    if not error.permanent and attempt - upload.requeued_at_attempt < MAX_PUSH_ATTEMPTS:
+        delay = retry_delay(attempt)
+        moved = move(upload, Status.RECEIVED, f"{error.message} Trying again in {delay} seconds.",
+                     detail=error.detail, on_attempt=attempt, retry_at=timezone.now() + timedelta(seconds=delay),
+                     **error_fields(error))
         return PushOutcome(retry_in=delay if moved else None)
     if upload.ims_image_id:
         images.delete_quietly(upload, client)
-    move(upload, Status.FAILED, message, detail=detail, on_attempt=attempt, **fields)
+    end_with(upload, error, on_attempt=attempt)
     return PushOutcome()
+
+
+def retry_delay(attempt: int) -> int:
+    """Seconds before automatic attempt `attempt + 1`: FIRST_RETRY_DELAY, growing RETRY_BACKOFF
+    times with each attempt, at most MAX_RETRY_DELAY."""
+    return min(MAX_RETRY_DELAY, FIRST_RETRY_DELAY * RETRY_BACKOFF ** (attempt - 1))
 
 
 def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: inspect.Problem) -> None:
@@ -267,4 +287,4 @@ def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: inspect.Pr
     if upload.ims_image_id:
         images.delete_quietly(upload, client)
     move(upload, Status.REFUSED, problem.message, detail=problem.detail, on_attempt=attempt,
-         error_message=problem.message, error_hint=problem.hint or HINT_CONTACT_ADMIN, error_code=problem.code)
+         **error_fields(problem))

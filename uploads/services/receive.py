@@ -15,7 +15,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from uploads import staging
-from uploads.models import FINISHED, Status, Upload
+from uploads.models import FINISHED, ErrorCode, Status, Upload
 from uploads.services import dispatch
 from uploads.services.state import ServiceError, delete_staged, duration, move, note
 from uploads.sizes import human_size
@@ -126,18 +126,6 @@ def _check_owner_limits(owner, size: int) -> None:
         )
 
 
-def _receive_deadline(upload: Upload):
-    """When an unfinished upload expires: TUS_UPLOAD_EXPIRY_SECONDS after it was created. Rows
-    from before this rule may carry a later receive_expires_at (each PATCH pushed it back): the
-    creation time caps it."""
-    cap = upload.created_at + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
-    return min(upload.receive_expires_at or cap, cap)
-
-
-def upload_is_expired(upload: Upload) -> bool:
-    return upload.status == Status.RECEIVING and _receive_deadline(upload) <= timezone.now()
-
-
 def upload_expire(*, upload: Upload) -> None:
     """An unfinished upload whose time ran out: free its staging space."""
     allowed = duration(timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS))
@@ -147,7 +135,7 @@ def upload_expire(*, upload: Upload) -> None:
         "The unfinished upload expired",
         error_message=f"This upload was not finished within {allowed} of its start, so it has expired.",
         error_hint="Upload the file again.",
-        error_code="expired",
+        error_code=ErrorCode.EXPIRED,
     ):
         delete_staged(upload, "Deleted the staged copy of the unfinished upload")
 
