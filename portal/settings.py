@@ -125,6 +125,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "uploads.views.cloud_account_context",
+                "uploads.limits.limits_context",
             ],
         },
     },

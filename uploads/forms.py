@@ -7,6 +7,7 @@ import unicodedata
 from django import forms
 from django.conf import settings
 
+from uploads import limits
 from uploads.models import EXTENSION_FORMATS, DiskFormat
 
 # The values of __os_version that people choose most; any other text is accepted too.
@@ -91,16 +92,15 @@ def _plain_text(**attrs) -> forms.TextInput:
     return forms.TextInput(attrs={"autocapitalize": "none", "spellcheck": "false", "autocomplete": "off", **attrs})
 
 
+def _name_field(what: str, label: str, help_text: str = "", **attrs) -> NameField:
+    """A cloud identifier (IAM names, the project): plain text up to 255 characters."""
+    return NameField(what=what, label=label, max_length=255, widget=_plain_text(**attrs), help_text=help_text)
+
+
 class CloudAccountForm(forms.Form):
-    domain = NameField(
-        what="The IAM domain name",
-        label="IAM domain name",
-        max_length=255,
-        widget=_plain_text(),
-        help_text="Your cloud account (tenant) name, e.g. OTC-EU-DE-00000000001000000001.",
-    )
-    user_name = NameField(what="The IAM user name", label="IAM user name", max_length=255,
-                          widget=_plain_text(autocomplete="username"))
+    domain = _name_field("The IAM domain name", "IAM domain name",
+                         "Your cloud account (tenant) name, e.g. OTC-EU-DE-00000000001000000001.")
+    user_name = _name_field("The IAM user name", "IAM user name", autocomplete="username")
     password = forms.CharField(
         label="Password",
         max_length=255,
@@ -108,13 +108,7 @@ class CloudAccountForm(forms.Form):
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "current-password"}),
         help_text="Used once to get a token from IAM; the portal never stores it.",
     )
-    project = NameField(
-        what="The project",
-        label="Project (name or id)",
-        max_length=255,
-        widget=_plain_text(),
-        help_text="The region project, e.g. eu-de, or its 32-character id.",
-    )
+    project = _name_field("The project", "Project (name or id)", "The region project, e.g. eu-de, or its 32-character id.")
 
     @classmethod
     def for_account(cls, account, data=None) -> "CloudAccountForm":
@@ -173,7 +167,7 @@ class UploadMetadataForm(forms.Form):
         if size == 0:
             raise forms.ValidationError("The file is empty: choose the disk image file itself.")
         if size > settings.UPLOAD_MAX_BYTES:
-            raise forms.ValidationError("The file is 128 GB or larger; IMS takes only smaller images.")
+            raise forms.ValidationError(limits.too_large())
         return size
 
     def clean(self):

@@ -148,7 +148,7 @@
       return 'The connection to the portal was lost. Check your network, then press Retry: the upload continues where it stopped.'
     }
     if (status === 403) return SIGNED_OUT
-    if (status === 413) return 'The file is 128 GB or larger; IMS takes only smaller images.'
+    if (status === 413) return words.too_large
     return 'The portal could not take this file just now (error ' + status + '). Press Retry; if it keeps happening, tell your portal administrator.'
   }
 
@@ -368,7 +368,7 @@
     locale: {
       strings: {
         youCanOnlyUploadFileTypes: 'This is not a disk image file the portal knows. Choose a file ending in %{types}.',
-        exceedsSize: '“%{file}” is 128 GB or larger; IMS takes only smaller images.',
+        exceedsSize: words.too_large_file,
         inferiorSize: 'This file is empty: choose the disk image file itself.',
         noDuplicates: '“%{fileName}” is already in the list.',
         failedToUpload: '“%{file}” could not be uploaded',
@@ -403,7 +403,7 @@
     fileManagerSelectionType: 'files',
     singleFileFullScreen: false,
     autoOpen: 'metaEditor',
-    note: 'Disk images smaller than 128 GB each. Check the details of each file in the list below.',
+    note: words.size_note,
     metaFields: metaFields
   })
 

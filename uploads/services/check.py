@@ -8,7 +8,7 @@ from django.conf import settings
 
 from uploads import inspect, staging
 from uploads.models import Status, Upload
-from uploads.services.state import move, note, save
+from uploads.services.state import PROGRESS_WRITE_SECONDS, move, note, save
 from uploads.sizes import human_size
 
 
@@ -64,7 +64,7 @@ def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
 
     def progress(percent: float) -> None:
         nonlocal last_write
-        if time.monotonic() - last_write >= 1.0:
+        if time.monotonic() - last_write >= PROGRESS_WRITE_SECONDS:
             last_write = time.monotonic()
             if not Upload.objects.filter(pk=upload.pk, status=Status.CONVERTING, attempt=attempt).update(
                 convert_percent=int(percent)

@@ -8,6 +8,9 @@ from uploads.ims import ImsClient, ImsError
 from uploads.models import ErrorCode, Upload
 from uploads.services.state import note, save
 
+# Files are read for their sums this much at a time: never the whole file in memory.
+READ_BUFFER_BYTES = 1024 * 1024
+
 
 def prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
     """Make sure an image record that can take the bytes exists; True if it already holds them.
@@ -62,7 +65,7 @@ def sums_of_file_to_send(upload: Upload) -> dict | None:
     except FileNotFoundError:
         return None
     md5, sha512 = hashlib.md5(usedforsecurity=False), hashlib.sha512()
-    buffer = bytearray(1024 * 1024)
+    buffer = bytearray(READ_BUFFER_BYTES)
     with source:
         while read := source.readinto(buffer):
             md5.update(buffer[:read])

@@ -23,6 +23,7 @@ from uploads.services.poll import upload_poll
 from uploads.services.state import (
     ENDS_AN_ATTEMPT,
     NO_ERROR,
+    PROGRESS_WRITE_SECONDS,
     AttemptError,
     PushOutcome,
     attempt_error,
@@ -237,7 +238,7 @@ def _progress_recorder(upload: Upload, attempt: int):
     def record(sent: int) -> bool:
         nonlocal last_write
         now = time.monotonic()
-        if now - last_write < 1.0 and sent < upload.send_size:
+        if now - last_write < PROGRESS_WRITE_SECONDS and sent < upload.send_size:
             return True
         last_write = now
         rate = sent / max(now - started, 1e-6)

@@ -51,18 +51,8 @@ class UploadStopped(Exception):
     """The upload stopped receiving (cancelled, expired) while this chunk was on its way."""
 
 
-def upload_create(
-    *,
-    owner,
-    size: int,
-    filename: str,
-    name: str,
-    disk_format: str,
-    os_version: str = "",
-    min_disk: int = 0,
-    min_ram: int = 0,
-    tags: list[str] | None = None,
-) -> Upload:
+def upload_create(*, owner, size: int, filename: str, name: str, disk_format: str, os_version: str = "",
+                  min_disk: int = 0, min_ram: int = 0, tags: list[str] | None = None) -> Upload:
     """A new upload and its empty staged file, if the owner's limits and the staging disk allow
     (UploadLimitReached, StagingNoRoom). It expires TUS_UPLOAD_EXPIRY_SECONDS from now."""
     _check_staging_room(size)

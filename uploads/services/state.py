@@ -20,6 +20,9 @@ from uploads.models import ErrorCode, Status, Upload, UploadEvent, can_move
 log = logging.getLogger(__name__)
 
 NO_ERROR = {"error_message": "", "error_hint": "", "error_code": ""}
+# Progress (bytes sent, percent converted) is written to the row at most this often: often
+# enough for the live page, seldom enough for the database.
+PROGRESS_WRITE_SECONDS = 1.0
 
 
 class ServiceError(Exception):
@@ -94,11 +97,7 @@ class AttemptError(Exception):
 
     def __init__(self, message: str, *, hint: str = "", code: str = "", detail: str = "", permanent: bool = False):
         super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.code = code
-        self.detail = detail
-        self.permanent = permanent
+        self.message, self.hint, self.code, self.detail, self.permanent = message, hint, code, detail, permanent
 
 
 # Every error type that ends an attempt with words for the person.
