@@ -234,6 +234,13 @@ UPLOAD_POLL_SECONDS = float(os.environ.get("UPLOAD_POLL_SECONDS", 5))
 # lost its worker and is taken over.
 PUSH_HEARTBEAT_SECONDS = float(os.environ.get("PUSH_HEARTBEAT_SECONDS", 10))
 PUSH_STALE_SECONDS = float(os.environ.get("PUSH_STALE_SECONDS", 120))
+# Workers shared fairly (uploads/fairness.py): at most this many pushes run at once for one
+# person, and for one cloud project (CloudAccount.project_id); more wait, received, and start by
+# themselves when a push of theirs ends. Keep them below the number of worker processes, so that
+# one person's uploads never hold every worker.
+# (At least 1: with 0 nothing would ever be sent.)
+PUSH_CONCURRENCY_PER_USER = max(1, int(os.environ.get("PUSH_CONCURRENCY_PER_USER", 2)))
+PUSH_CONCURRENCY_PER_PROJECT = max(1, int(os.environ.get("PUSH_CONCURRENCY_PER_PROJECT", 4)))
 # The reconciler runs this often and re-queues received uploads nobody claimed for this long.
 RECONCILE_EVERY_SECONDS = float(os.environ.get("RECONCILE_EVERY_SECONDS", 60))
 RECONCILE_GRACE_SECONDS = float(os.environ.get("RECONCILE_GRACE_SECONDS", 120))
@@ -291,6 +298,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": PUSH_TIME_LIMIT + 3600}
 # (no longer "received") turns it away. Cancelling (True, Celery 6's default) would send it again
 # from the first byte.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+# Beat runs exactly once per deployment (one `celery beat` process, never `worker -B` on several
+# machines): a second beat would only double the work, because each of these tasks is safe to
+# run twice at once (tests/test_fairness.py), but it is not a way to scale.
 CELERY_BEAT_SCHEDULE = {
     "poll-ims": {"task": "uploads.tasks.poll_due_uploads", "schedule": UPLOAD_POLL_SECONDS},
     "reconcile": {"task": "uploads.tasks.reconcile_uploads", "schedule": RECONCILE_EVERY_SECONDS},

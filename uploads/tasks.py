@@ -2,7 +2,12 @@
 about retrying. The database row guards every step, so a lost or repeated message is harmless.
 
 Services queue these tasks (uploads.services.dispatch imports this module), so each task imports
-the services when it runs: the two modules never import each other at load time."""
+the services when it runs: the two modules never import each other at load time.
+
+Beat runs exactly once per deployment (one `celery beat` process). Its tasks (poll_due_uploads,
+reconcile_uploads, clean_staging) are nevertheless safe to run twice at the same moment: due polls
+are leased with a guarded update, a push is claimed by one worker only, and each clean-up is a
+guarded move (tests/test_fairness.py keeps them so)."""
 
 from celery import shared_task
 

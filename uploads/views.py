@@ -12,7 +12,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
 
-from uploads import limits, services, status_access
+from uploads import fairness, limits, services, status_access
 from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, UploadMetadataForm
 from uploads.ims import ImsError
 from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
@@ -136,7 +136,8 @@ def status_json(upload: Upload) -> dict:
 
     What it is: `id` (the upload's uid), `name`, `status` (a models.Status value) and
     `status_label` (its words), `detail` (one line that says where it stands, as the page
-    writes it). Sizes in bytes: `size` (the file), `received_bytes`, `send_size` (what is sent:
+    writes it; "Waiting to send: 3 uploads ahead of yours" while every push slot it may use is
+    taken, see uploads/fairness.py). Sizes in bytes: `size` (the file), `received_bytes`, `send_size` (what is sent:
     the file or its QCOW2 conversion), `sent_bytes`, `send_rate` (bytes/s), `eta_seconds` (or
     null), `progress_percent` (of the current phase), `convert_percent`. What the check found:
     `detected_format`, `send_format`, `virtual_size` (or null), `min_disk` (GB). IMS:
@@ -171,7 +172,8 @@ def _status_progress(upload: Upload) -> dict:
         "name": upload.name,
         "status": upload.status,
         "status_label": upload.get_status_display(),
-        "detail": upload.phase_detail,
+        # While every push slot it may use is taken: "Waiting to send: 3 uploads ahead of yours".
+        "detail": fairness.waiting_text(upload) or upload.phase_detail,
         "size": upload.size,
         "received_bytes": upload.received_bytes,
         "sent_bytes": upload.sent_bytes,

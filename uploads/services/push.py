@@ -9,15 +9,15 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
-from uploads import inspect, staging
+from uploads import fairness, inspect, staging
 from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, ImsClient
 from uploads.models import WORKING, ErrorCode, Status, Upload
-from uploads.services import cloud, images
+from uploads.services import cloud, dispatch, images
 from uploads.services.check import FileRefused, Stopped, check_file
 from uploads.services.poll import upload_poll
 from uploads.services.state import (
@@ -55,7 +55,8 @@ def uploads_to_reconcile() -> list[int]:
     unclaimed = Q(status=Status.RECEIVED, status_changed_at__lte=stale) & (
         Q(retry_at__isnull=True) | Q(retry_at__lte=stale)
     )
-    return list(Upload.objects.filter(unclaimed | _abandoned()).values_list("pk", flat=True)[:RECONCILE_BATCH])
+    found = list(Upload.objects.filter(unclaimed | _abandoned()).values_list("pk", flat=True)[:RECONCILE_BATCH])
+    return fairness.worth_nudging(found)  # one waiting for a slot is queued when the slot frees
 
 
 def upload_push(*, upload_id: int) -> PushOutcome:
@@ -75,8 +76,27 @@ def upload_push(*, upload_id: int) -> PushOutcome:
         _wait_for_reconnect(upload, why_not)
         return PushOutcome()
     attempt = upload.attempt + 1
-    if not _claim(upload, attempt):
-        return PushOutcome()
+    with transaction.atomic():  # the fair-share check and the claim, under the slots' locks
+        turn = fairness.take_turn(upload)
+        if turn.goes_first:
+            dispatch.enqueue_push(turn.goes_first)
+        # Over a cap it waits, RECEIVED, without a retry: a push that ends queues it (_hand_off).
+        if not turn.may_start or not _claim(upload, attempt):
+            return PushOutcome()
+    try:
+        return push_claimed(upload, token, attempt)
+    finally:
+        _hand_off(upload)
+
+
+def _hand_off(upload: Upload) -> None:
+    """The push ended, one way or another: its slot is free for the next waiting uploads."""
+    for upload_id in fairness.next_after(upload):
+        dispatch.enqueue_push(upload_id)
+
+
+def push_claimed(upload: Upload, token: cloud.OwnerToken, attempt: int) -> PushOutcome:
+    """Check, convert and send an upload this worker claimed, on this attempt."""
     client = cloud.ims_client(token.value)
     try:
         with _heartbeat(upload.pk, attempt):
