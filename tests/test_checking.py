@@ -305,3 +305,18 @@ def test_small_disks_are_described_in_human_sizes(alice_connected, sim, tmp_path
     messages = [e.message for e in upload.events.all()]
     assert "Checked the file: a QCOW2 disk of 16 MB" in messages
     assert "Min disk raised to 1 GB, the smallest the cloud takes: the disk inside the file is 16 MB" in messages
+
+
+def test_a_converted_file_is_pushed_with_one_lookup_of_the_token(alice_connected, sim, disk, tmp_path, monkeypatch):
+    from uploads import crypto
+
+    image = tmp_path / "legacy.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", disk, image)
+    upload = received(alice_connected, image, "vmdk")
+    decrypted = []
+    original = crypto.decrypt
+    monkeypatch.setattr(crypto, "decrypt", lambda value: decrypted.append(value) or original(value))
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.converted_name
+    assert len(decrypted) == 2  # the push's one lookup (asked again after converting), and the first poll's

@@ -605,3 +605,20 @@ def test_an_active_image_is_not_ready_while_ims_reports_no_checksum_to_compare(
     upload.refresh_from_db()
     assert upload.status == Status.FAILED and upload.error_code == "checksum_mismatch"
     assert sim.images() == []
+
+
+def test_push_and_poll_say_the_same_about_a_sign_in_that_can_no_longer_be_read(alice_connected, sim, settings):
+    from cryptography.fernet import Fernet
+
+    sim.set_faults(processing_seconds=60)
+    polled = received_upload(alice_connected, DATA, name="polled")
+    services.upload_push(upload_id=polled.pk)
+    pushed = received_upload(alice_connected, DATA, name="pushed")
+    settings.TOKEN_ENCRYPTION_KEY = Fernet.generate_key().decode()  # the key changed: the token is unreadable
+    services.upload_poll(upload_id=polled.pk)
+    services.upload_push(upload_id=pushed.pk)
+    for upload in (polled, pushed):
+        upload.refresh_from_db()
+        assert upload.status == Status.RECONNECT and upload.error_code == "token_expired"
+        assert upload.error_message.startswith("Your stored cloud sign-in can no longer be read"), upload.error_message
+        assert upload.error_hint

@@ -1,6 +1,6 @@
-"""The size limit of a file, and the words that say it, written once: the tus server and the
-form use them, and the pages get them through the template (the footer, the upload page's help
-and its JSON script elements for static/js/upload.js).
+"""The size limits of a file (under UPLOAD_MAX_BYTES, not empty) and the words that say them,
+written once: the tus server and the form use them, and the pages get them through the template
+(the footer, the upload page's help and its JSON script elements for static/js/upload.js).
 """
 
 from django.conf import settings
@@ -19,11 +19,15 @@ def too_large(file_name: str = "") -> str:
     return f"{what} is {max_file_size()} or larger; IMS takes only smaller images."
 
 
+EMPTY_FILE = "The file is empty: choose the disk image file itself."
+
+
 def page_words() -> dict:
     """The upload page's words about the size limit, for static/js/upload.js."""
     return {
         "too_large": too_large(),
         "too_large_file": too_large("%{file}"),  # Uppy fills in %{file}
+        "empty_file": EMPTY_FILE,
         "size_note": f"Disk images smaller than {max_file_size()} each. "
         "Check the details of each file in the list below.",
     }

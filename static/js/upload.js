@@ -55,7 +55,7 @@
 
   function imageNameFor (fileName) {
     var dot = fileName.lastIndexOf('.')
-    return (dot > 0 ? fileName.slice(0, dot) : fileName).slice(0, 255) || 'image'
+    return (dot > 0 ? fileName.slice(0, dot) : fileName).slice(0, limits.image_name.max_length) || 'image'
   }
 
   function uidOf (url) {
@@ -369,7 +369,7 @@
       strings: {
         youCanOnlyUploadFileTypes: 'This is not a disk image file the portal knows. Choose a file ending in %{types}.',
         exceedsSize: words.too_large_file,
-        inferiorSize: 'This file is empty: choose the disk image file itself.',
+        inferiorSize: words.empty_file,
         noDuplicates: '“%{fileName}” is already in the list.',
         failedToUpload: '“%{file}” could not be uploaded',
         dashboardTitle: 'Disk image uploader',
