@@ -29,7 +29,7 @@ def upload_retry(*, upload: Upload, by) -> None:
 
 
 def _requeue_for_person(upload: Upload, message: str, **fields) -> None:
-    """_requeue for a button press: say why it cannot be done."""
+    """dispatch.requeue for a button press: say why it cannot be done."""
     if not staging.exists(upload.staged_name):
         raise ServiceError("The staged copy of this file is gone: please upload the file again.")
     if not dispatch.requeue(upload, message, **fields):
