@@ -12,6 +12,8 @@ from pathlib import Path
 import dj_database_url
 from csp.constants import NONE, SELF
 
+from uploads.crypto import DEMO_TOKEN_KEY
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -75,10 +77,7 @@ CONTENT_SECURITY_POLICY = {
 
 # Cloud tokens are encrypted with a key of their own, not with SECRET_KEY, so that rotating one
 # does not touch the other. A comma-separated list of Fernet keys: the first encrypts, all decrypt.
-TOKEN_ENCRYPTION_KEY = os.environ.get("TOKEN_ENCRYPTION_KEY") or (
-    # A fixed demo key (urlsafe base64 of 32 bytes) so that `make run` needs no set-up.
-    "ZGVtby1vbmx5LWtleS1ub3QtZm9yLXByb2QhISEhISE="  # b"demo-only-key-not-for-prod!!!!!!"
-)
+TOKEN_ENCRYPTION_KEY = os.environ.get("TOKEN_ENCRYPTION_KEY") or DEMO_TOKEN_KEY  # `make run` needs no set-up
 
 IMS_ENDPOINT = os.environ.get("IMS_ENDPOINT", "http://127.0.0.1:8990").rstrip("/")
 IAM_ENDPOINT = os.environ.get("IAM_ENDPOINT", "http://127.0.0.1:8990/v3").rstrip("/")
@@ -208,7 +207,8 @@ IMS_DISK_FORMATS = env_list("IMS_DISK_FORMATS", "qcow2,vhd,raw,zvhd2")
 TUS_UPLOAD_EXPIRY_SECONDS = int(os.environ.get("TUS_UPLOAD_EXPIRY_SECONDS", 7 * 24 * 3600))
 # What one person may hold in staging at once: unfinished uploads (neither ready nor cancelled)
 # whose staged file is still there, counted and summed by their declared sizes. Without a limit,
-# one person created 1,000 uploads of 100 GB in 2.3 s, and 1 GiB lands in staging in 0.6 s.
+# one person can claim the staging disk with empty uploads, or fill it, within seconds (figures:
+# bench/README.md, "Figures the code's comments lean on").
 UPLOAD_MAX_UNFINISHED_PER_USER = int(os.environ.get("UPLOAD_MAX_UNFINISHED_PER_USER", 20))
 UPLOAD_MAX_UNFINISHED_BYTES_PER_USER = int(os.environ.get("UPLOAD_MAX_UNFINISHED_BYTES_PER_USER", 1024**4))
 # A new upload is refused while the staging disk has less free space than its size plus this
@@ -270,8 +270,8 @@ CELERY_TASK_ROUTES = {"uploads.tasks.push_upload": {"queue": "uploads"}}
 # How long a push may take. The slowest link to IMS we support is 2 MiB/s (16 Mbit/s): at that
 # rate the largest image IMS takes (UPLOAD_MAX_BYTES, just under 128 GiB) is sent in 65 536 s, about
 # 18.2 hours, which fits in one IAM token (24 hours). The push task also checks the file and may
-# convert it (qemu-img does 128 GB in about 45 minutes at a slow disk's 50 MB/s), and creates and
-# checks the image: 2 hours more, so SoftTimeLimitExceeded is raised in it after about 20.2 hours
+# convert it (a 128 GB conversion on a slow disk takes most of an hour: bench/README.md), and
+# creates and checks the image: 2 hours more, so SoftTimeLimitExceeded is raised in it after about 20.2 hours
 # and the worker kills it 10 minutes later. Every other task is short (one IMS call, at most
 # 10 minutes): 30 minutes frees a hung one.
 SLOWEST_PUSH_BYTES_PER_SECOND = 2 * 1024**2

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from uploads import inspect, services
+from uploads import qemu, services
 from uploads.models import Status, Upload
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/qemu-img").exists(), reason="needs qemu-img (qemu-utils)")
@@ -149,8 +149,8 @@ def test_a_vmdk_naming_a_second_extent_never_reaches_qemu_img_nor_ims(alice_conn
     def no_qemu_img(*args, **kwargs):
         raise AssertionError("qemu-img ran on the hostile file")
 
-    monkeypatch.setattr(inspect, "_run_limited", no_qemu_img)
-    monkeypatch.setattr(inspect, "_run_with_progress", no_qemu_img)
+    monkeypatch.setattr(qemu, "_run_limited", no_qemu_img)
+    monkeypatch.setattr(qemu, "_run_with_progress", no_qemu_img)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.REFUSED and upload.error_code == "data_file", upload.error_message

@@ -442,12 +442,12 @@ def test_staging_cleanup_deletes_only_what_no_upload_needs(alice_connected, sim,
 
 
 def test_an_unexpected_error_in_a_push_never_leaves_the_upload_stuck(alice_connected, sim, monkeypatch):
-    from uploads import inspect
+    from uploads import diskimage
 
     def broken(*args, **kwargs):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(inspect, "inspect_file", broken)
+    monkeypatch.setattr(diskimage, "inspect_file", broken)
     upload = received_upload(alice_connected, DATA)
     assert services.upload_push(upload_id=upload.pk).retry_in
     upload.refresh_from_db()

@@ -1,9 +1,11 @@
 """The words an upload's fields take: its statuses with the one table of moves between them
-(the state machine), the disk formats, and the error codes the portal sets. uploads.models
+(the state machine), the disk formats, and (from uploads.errors) the error codes the portal sets. uploads.models
 hands them on, so the rest of the app imports them from there.
 """
 
 from django.db import models
+
+from uploads.errors import ErrorCode  # handed on with the other words of the row
 
 
 class Status(models.TextChoices):
@@ -77,30 +79,6 @@ CANCELLABLE = {s for s, moves in ALLOWED_MOVES.items() if Status.CANCELLED in mo
 
 def can_move(old: str, new: str) -> bool:
     return new in ALLOWED_MOVES.get(old, set())
-
-
-class ErrorCode:
-    """The `error_code` words the portal sets and acts on, written once. The check's refusals
-    (uploads.inspect) and the cloud client's kinds (uploads.ims) name theirs; these are the ones
-    the portal itself decides on, and the ones it compares with."""
-
-    EXPIRED = "expired"  # the unfinished upload ran out of time (tus expiry)
-    TOKEN_EXPIRED = "token_expired"  # no usable cloud sign-in: waits for a reconnect
-    AUTH = "auth"  # the cloud refused the sign-in: waits for a reconnect
-    ABORTED = "aborted"  # sending stopped because the upload was cancelled or taken over
-    NOT_FOUND = "not_found"  # the image is not (or no longer) in IMS
-    FORMAT_MISMATCH = "format_mismatch"  # the file is another format than the one chosen
-    FILE_CHANGED = "file_changed"  # the staged bytes changed after the check
-    CHECK_FAILED = "check_failed"  # checking or converting could not be done (not the file's fault)
-    CHECKSUM_MISMATCH = "checksum_mismatch"  # IMS stored other bytes than were sent
-    UNVERIFIABLE = "unverifiable"  # the staged copy is gone, so what IMS stored cannot be compared
-    ABANDONED = "abandoned"  # the worker died on the last attempt
-    TIMED_OUT = "timed_out"  # the push outlived its time limit
-    INTERNAL = "internal"  # a fault of the portal itself
-    MISSING = "missing"  # the staged copy to send is gone
-
-    # Codes a new cloud sign-in cures: the upload waits for a reconnect rather than failing.
-    CURED_BY_RECONNECT = frozenset({TOKEN_EXPIRED, AUTH})
 
 
 class DiskFormat(models.TextChoices):

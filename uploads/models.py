@@ -85,7 +85,7 @@ class Upload(models.Model):
     staged_deleted_at = models.DateTimeField(null=True, blank=True)
     receive_expires_at = models.DateTimeField(null=True, blank=True)
 
-    # What the file really is (uploads.inspect), and what is sent: the staged file, or its
+    # What the file really is (uploads.diskimage), and what is sent: the staged file, or its
     # conversion to qcow2 (another staged file) when IMS does not take the detected format.
     detected_format = models.CharField(max_length=8, blank=True)
     virtual_size = models.BigIntegerField(null=True, blank=True)

@@ -14,7 +14,7 @@ from django.views.decorators.vary import vary_on_cookie
 
 from uploads import fairness, limits, services, status_access
 from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, UploadMetadataForm
-from uploads.ims import ImsError
+from uploads.ims import CloudError
 from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
 
 
@@ -316,7 +316,7 @@ def cloud_account(request):
     if request.method == "POST" and form.is_valid():
         try:
             services.cloud_account_connect(user=request.user, **form.cleaned_data)
-        except ImsError as exc:
+        except CloudError as exc:
             form.add_error(None, f"{exc.message} {exc.hint}".strip())
         else:
             messages.success(request, "Your cloud account is connected.")

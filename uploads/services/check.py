@@ -6,18 +6,10 @@ import time
 
 from django.conf import settings
 
-from uploads import inspect, staging
+from uploads import diskimage, qemu, staging
 from uploads.models import Status, Upload
 from uploads.services.state import PROGRESS_WRITE_SECONDS, move, note, save
 from uploads.sizes import human_size
-
-
-class FileRefused(Exception):
-    """The file may not be sent as it is: `problem` says why, in plain words."""
-
-    def __init__(self, problem: inspect.Problem):
-        super().__init__(problem.code)
-        self.problem = problem
 
 
 class Stopped(Exception):
@@ -27,13 +19,13 @@ class Stopped(Exception):
 def check_file(upload: Upload, attempt: int) -> None:
     """Inspect the staged file; convert it when IMS does not take its format. Afterwards the
     upload knows what to send: `send_format` and `send_size` of the staged or converted file."""
-    result = inspect.inspect_file(
+    result = diskimage.inspect_file(
         staging.path(upload.staged_name), declared_format=upload.disk_format
     )
     save(upload, attempt, detected_format=result.detected_format or "", virtual_size=result.virtual_size,
          inspection=_inspection_record(result))
     if result.problem:
-        raise FileRefused(result.problem)
+        raise result.problem  # the file may not be sent as it is: the push refuses it
     note(upload, f"Checked the file: {_describe(result)}", _checks_text(result))
     needed_gb = result.suggested_min_disk_gb or 0
     if needed_gb > upload.min_disk:
@@ -48,8 +40,8 @@ def check_file(upload: Upload, attempt: int) -> None:
              converted_name="")
 
 
-def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
-    label = inspect.LABELS[result.detected_format]
+def _convert(upload: Upload, attempt: int, result: diskimage.Inspection) -> None:
+    label = diskimage.LABELS[result.detected_format]
     if not move(upload, Status.CONVERTING,
                 f"Converting the {label} file to QCOW2: IMS does not take {label} files directly",
                 on_attempt=attempt, convert_percent=0):
@@ -71,17 +63,17 @@ def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
             ):
                 raise Stopped()  # cancelled or taken over: convert_to_qcow2 stops qemu-img
 
-    inspect.convert_to_qcow2(
+    qemu.convert_to_qcow2(
         staging.path(upload.staged_name), staging.path(name), src_format=result.detected_format,
         virtual_size=result.virtual_size, on_progress=progress,
     )
-    converted = inspect.inspect_file(staging.path(name), declared_format="qcow2")
+    converted = diskimage.inspect_file(staging.path(name), declared_format="qcow2")
     if converted.problem:  # qemu-img wrote something unexpected: never send it
-        raise FileRefused(converted.problem)
+        raise converted.problem
     note(upload, f"Converted to QCOW2 ({human_size(staging.size(name))})")
 
 
-def _inspection_record(result: inspect.Inspection) -> dict:
+def _inspection_record(result: diskimage.Inspection) -> dict:
     record = {"checks": result.checks, "actual_size": result.actual_size}
     if result.problem:
         record["problem"] = {"code": result.problem.code, "detail": result.problem.detail,
@@ -89,8 +81,8 @@ def _inspection_record(result: inspect.Inspection) -> dict:
     return record
 
 
-def _describe(result: inspect.Inspection) -> str:
-    text = f"a {inspect.LABELS.get(result.detected_format, result.detected_format)} disk"
+def _describe(result: diskimage.Inspection) -> str:
+    text = f"a {diskimage.LABELS.get(result.detected_format, result.detected_format)} disk"
     if result.virtual_size:
         text += f" of {human_size(result.virtual_size)}"
     return text
@@ -104,5 +96,5 @@ def _min_disk_raised(old_gb: int, new_gb: int, virtual_size: int) -> str:
     return f"{text} to hold the disk inside the file ({human_size(virtual_size)})"
 
 
-def _checks_text(result: inspect.Inspection) -> str:
+def _checks_text(result: diskimage.Inspection) -> str:
     return "\n".join(f"{name}: {outcome}" for name, outcome in result.checks.items())

@@ -43,7 +43,7 @@ class OwnerToken:
 def cloud_account_connect(*, user, domain: str, user_name: str, password: str, project: str) -> CloudAccount:
     """Ask IAM for a project-scoped token and keep only the token (encrypted) and its expiry.
 
-    Raises ImsError with a message for the person when IAM refuses. Uploads that waited for a
+    Raises CloudError with a message for the person when IAM refuses. Uploads that waited for a
     new sign-in continue by themselves.
     """
     token = IamClient(settings.IAM_ENDPOINT).get_token(

@@ -4,7 +4,7 @@ the file, and deleting one a failure left behind."""
 import hashlib
 
 from uploads import staging
-from uploads.ims import ImsClient, ImsError
+from uploads.ims import CloudError, ImsClient
 from uploads.models import ErrorCode, Upload
 from uploads.services.state import note, save
 
@@ -79,8 +79,8 @@ def sums_of_file_to_send(upload: Upload) -> dict | None:
 def find_image(client: ImsClient, image_id: str):
     try:
         return client.get_image(image_id)
-    except ImsError as exc:
-        if exc.kind == ErrorCode.NOT_FOUND:
+    except CloudError as exc:
+        if exc.code == ErrorCode.NOT_FOUND:
             return None
         raise
 
@@ -104,8 +104,8 @@ def delete_quietly(upload: Upload, client: ImsClient) -> None:
     """Remove a half-made image after a failure; a failure to do so is noted, not raised."""
     try:
         client.delete_image(upload.ims_image_id)
-    except ImsError as exc:
-        note(upload, f"Could not delete IMS image {upload.ims_image_id}: {exc.message}", exc.raw)
+    except CloudError as exc:
+        note(upload, f"Could not delete IMS image {upload.ims_image_id}: {exc.message}", exc.detail)
         return
     note(upload, f"Deleted IMS image {upload.ims_image_id}")
     Upload.objects.filter(pk=upload.pk).update(ims_image_id="", ims_status="")

@@ -6,10 +6,11 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from uploads.errors import PortalError
 from uploads.ims import ImsClient
 from uploads.models import ErrorCode, Status, Upload
 from uploads.services import cloud, images
-from uploads.services.state import ENDS_AN_ATTEMPT, AttemptError, attempt_error, end_with, move, note, save
+from uploads.services.state import end_with, move, note, save
 
 IMS_DONE_STATUSES = {"active"}
 IMS_FAILED_STATUSES = {"killed", "deleted", "pending_delete"}
@@ -45,7 +46,7 @@ def upload_poll(*, upload_id: int) -> None:
         return
     token = cloud.owner_token(upload.owner_id)
     if token.value is None:
-        error = AttemptError(f"{token.why_not} Until then the portal cannot check on your image.",
+        error = PortalError(f"{token.why_not} Until then the portal cannot check on your image.",
                              hint="Reconnect on the Cloud account page: checking then continues by itself.",
                              code=ErrorCode.TOKEN_EXPIRED)
         end_with(upload, error, event="The cloud sign-in expired while IMS was processing the image")
@@ -53,13 +54,13 @@ def upload_poll(*, upload_id: int) -> None:
     client = cloud.ims_client(token.value)
     try:
         image = client.get_image(upload.ims_image_id)
-    except ENDS_AN_ATTEMPT as exc:
-        _poll_failed(upload, attempt_error(exc))
+    except PortalError as exc:
+        _poll_failed(upload, exc)
         return
     if image.status in IMS_DONE_STATUSES:
         _finish(upload, client, image)
     elif image.status in IMS_FAILED_STATUSES:
-        error = AttemptError(
+        error = PortalError(
             f"The cloud could not turn your file into an image (it reports the image as {image.status}).",
             hint="Check that the file is a bootable disk in the format you chose, then press Retry "
             "or upload a corrected file.",
@@ -83,7 +84,7 @@ def _schedule_poll(upload: Upload, ims_status: str) -> None:
     )
 
 
-def _poll_failed(upload: Upload, error: AttemptError) -> None:
+def _poll_failed(upload: Upload, error: PortalError) -> None:
     """A poll that met an error: ask again later when that can help, else stop the upload."""
     if error.permanent or error.code in ErrorCode.CURED_BY_RECONNECT:
         end_with(upload, error)
@@ -100,7 +101,7 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
         sums = images.sums_of_file_to_send(upload)
         if sums is None:
             images.delete_quietly(upload, client)
-            error = AttemptError("The portal's copy of your file is gone, so it could not check that the cloud "
+            error = PortalError("The portal's copy of your file is gone, so it could not check that the cloud "
                                  "stored exactly your file; the unchecked image was deleted.",
                                  hint="Upload the file again.", code=ErrorCode.UNVERIFIABLE, detail=str(image.raw))
             end_with(upload, error, event="The staged file is gone: what IMS stored cannot be compared with it")
@@ -109,7 +110,7 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
     mismatch = images.stored_differences(upload, image)
     if mismatch:
         images.delete_quietly(upload, client)
-        error = AttemptError("The cloud stored something other than what you uploaded.",
+        error = PortalError("The cloud stored something other than what you uploaded.",
                              hint="The bad image was deleted. Press Retry to send the file again.",
                              code=ErrorCode.CHECKSUM_MISMATCH, detail=str(image.raw))
         end_with(upload, error, event="IMS stored something other than the file that was sent: " + ", ".join(mismatch))

@@ -14,19 +14,17 @@ from django.db.models import Q
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
-from uploads import fairness, inspect, staging
+from uploads import diskimage, fairness, staging
+from uploads.errors import PortalError, Problem, StagedFileMissing
 from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, ImsClient
 from uploads.models import WORKING, ErrorCode, Status, Upload
 from uploads.services import cloud, dispatch, images
-from uploads.services.check import FileRefused, Stopped, check_file
+from uploads.services.check import Stopped, check_file
 from uploads.services.poll import upload_poll
 from uploads.services.state import (
-    ENDS_AN_ATTEMPT,
     NO_ERROR,
     PROGRESS_WRITE_SECONDS,
-    AttemptError,
     PushOutcome,
-    attempt_error,
     end_with,
     error_fields,
     move,
@@ -103,9 +101,6 @@ def push_claimed(upload: Upload, token: cloud.OwnerToken, attempt: int) -> PushO
             sent = _check_and_send(upload, token, client, attempt)
     except Stopped:
         return PushOutcome()
-    except FileRefused as exc:
-        _refuse(upload, client, attempt, exc.problem)
-        return PushOutcome()
     except Exception as exc:  # whatever it was, the upload is never left stuck
         return _attempt_failed(upload, client, attempt, _push_error(upload, exc))
     if sent:
@@ -156,24 +151,24 @@ def _check_and_send(upload: Upload, token: cloud.OwnerToken, client: ImsClient, 
     return True
 
 
-def _push_error(upload: Upload, exc: Exception) -> AttemptError:
+def _push_error(upload: Upload, exc: Exception) -> PortalError:
     """What ended the push, as the one error type: a known error as it is; the time limit and
     anything unexpected (a bug, an outage of our own) in words of their own."""
-    if isinstance(exc, ENDS_AN_ATTEMPT):
-        return attempt_error(exc)
+    if isinstance(exc, PortalError):
+        return exc
     if isinstance(exc, SoftTimeLimitExceeded):
-        return AttemptError(
+        return PortalError(
             "Sending this file took too long: the link to the cloud is slower than the portal supports.",
             hint="Press Retry at a quieter time; if it happens again, ask an administrator.",
             code=ErrorCode.TIMED_OUT, detail="Celery soft time limit of the push", permanent=True,
         )
     log.exception("upload %s: the push failed unexpectedly", upload.pk, exc_info=exc)
-    return AttemptError("The portal ran into a problem of its own.", hint=HINT_CONTACT_ADMIN,
+    return PortalError("The portal ran into a problem of its own.", hint=HINT_CONTACT_ADMIN,
                         code=ErrorCode.INTERNAL, detail=f"{type(exc).__name__}: {exc}")
 
 
 def _wait_for_reconnect(upload: Upload, why: str, on_attempt: int | None = None) -> None:
-    error = AttemptError(why, hint=HINT_RECONNECT + " Your file is kept until then.", code=ErrorCode.TOKEN_EXPIRED)
+    error = PortalError(why, hint=HINT_RECONNECT + " Your file is kept until then.", code=ErrorCode.TOKEN_EXPIRED)
     end_with(upload, error, event="Waiting for the owner to reconnect the cloud account", on_attempt=on_attempt)
 
 
@@ -181,7 +176,7 @@ def _take_over(upload: Upload) -> None:
     """The worker of this push died (no heartbeat): start again, or give up after the last attempt."""
     message = "The worker that was handling this upload stopped"
     if upload.attempt - upload.requeued_at_attempt >= MAX_PUSH_ATTEMPTS:
-        error = AttemptError("The portal could not finish sending this file.", hint=HINT_CONTACT_ADMIN,
+        error = PortalError("The portal could not finish sending this file.", hint=HINT_CONTACT_ADMIN,
                              code=ErrorCode.ABANDONED)
         end_with(upload, error, event=message, on_attempt=upload.attempt, where=_abandoned())
     else:
@@ -229,16 +224,13 @@ def _push_is_abandoned(upload: Upload) -> bool:
 
 def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     """Stream the file to the image; the bytes are inspected again on the way, so a file that
-    changed since it was checked stops the PUT (inspect.FileChanged)."""
+    changed since it was checked stops the PUT (diskimage.FileChanged)."""
     try:
         staged = staging.open_for_reading(upload.converted_name or upload.staged_name)
     except FileNotFoundError:  # not an error of IMS: the file to send is gone
-        raise AttemptError(
-            "The staged copy of your file is missing, so it cannot be sent.",
-            hint="Upload the file again.", code=ErrorCode.MISSING, permanent=True,
-        ) from None
+        raise StagedFileMissing() from None
     with staged:
-        body = inspect.wrap_stream(staged, upload.send_format, size=upload.send_size)
+        body = diskimage.wrap_stream(staged, upload.send_format, size=upload.send_size)
         result = client.upload_file(
             upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
         )
@@ -271,10 +263,13 @@ def _progress_recorder(upload: Upload, attempt: int):
     return record
 
 
-def _attempt_failed(upload: Upload, client: ImsClient, attempt: int, error: AttemptError) -> PushOutcome:
-    """End this attempt. Stopped on purpose (cancelled, taken over): the canceller cleans up.
-    Cured by a new sign-in: wait for it. Else try again after a backoff when that can help and
-    attempts are left, or fail with no image left behind in IMS."""
+def _attempt_failed(upload: Upload, client: ImsClient, attempt: int, error: PortalError) -> PushOutcome:
+    """End this attempt. The check refused the file: REFUSED. Stopped on purpose (cancelled,
+    taken over): the canceller cleans up. Cured by a new sign-in: wait for it. Else try again
+    after a backoff when that can help and attempts are left, or fail with no image left behind."""
+    if isinstance(error, Problem):
+        _refuse(upload, client, attempt, error)
+        return PushOutcome()
     if error.code == ErrorCode.ABORTED:
         note(upload, "Sending stopped")
         return PushOutcome()
@@ -299,7 +294,7 @@ def retry_delay(attempt: int) -> int:
     return min(MAX_RETRY_DELAY, FIRST_RETRY_DELAY * RETRY_BACKOFF ** (attempt - 1))
 
 
-def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: inspect.Problem) -> None:
+def _refuse(upload: Upload, client: ImsClient, attempt: int, problem: Problem) -> None:
     """The check refused the file: it never goes to IMS as it is. The staged file stays (for
     STAGING_RETENTION_HOURS), so that the one-click format fix needs no new upload; a copy
     converted from it and an image an earlier attempt made are deleted."""

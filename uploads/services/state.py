@@ -13,8 +13,9 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from uploads import inspect, staging
-from uploads.ims import HINT_CONTACT_ADMIN, ImsError
+from uploads import staging
+from uploads.errors import PortalError
+from uploads.ims import HINT_CONTACT_ADMIN
 from uploads.models import ErrorCode, Status, Upload, UploadEvent, can_move
 
 log = logging.getLogger(__name__)
@@ -82,50 +83,16 @@ def note(upload: Upload, message: str, detail: str = "") -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# What ends an attempt: one error type, one way to record it
+# What ends an attempt: one error type (uploads.errors.PortalError), one way to record it
 
 
-class AttemptError(Exception):
-    """What ended an attempt (a push, a poll), whatever raised it: `message` and `hint` for the
-    person, `code` (ErrorCode or the raiser's own word) to act on, `detail` for admins, and
-    `permanent`: trying again cannot help.
-
-    The fields are those of the one error base of issue 9 (part 1, uploads/errors.py). Until it
-    lands, `attempt_error` reads today's error types into this class; then ENDS_AN_ATTEMPT becomes
-    that base, AttemptError its name, and `attempt_error` returns what it is given.
-    """
-
-    def __init__(self, message: str, *, hint: str = "", code: str = "", detail: str = "", permanent: bool = False):
-        super().__init__(message)
-        self.message, self.hint, self.code, self.detail, self.permanent = message, hint, code, detail, permanent
-
-
-# Every error type that ends an attempt with words for the person.
-ENDS_AN_ATTEMPT = (AttemptError, ImsError, inspect.InspectError, inspect.FileChanged)
-
-
-def attempt_error(exc: Exception) -> AttemptError:
-    """`exc` (one of ENDS_AN_ATTEMPT) as the one error type."""
-    if isinstance(exc, AttemptError):
-        return exc
-    if isinstance(exc, ImsError):  # the cloud's own error code goes to the admins' detail
-        detail = f"{exc.code}: {exc.raw}" if exc.code else exc.raw
-        return AttemptError(exc.message, hint=exc.hint, code=exc.kind, detail=detail, permanent=exc.permanent)
-    if isinstance(exc, inspect.FileChanged):
-        problem = exc.problem
-        return AttemptError(problem.message, hint=problem.hint, code=problem.code, detail=problem.detail,
-                            permanent=True)
-    return AttemptError(exc.message, hint=exc.hint, code=ErrorCode.CHECK_FAILED, detail=exc.detail,
-                        permanent=exc.permanent)
-
-
-def error_fields(error: AttemptError) -> dict:
+def error_fields(error: PortalError) -> dict:
     """The row's error fields for `error`; every error the person sees comes with a hint."""
     return {"error_message": error.message, "error_hint": error.hint or HINT_CONTACT_ADMIN,
             "error_code": error.code}
 
 
-def end_with(upload: Upload, error: AttemptError, *, event: str = "", on_attempt: int | None = None, **fields) -> bool:
+def end_with(upload: Upload, error: PortalError, *, event: str = "", on_attempt: int | None = None, **fields) -> bool:
     """The one way an error stops an upload: it waits for a new sign-in when one cures the
     error (ErrorCode.CURED_BY_RECONNECT), else it fails. `event`: the timeline's words, when
     they are not the error's message."""
