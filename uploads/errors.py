@@ -11,6 +11,8 @@ cannot help. The kinds:
 - `Problem`: the file itself is refused (`Inspection.problem`), with the one-click fix when there
   is one; `uploads.diskimage.FileChanged`: the file changed on disk after it was checked;
 - `StagedFileMissing`: the staged copy is gone, so there is nothing to send.
+
+`ErrorCode` names the codes the portal acts on or compares with, for every module that sets them.
 """
 
 

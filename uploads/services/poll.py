@@ -47,8 +47,8 @@ def upload_poll(*, upload_id: int) -> None:
     token = cloud.owner_token(upload.owner_id)
     if token.value is None:
         error = PortalError(f"{token.why_not} Until then the portal cannot check on your image.",
-                             hint="Reconnect on the Cloud account page: checking then continues by itself.",
-                             code=ErrorCode.TOKEN_EXPIRED)
+                            hint="Reconnect on the Cloud account page: checking then continues by itself.",
+                            code=ErrorCode.TOKEN_EXPIRED)
         end_with(upload, error, event="The cloud sign-in expired while IMS was processing the image")
         return
     client = cloud.ims_client(token.value)
@@ -102,8 +102,8 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
         if sums is None:
             images.delete_quietly(upload, client)
             error = PortalError("The portal's copy of your file is gone, so it could not check that the cloud "
-                                 "stored exactly your file; the unchecked image was deleted.",
-                                 hint="Upload the file again.", code=ErrorCode.UNVERIFIABLE, detail=str(image.raw))
+                                "stored exactly your file; the unchecked image was deleted.",
+                                hint="Upload the file again.", code=ErrorCode.UNVERIFIABLE, detail=str(image.raw))
             end_with(upload, error, event="The staged file is gone: what IMS stored cannot be compared with it")
             return
         save(upload, upload.attempt, **sums)
@@ -111,8 +111,8 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
     if mismatch:
         images.delete_quietly(upload, client)
         error = PortalError("The cloud stored something other than what you uploaded.",
-                             hint="The bad image was deleted. Press Retry to send the file again.",
-                             code=ErrorCode.CHECKSUM_MISMATCH, detail=str(image.raw))
+                            hint="The bad image was deleted. Press Retry to send the file again.",
+                            code=ErrorCode.CHECKSUM_MISMATCH, detail=str(image.raw))
         end_with(upload, error, event="IMS stored something other than the file that was sent: " + ", ".join(mismatch))
         return
     move(upload, Status.READY, f"Image {image.id} is active in IMS", ims_status=image.status, next_poll_at=None)

@@ -164,7 +164,7 @@ def _push_error(upload: Upload, exc: Exception) -> PortalError:
         )
     log.exception("upload %s: the push failed unexpectedly", upload.pk, exc_info=exc)
     return PortalError("The portal ran into a problem of its own.", hint=HINT_CONTACT_ADMIN,
-                        code=ErrorCode.INTERNAL, detail=f"{type(exc).__name__}: {exc}")
+                       code=ErrorCode.INTERNAL, detail=f"{type(exc).__name__}: {exc}")
 
 
 def _wait_for_reconnect(upload: Upload, why: str, on_attempt: int | None = None) -> None:
@@ -177,7 +177,7 @@ def _take_over(upload: Upload) -> None:
     message = "The worker that was handling this upload stopped"
     if upload.attempt - upload.requeued_at_attempt >= MAX_PUSH_ATTEMPTS:
         error = PortalError("The portal could not finish sending this file.", hint=HINT_CONTACT_ADMIN,
-                             code=ErrorCode.ABANDONED)
+                            code=ErrorCode.ABANDONED)
         end_with(upload, error, event=message, on_attempt=upload.attempt, where=_abandoned())
     else:
         move(upload, Status.RECEIVED, f"{message}; starting again", on_attempt=upload.attempt, where=_abandoned())
