@@ -57,15 +57,22 @@ def behind_proxy_env(env: dict, *, secure: bool) -> dict:
             "SECURE_HSTS_SECONDS": "0", "ALLOWED_HOSTS": "127.0.0.1"}
 
 
+SIMPLE_CONFIG = ROOT / "bench" / "gunicorn_simple.conf.py"
+
+
 def start_pool(pool: str, env: dict, log: Path, *, workers: int | None = None,
-               threads: int | None = None):
+               threads: int | None = None, simple: bool = False):
     """One gunicorn of the `web` or `ingest` pool, as `make run-prod` starts it (gunicorn.conf.py's
-    counts unless given). Returns (process, "127.0.0.1:port")."""
+    counts unless given). `simple`: with bench/gunicorn_simple.conf.py instead (no socket-level
+    body read, no staging writer lock), for comparison. Returns (process, "127.0.0.1:port")."""
     from tools.prodserver import gunicorn_argv  # imports portal.settings: only after django.setup()
 
     port = free_port()
     address = f"127.0.0.1:{port}"
-    process = start_process(gunicorn_argv(pool, address, workers=workers, threads=threads), log=log, env=env)
+    argv = gunicorn_argv(pool, address, workers=workers, threads=threads)
+    if simple:
+        argv[argv.index("gunicorn.conf.py")] = str(SIMPLE_CONFIG)
+    process = start_process(argv, log=log, env=env)
     wait_for(lambda: _answers(f"http://{address}/tus/"), timeout=60, what=f"the {pool} gunicorn",
              process=process, log=log, interval=0.2)
     return process, address

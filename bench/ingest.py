@@ -88,7 +88,7 @@ from bench.front import (  # noqa: E402
 )
 
 
-SERVERS = ("portal", "node")
+SERVERS = ("portal", "node", "simple")  # simple: the portal with bench/gunicorn_simple.conf.py
 CLIENTS = ("tuspy", "curl")
 ROUTES = ("direct", "nginx")
 # A run during which other processes kept more cores busy than this counts only when no quiet run
@@ -103,7 +103,7 @@ METADATA = {"filename": "bench-ingest.raw", "image_name": "bench-ingest", "disk_
 class Server:
     """One tus server on one route: where clients send uploads, which process tree does the work
     (sampled for CPU and memory), and where its finished files are."""
-    name: str  # portal or node
+    name: str  # portal, node or simple
     route: str  # direct or nginx
     url: str  # the tus endpoint, ending in /tus/
     pid: int  # the server's process tree (gunicorn master, node)
@@ -253,14 +253,22 @@ def run_tus(server: Server, client: str, session: dict, source: Path, chunk: int
     return seconds
 
 
-def start_servers(work: Path, env: dict, routes: tuple) -> tuple[list[Server], list]:
-    """The portal's ingest pool and the reference server, each direct and/or behind an nginx of
-    its own rendered from deploy/nginx/. Returns the servers and every process to stop."""
-    ingest, ingest_address = start_pool("ingest", env, work / "ingest.log")
-    node, node_url = start_tus_reference(work / "node-store", work / "node.log")
-    processes, servers = [ingest, node], []
-    node_address = urlsplit(node_url).netloc
-    for name, pid, address in (("portal", ingest.pid, ingest_address), ("node", node.pid, node_address)):
+def start_servers(work: Path, env: dict, names: tuple, routes: tuple) -> tuple[list[Server], list]:
+    """The portal's ingest pool and the reference server (and the portal's simple variant when
+    asked for), each direct and/or behind an nginx of its own rendered from deploy/nginx/.
+    Returns the servers and every process to stop."""
+    processes, started = [], []
+    for name in names:
+        if name == "node":
+            process, url = start_tus_reference(work / "node-store", work / "node.log")
+            address = urlsplit(url).netloc
+        else:
+            process, address = start_pool("ingest", env, work / f"ingest-{name}.log", simple=name == "simple")
+        processes.append(process)
+        started.append((name, process.pid, address))
+    ingest_address = started[0][2]
+    servers = []
+    for name, pid, address in started:
         if "direct" in routes:
             servers.append(Server(name, "direct", f"http://{address}/tus/", pid, None))
         if "nginx" in routes:
@@ -336,9 +344,11 @@ def figures_for(times: dict, samples: dict, size: int, clients: tuple, routes: t
     figures = {}
     for route in routes:
         for client in clients:
-            portal, node = best.get(f"portal_{client}_{route}"), best.get(f"node_{client}_{route}")
-            if portal and node:
-                figures[f"portal_vs_node_{client}_{route}"] = f"{node[0] / portal[0]:.2f}"
+            node = best.get(f"node_{client}_{route}")
+            for portal in ("portal", "simple"):
+                mine = best.get(f"{portal}_{client}_{route}")
+                if mine and node:
+                    figures[f"{portal}_vs_node_{client}_{route}"] = f"{node[0] / mine[0]:.2f}"
     figures.update({f"{way}_mib_s": round(size / MIB / run[0]) for way, run in best.items()})
 
     def median(way_prefix: str, key: str) -> str | None:
@@ -347,13 +357,14 @@ def figures_for(times: dict, samples: dict, size: int, clients: tuple, routes: t
         return f"{statistics.median(values):.2f}" if values else None
 
     for name, prefix, key in (("portal_cpu_s_per_gib", "portal_", "server_cpu"),
+                              ("simple_cpu_s_per_gib", "simple_", "server_cpu"),
                               ("node_cpu_s_per_gib", "node_", "server_cpu"),
                               ("nginx_cpu_s_per_gib", "", "nginx_cpu"),
                               ("tuspy_cpu_s_per_gib", "", "client_cpu")):
         value = median(prefix, key)
         if value is not None:
             figures[name] = value
-    portal = [s for way, found in samples.items() if way.startswith("portal_") for s in found]
+    portal = [s for way, found in samples.items() if way.startswith(("portal_", "simple_")) for s in found]
     node = [s for way, found in samples.items() if way.startswith("node_") for s in found]
     if portal:
         figures.update(ingest_rss_mb=mb(max(s["rss"] for s in portal)),
@@ -378,6 +389,9 @@ def main() -> int:
     parser.add_argument("--size-gib", type=float, default=1.0)
     parser.add_argument("--chunk-mib", type=int, default=64, help="tuspy's chunk size (default 64)")
     parser.add_argument("--runs", type=int, default=3, help="runs each way (default 3)")
+    parser.add_argument("--servers", default="portal,node",
+                        help="portal, node (the reference), simple (the portal without the socket-level "
+                        "body read and the staging writer lock: bench/gunicorn_simple.conf.py)")
     parser.add_argument("--clients", default="tuspy,curl", help="tuspy, curl or both (default)")
     parser.add_argument("--routes", default="direct,nginx", help="direct, nginx or both (default)")
     parser.add_argument("--quiet-wait", type=float, default=15,
@@ -386,6 +400,7 @@ def main() -> int:
     args = parser.parse_args()
     size, chunk = int(args.size_gib * GIB), args.chunk_mib * MIB
     clients, routes = parse_list(args.clients, CLIENTS), parse_list(args.routes, ROUTES)
+    names = parse_list(args.servers, SERVERS)
     warnings.filterwarnings("ignore", message="Unverified HTTPS request")  # the run's own certificate
 
     work = workdir("ims-bench-ingest-")
@@ -403,8 +418,8 @@ def main() -> int:
         give_cloud_account(user)
         session = signed_in_headers(user)
         source = make_random_file(work / "data.raw", size)
-        server_list, processes = start_servers(work, env, routes)
-        say(f"portal ingest pool (gunicorn -c gunicorn.conf.py) and @tus/server (node {node_version()}) ready: "
+        server_list, processes = start_servers(work, env, names, routes)
+        say(f"tus servers ready (portal: gunicorn -c gunicorn.conf.py; node: @tus/server on node {node_version()}): "
             + ", ".join(f"{s.name} {s.route} {s.url}" for s in server_list))
         servers = {way_name(s, client): (s, client) for s in server_list for client in clients}
         warm_cache(source)

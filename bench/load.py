@@ -410,10 +410,11 @@ def server_times(log: Path) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def start_portal(work: Path, env: dict, processes: dict) -> str:
-    """Web and ingest pools, nginx in front of them, two workers and beat; returns nginx's URL."""
+def start_portal(work: Path, env: dict, processes: dict, simple: bool) -> str:
+    """Web and ingest pools, nginx in front of them, two workers and beat; returns nginx's URL.
+    `simple`: the ingest pool with bench/gunicorn_simple.conf.py, for comparison."""
     processes["web"], web_address = start_pool("web", env, work / "web.log")
-    processes["ingest"], ingest_address = start_pool("ingest", env, work / "ingest.log")
+    processes["ingest"], ingest_address = start_pool("ingest", env, work / "ingest.log", simple=simple)
     processes["nginx"], url = start_nginx(work / "nginx", [web_address], [ingest_address], work / "nginx.log")
     for n in (1, 2):
         processes[f"worker{n}"] = start_process(worker_argv(n), log=work / f"worker{n}.log", env=env)
@@ -491,7 +492,7 @@ def report(args, run: Run, users: list[User], samplers: dict, sim_url: str, work
         say(f"peak RSS {name}: {mb(sampler.peak_tree)} MB tree ("
             + ", ".join(f"{mb(v)}" for v in sampler.peaks.values()) + " MB per process)")
     ms = [p.ms for p in polls]
-    figures = {"mode": args.mode}
+    figures = {"mode": args.mode, **({"ingest": "simple"} if args.ingest == "simple" else {})}
     if args.mode == "paced":
         figures["rate_mib_s"] = f"{args.rate_mib_s:g}"
     figures.update({
@@ -519,6 +520,9 @@ def main() -> int:
     parser.add_argument("--chunk-mib", type=int, default=CHUNK_MIB)
     parser.add_argument("--db", choices=("postgres", "sqlite"), default="postgres")
     parser.add_argument("--deadline", type=float, default=600, help="seconds for all uploads to finish")
+    parser.add_argument("--ingest", choices=("production", "simple"), default="production",
+                        help="simple: the ingest pool without the socket-level body read and the staging "
+                        "writer lock (bench/gunicorn_simple.conf.py), for comparison")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) for a look")
     args = parser.parse_args()
     total = args.users * args.files
@@ -545,7 +549,7 @@ def main() -> int:
         from django.conf import settings
 
         settings.IMS_ENDPOINT, settings.IAM_ENDPOINT = sim_url, f"{sim_url}/v3"
-        url = start_portal(work, env, processes)
+        url = start_portal(work, env, processes, args.ingest == "simple")
         t0 = time.monotonic()
         users = make_users(args, work, sim_url, url)
         say(f"{args.users} users connected to the simulator; {total} files of {args.size_mib} MiB made "
