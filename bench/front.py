@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bench.common import ROOT, start_process, wait_for
+from bench.common import ROOT, start_process, stop_process, wait_for
 
 NODE = shutil.which("node") or "/usr/bin/node"
 
@@ -26,6 +26,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _wait_or_stop(process, condition, **how):
+    """wait_for(), but a process that never got ready is stopped before the error goes up: the
+    caller only learns of processes that run."""
+    try:
+        return wait_for(condition, process=process, **how)
+    except BaseException:
+        stop_process(process)
+        raise
 
 
 def unverified_tls() -> ssl.SSLContext:
@@ -73,8 +83,8 @@ def start_pool(pool: str, env: dict, log: Path, *, workers: int | None = None,
     if simple:
         argv[argv.index("gunicorn.conf.py")] = str(SIMPLE_CONFIG)
     process = start_process(argv, log=log, env=env)
-    wait_for(lambda: _answers(f"http://{address}/tus/"), timeout=60, what=f"the {pool} gunicorn",
-             process=process, log=log, interval=0.2)
+    _wait_or_stop(process, lambda: _answers(f"http://{address}/tus/"), timeout=60, what=f"the {pool} gunicorn",
+                  log=log, interval=0.2)
     return process, address
 
 
@@ -98,7 +108,7 @@ def start_nginx(folder: Path, web: list[str], ingest: list[str], log: Path, stat
     })
     process = start_process(render.nginx_argv(config), log=log)
     url = f"https://127.0.0.1:{https_port}"
-    wait_for(lambda: _answers(f"{url}/tus/"), timeout=30, what="nginx", process=process, log=log, interval=0.2)
+    _wait_or_stop(process, lambda: _answers(f"{url}/tus/"), timeout=30, what="nginx", log=log, interval=0.2)
     return process, url
 
 
@@ -115,7 +125,7 @@ def start_tus_reference(store: Path, log: Path):
         found = re.search(r"listening on (http://\S+)", log.read_text(errors="replace"))
         return found and found.group(1)
 
-    return process, wait_for(url, timeout=30, what="the tus reference server", process=process, log=log)
+    return process, _wait_or_stop(process, url, timeout=30, what="the tus reference server", log=log)
 
 
 def node_version() -> str:

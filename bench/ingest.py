@@ -253,11 +253,11 @@ def run_tus(server: Server, client: str, session: dict, source: Path, chunk: int
     return seconds
 
 
-def start_servers(work: Path, env: dict, names: tuple, routes: tuple) -> tuple[list[Server], list]:
+def start_servers(work: Path, env: dict, names: tuple, routes: tuple, processes: list) -> list[Server]:
     """The portal's ingest pool and the reference server (and the portal's simple variant when
     asked for), each direct and/or behind an nginx of its own rendered from deploy/nginx/.
-    Returns the servers and every process to stop."""
-    processes, started = [], []
+    Every process goes into `processes` as soon as it runs, for the caller to stop."""
+    started = []
     for name in names:
         if name == "node":
             process, url = start_tus_reference(work / "node-store", work / "node.log")
@@ -277,7 +277,7 @@ def start_servers(work: Path, env: dict, names: tuple, routes: tuple) -> tuple[l
                                            work / f"nginx-{name}.log")
             processes.append(front)
             servers.append(Server(name, "nginx", f"{front_url}/tus/", pid, front.pid))
-    return servers, processes
+    return servers
 
 
 def way_name(server: Server, client: str) -> str:
@@ -376,6 +376,23 @@ def figures_for(times: dict, samples: dict, size: int, clients: tuple, routes: t
     return figures
 
 
+def prepare(work: Path, size: int, names: tuple, routes: tuple, processes: list):
+    """The throwaway portal, a signed-in session, the test file and the servers (appended to
+    `processes` for main() to stop); (session headers, test file, staging folder, servers)."""
+    env = portal_env(work, IMS_ENDPOINT="http://127.0.0.1:9", IAM_ENDPOINT="http://127.0.0.1:9/v3")
+    env = behind_proxy_env(env, secure=False)
+    migrate(env, work / "migrate.log")
+    use_portal_in_this_process(env)
+    flush_redis()
+    user = create_user("bench")
+    give_cloud_account(user)
+    source = make_random_file(work / "data.raw", size)
+    server_list = start_servers(work, env, names, routes, processes)
+    say(f"tus servers ready (portal: gunicorn -c gunicorn.conf.py; node: @tus/server on node {node_version()}): "
+        + ", ".join(f"{s.name} {s.route} {s.url}" for s in server_list))
+    return signed_in_headers(user), source, Path(env["STAGING_DIR"]), server_list
+
+
 def parse_list(text: str, allowed: tuple) -> tuple:
     chosen = tuple(item.strip() for item in text.split(",") if item.strip())
     unknown = set(chosen) - set(allowed)
@@ -408,19 +425,7 @@ def main() -> int:
     began = time.monotonic()
     processes, times, samples = [], {}, {}
     try:
-        env = portal_env(work, IMS_ENDPOINT="http://127.0.0.1:9", IAM_ENDPOINT="http://127.0.0.1:9/v3")
-        env = behind_proxy_env(env, secure=False)
-        staging_dir = Path(env["STAGING_DIR"])
-        migrate(env, work / "migrate.log")
-        use_portal_in_this_process(env)
-        flush_redis()
-        user = create_user("bench")
-        give_cloud_account(user)
-        session = signed_in_headers(user)
-        source = make_random_file(work / "data.raw", size)
-        server_list, processes = start_servers(work, env, names, routes)
-        say(f"tus servers ready (portal: gunicorn -c gunicorn.conf.py; node: @tus/server on node {node_version()}): "
-            + ", ".join(f"{s.name} {s.route} {s.url}" for s in server_list))
+        session, source, staging_dir, server_list = prepare(work, size, names, routes, processes)
         servers = {way_name(s, client): (s, client) for s in server_list for client in clients}
         warm_cache(source)
         # One untimed round first: the first write into memory the VM never touched costs far

@@ -509,6 +509,58 @@ def report(args, run: Run, users: list[User], samplers: dict, sim_url: str, work
     return figures
 
 
+def measure(args, url: str, users: list[User], processes: dict, rate: float):
+    """The timed run: all uploads at once, the pollers, the samplers; (run, samplers, others)."""
+    for user in users:
+        for path, _, _ in user.files:
+            warm_cache(path)
+    run = Run(url, users, args.chunk_mib * MIB, rate, args.deadline)  # starts the users' browser processes
+    settle_disk()
+    others_before = wait_for_quiet(longest=15)
+    say(f"others used {others_before:.2f} cores before the run; starting {run.tus_running} uploads")
+    pids = {name: process.pid for name, process in processes.items()}
+    idle = {name: PeakRss(pid).sample()[0] for name, pid in pids.items()}
+    say("idle RSS: " + ", ".join(f"{name} {mb(rss)} MB" for name, rss in idle.items()))
+    watcher = Watcher(pids)
+    try:
+        with OthersLoad() as others:
+            run.go()
+    finally:
+        samplers = watcher.stop()
+        run.close()
+    say(f"run over after {time.perf_counter() - run.started:.1f} s; last tus upload done at "
+        f"{max(run.tus_done_at or [0]):.1f} s; others used {others.cores:.2f} cores meanwhile")
+    say("CPU seconds during the run: " + ", ".join(f"{name} {s.cpu_seconds:.1f}" for name, s in samplers.items()))
+    return run, samplers, others
+
+
+def prepare(args, work: Path, processes: dict, pg_name: str | None) -> tuple[str, str, list[User]]:
+    """The simulator, the portal behind nginx and the users; (simulator URL, nginx URL, users).
+    Every process started goes into `processes` as soon as it runs, for main() to stop."""
+    sim, sim_url = start_simulator(work / "imssim-data", work / "imssim.log", processing_seconds=1)
+    processes["sim"] = sim
+    overrides = {"IMS_ENDPOINT": sim_url, "IAM_ENDPOINT": f"{sim_url}/v3"}
+    if pg_name:
+        overrides["DATABASE_URL"] = f"{PG_URL}/{pg_name}"
+    env = behind_proxy_env(portal_env(work, **overrides), secure=True)
+    migrate(env, work / "migrate.log")
+    use_portal_in_this_process(env)
+    flush_redis()
+
+    from django.conf import settings
+
+    settings.IMS_ENDPOINT, settings.IAM_ENDPOINT = sim_url, f"{sim_url}/v3"
+    url = start_portal(work, env, processes, args.ingest == "simple")
+    t0 = time.monotonic()
+    users = make_users(args, work, sim_url, url)
+    say(f"{args.users} users connected to the simulator; {args.users * args.files} files of {args.size_mib} MiB "
+        f"made in {time.monotonic() - t0:.1f} s ({args.db} database)")
+    say(f"nginx at {url} in front of the web and ingest pools (gunicorn -c gunicorn.conf.py), "
+        f"2 workers (-c 1) and beat ready; simulator at {sim_url}; mode {args.mode}"
+        + (f", {args.rate_mib_s:g} MiB/s per upload" if args.mode == "paced" else ""))
+    return sim_url, url, users
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("paced", "flat"), default="paced",
@@ -525,7 +577,6 @@ def main() -> int:
                         "writer lock (bench/gunicorn_simple.conf.py), for comparison")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) for a look")
     args = parser.parse_args()
-    total = args.users * args.files
     rate = args.rate_mib_s * MIB if args.mode == "paced" else 0
 
     work = workdir("ims-bench-load-")
@@ -535,49 +586,9 @@ def main() -> int:
     pg_name = None
     figures: dict = {}
     try:
-        sim, sim_url = start_simulator(work / "imssim-data", work / "imssim.log", processing_seconds=1)
-        processes["sim"] = sim
-        overrides = {"IMS_ENDPOINT": sim_url, "IAM_ENDPOINT": f"{sim_url}/v3"}
-        if args.db == "postgres":
-            pg_name = pg_create()
-            overrides["DATABASE_URL"] = f"{PG_URL}/{pg_name}"
-        env = behind_proxy_env(portal_env(work, **overrides), secure=True)
-        migrate(env, work / "migrate.log")
-        use_portal_in_this_process(env)
-        flush_redis()
-
-        from django.conf import settings
-
-        settings.IMS_ENDPOINT, settings.IAM_ENDPOINT = sim_url, f"{sim_url}/v3"
-        url = start_portal(work, env, processes, args.ingest == "simple")
-        t0 = time.monotonic()
-        users = make_users(args, work, sim_url, url)
-        say(f"{args.users} users connected to the simulator; {total} files of {args.size_mib} MiB made "
-            f"in {time.monotonic() - t0:.1f} s ({args.db} database)")
-        say(f"nginx at {url} in front of the web and ingest pools (gunicorn -c gunicorn.conf.py), "
-            f"2 workers (-c 1) and beat ready; simulator at {sim_url}; mode {args.mode}"
-            + (f", {args.rate_mib_s:g} MiB/s per upload" if rate else ""))
-
-        for user in users:
-            for path, _, _ in user.files:
-                warm_cache(path)
-        run = Run(url, users, args.chunk_mib * MIB, rate, args.deadline)  # starts the users' browser processes
-        settle_disk()
-        others_before = wait_for_quiet(longest=15)
-        say(f"others used {others_before:.2f} cores before the run; starting {total} uploads")
-        pids = {name: process.pid for name, process in processes.items()}
-        idle = {name: PeakRss(pid).sample()[0] for name, pid in pids.items()}
-        say("idle RSS: " + ", ".join(f"{name} {mb(rss)} MB" for name, rss in idle.items()))
-        watcher = Watcher(pids)
-        try:
-            with OthersLoad() as others:
-                run.go()
-        finally:
-            samplers = watcher.stop()
-            run.close()
-        say(f"run over after {time.perf_counter() - run.started:.1f} s; last tus upload done at "
-            f"{max(run.tus_done_at or [0]):.1f} s; others used {others.cores:.2f} cores meanwhile")
-        say("CPU seconds during the run: " + ", ".join(f"{name} {s.cpu_seconds:.1f}" for name, s in samplers.items()))
+        pg_name = pg_create() if args.db == "postgres" else None
+        sim_url, url, users = prepare(args, work, processes, pg_name)
+        run, samplers, others = measure(args, url, users, processes, rate)
         figures = report(args, run, users, samplers, sim_url, work, others)
         say(f"done in {time.monotonic() - began:.0f} s")
     finally:
