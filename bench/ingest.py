@@ -188,7 +188,10 @@ def upload_tuspy(server: Server, headers: dict, source: Path, chunk: int) -> str
     return uploader.url
 
 
-def upload_curl(server: Server, headers: dict, source: Path, header_file: Path) -> str:
+CURL_HTTP = {"auto": [], "1.1": ["--http1.1"]}
+
+
+def upload_curl(server: Server, headers: dict, source: Path, header_file: Path, http: str) -> str:
     """A creation POST, then the whole file in one PATCH by curl (streamed from the file, the
     cookie read from a file so that it does not show in `ps`); returns the upload's URL."""
     metadata = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in METADATA.items())
@@ -200,7 +203,7 @@ def upload_curl(server: Server, headers: dict, source: Path, header_file: Path) 
     url = urllib.parse.urljoin(server.url, location)
     header_file.write_text("".join(f"{name}: {value}\n" for name, value in headers.items()))
     done = subprocess.run(
-        ["curl", "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "-T", str(source), "-X", "PATCH",
+        ["curl", *CURL_HTTP[http], "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "-T", str(source), "-X", "PATCH",
          "-H", "Tus-Resumable: 1.0.0", "-H", "Upload-Offset: 0", "-H", "Expect:",
          "-H", "Content-Type: application/offset+octet-stream", "-H", f"@{header_file}", url],
         capture_output=True, text=True, check=False,
@@ -240,14 +243,15 @@ def check_and_remove(server: Server, upload_url: str, source: Path, node_store: 
         upload.delete()
 
 
-def run_tus(server: Server, client: str, session: dict, source: Path, chunk: int, work: Path) -> float:
+def run_tus(server: Server, client: str, session: dict, source: Path, chunk: int, work: Path,
+            curl_http: str = "auto") -> float:
     """One upload by `client` to `server`, timed from the creation POST to the last answer."""
     headers = client_headers(server, session)
     started = time.perf_counter()
     if client == "tuspy":
         url = upload_tuspy(server, headers, source, chunk)
     else:
-        url = upload_curl(server, headers, source, work / "curl-headers")
+        url = upload_curl(server, headers, source, work / "curl-headers", curl_http)
     seconds = time.perf_counter() - started
     check_and_remove(server, url, source, work / "node-store")
     return seconds
@@ -285,7 +289,7 @@ def way_name(server: Server, client: str) -> str:
 
 
 def timed_run(way: str, servers: dict, session: dict, source: Path, chunk: int, work: Path,
-              staging_dir: Path, samples: dict) -> tuple[float, float]:
+              staging_dir: Path, samples: dict, curl_http: str) -> tuple[float, float]:
     """One run of `way`: (seconds, cores other processes used meanwhile); CPU and peak RSS of the
     server (and nginx) go to `samples`."""
     if way == "dd":
@@ -299,7 +303,7 @@ def timed_run(way: str, servers: dict, session: dict, source: Path, chunk: int, 
         front.__enter__()
     try:
         with PeakRss(server.pid) as rss, OthersLoad() as load:
-            seconds = run_tus(server, client, session, source, chunk, work)
+            seconds = run_tus(server, client, session, source, chunk, work, curl_http)
     finally:
         if front:
             front.__exit__(None, None, None)
@@ -331,7 +335,8 @@ def measure(ways: list[str], servers: dict, session: dict, source: Path, chunk: 
             settle_disk()
             wait_for_quiet(longest=args.quiet_wait, below=QUIET_CORES)
             recycle_memory(source, staging_dir)
-            seconds, others = timed_run(way, servers, session, source, chunk, work, staging_dir, samples)
+            seconds, others = timed_run(way, servers, session, source, chunk, work, staging_dir, samples,
+                                        args.curl_http)
             times[way].append((seconds, others))
             say(f"{way}: {seconds:.2f} s, {size / MIB / seconds:.0f} MiB/s; others used {others:.2f} cores")
         rounds += 1
@@ -411,6 +416,9 @@ def main() -> int:
                         "body read and the staging writer lock: bench/gunicorn_simple.conf.py)")
     parser.add_argument("--clients", default="tuspy,curl", help="tuspy, curl or both (default)")
     parser.add_argument("--routes", default="direct,nginx", help="direct, nginx or both (default)")
+    parser.add_argument("--curl-http", choices=tuple(CURL_HTTP), default="auto",
+                        help="auto: what curl and the server agree (HTTP/2 through nginx, as a browser); "
+                        "1.1: HTTP/1.1 everywhere")
     parser.add_argument("--quiet-wait", type=float, default=15,
                         help="longest wait (s) for other processes to go quiet before each run")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) for a look")
@@ -432,7 +440,7 @@ def main() -> int:
         # more (on this machine ~2 s of kernel time per GiB) than a write into reused memory.
         run_dd(source, staging_dir)
         for way, (server, client) in servers.items():
-            run_tus(server, client, session, source, chunk, work)
+            run_tus(server, client, session, source, chunk, work, args.curl_http)
         times, samples = measure(["dd", *servers], servers, session, source, chunk, work, staging_dir, args)
         for way, found in times.items():
             say(f"{way}: " + ", ".join(f"{seconds:.2f} s" + ("" if load <= QUIET_CORES else f" (others {load:.1f} cores)")
@@ -450,7 +458,10 @@ def main() -> int:
                 say(f"kept {work}")
             else:
                 cleanup(work)
-    print_result(figures_for(times, samples, size, clients, routes))
+    figures = figures_for(times, samples, size, clients, routes)
+    if "curl" in clients and args.curl_http != "auto":
+        figures["curl_http"] = args.curl_http
+    print_result(figures)
     return 0
 
 
