@@ -124,6 +124,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "uploads.views.cloud_account_context",
+                "uploads.limits.limits_context",
             ],
         },
     },
@@ -295,7 +296,7 @@ CELERY_TASK_TIME_LIMIT = 30 * 60
 # queues such a push again after PUSH_STALE_SECONDS without a heartbeat, and beat hands out due
 # polls itself. The same timeout bounds ETA/countdown: a task delayed for longer would be delivered
 # again and again, for ever; our longest countdown is the 300 s of a push retry
-# (uploads/services.py). Web and worker must use the same value, so it lives here.
+# (uploads/services/push.py). Web and worker must use the same value, so it lives here.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": PUSH_TIME_LIMIT + 3600}
 # A short loss of Redis should not stop a push that is hours in: it needs only the database and IMS.
 # Its message then cannot be acknowledged and comes back after the visibility timeout, when the row

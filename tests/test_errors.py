@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.test_pipeline import DATA, received_upload
-from uploads import services
+from uploads import services, staging
 from uploads.diskimage import FileChanged
 from uploads.errors import InspectError, PortalError, Problem, StagedFileMissing, refusal
 from uploads.ims import CloudError
@@ -57,7 +57,7 @@ def test_a_staged_file_gone_before_sending_fails_in_plain_words(alice_connected,
     def gone(name):
         raise FileNotFoundError(name)
 
-    monkeypatch.setattr(services.staging, "open_for_reading", gone)
+    monkeypatch.setattr(staging, "open_for_reading", gone)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.FAILED and upload.error_code == "missing"

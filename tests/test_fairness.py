@@ -145,7 +145,7 @@ def test_concurrent_claims_never_pass_the_cap(cap, alice_connected, django_user_
         release.wait(30)
         return services.PushOutcome()
 
-    monkeypatch.setattr(services, "_push_claimed", hold_the_slot)
+    monkeypatch.setattr(services.push, "push_claimed", hold_the_slot)
     returned = []
     calls = [lambda pk=u.pk: returned.append(services.upload_push(upload_id=pk)) for u in uploads]
     claims = threading.Thread(target=in_threads, args=calls)

@@ -121,7 +121,7 @@ def test_approval_queues_the_push_which_sends_without_checking_again(
     def no_second_check(*args, **kwargs):
         raise AssertionError("the approved file was checked again")
 
-    monkeypatch.setattr(services, "_check_file", no_second_check)
+    monkeypatch.setattr(services.push, "check_file", no_second_check)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.READY, timeline(upload)

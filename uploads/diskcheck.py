@@ -17,7 +17,7 @@ from uploads.diskformats import (
     HEAD_SIZE, LABELS, OWN_CHECKS, PASS_THROUGH_FORMATS, PASS_THROUGH_LOOKS_LIKE, TAIL_SIZE, Evidence,
     check_pass_through_parent, fixed_vhd_footer, qcow_backing_name,
 )
-from uploads.errors import Problem, refusal
+from uploads.errors import ErrorCode, Problem, refusal
 
 CHUNK_SIZE = 64 * 1024  # bytes handed to the inspectors per step while detecting
 # Past the first MiB (only a streamOptimized VMDK with its footer at the end, or a VHDX with its
@@ -195,7 +195,7 @@ def _mismatch(declared: str, detected: str) -> Problem:
             suggested_format="raw",
         )
     return Problem(
-        "format_mismatch",
+        ErrorCode.FORMAT_MISMATCH,
         f"This file is a {LABELS[detected]} disk, not {LABELS[declared]} — upload it as {LABELS[detected]}?",
         hint=f"Choose {LABELS[detected]} and the portal takes the same file again, nothing to re-upload.",
         detail=f"declared {declared}, inspector found {detected}",

@@ -49,7 +49,7 @@ from oslo_utils.imageutils import format_inspector as oslo
 from uploads import qemu
 from uploads.diskcheck import LONG_READ_CHUNK_SIZE, Collector, judge, read_evidence, virtual_size
 from uploads.diskformats import LABELS, PASS_THROUGH_FORMATS, PORTAL_FORMATS
-from uploads.errors import HINT_COPY_OR_EXPORT_AGAIN, HINT_EXPORT_AGAIN, PortalError, Problem, refusal
+from uploads.errors import HINT_COPY_OR_EXPORT_AGAIN, HINT_EXPORT_AGAIN, ErrorCode, PortalError, Problem, refusal
 
 GiB = 1024**3
 # IMS limits: an uploaded file must be under 128 GB; min_disk is 1..1024 GB (OpenStack GB = GiB).
@@ -107,7 +107,7 @@ class FileChanged(PortalError):
     def __init__(self, detail: str):
         super().__init__(
             "The file changed after it was checked, so it was not sent.",
-            hint="Upload the file again.", code="file_changed", detail=detail, permanent=True,
+            hint="Upload the file again.", code=ErrorCode.FILE_CHANGED, detail=detail, permanent=True,
         )
 
     def __str__(self) -> str:

@@ -11,7 +11,33 @@ cannot help. The kinds:
 - `Problem`: the file itself is refused (`Inspection.problem`), with the one-click fix when there
   is one; `uploads.diskimage.FileChanged`: the file changed on disk after it was checked;
 - `StagedFileMissing`: the staged copy is gone, so there is nothing to send.
+
+`ErrorCode` names the codes the portal acts on or compares with, for every module that sets them.
 """
+
+
+class ErrorCode:
+    """The `code` words (Upload.error_code) the portal acts on or compares with, written once.
+    The check's refusals (REFUSALS below) and the cloud client's other kinds (uploads.ims) name
+    theirs where they are made."""
+
+    EXPIRED = "expired"  # the unfinished upload ran out of time (tus expiry)
+    TOKEN_EXPIRED = "token_expired"  # no usable cloud sign-in: waits for a reconnect
+    AUTH = "auth"  # the cloud refused the sign-in: waits for a reconnect
+    ABORTED = "aborted"  # sending stopped because the upload was cancelled or taken over
+    NOT_FOUND = "not_found"  # the image is not (or no longer) in IMS
+    FORMAT_MISMATCH = "format_mismatch"  # the file is another format than the one chosen
+    FILE_CHANGED = "file_changed"  # the staged bytes changed after the check
+    CHECK_FAILED = "check_failed"  # checking or converting could not be done (not the file's fault)
+    CHECKSUM_MISMATCH = "checksum_mismatch"  # IMS stored other bytes than were sent
+    UNVERIFIABLE = "unverifiable"  # the staged copy is gone, so what IMS stored cannot be compared
+    ABANDONED = "abandoned"  # the worker died on the last attempt
+    TIMED_OUT = "timed_out"  # the push outlived its time limit
+    INTERNAL = "internal"  # a fault of the portal itself
+    MISSING = "missing"  # the staged copy to send is gone
+
+    # Codes a new cloud sign-in cures: the upload waits for a reconnect rather than failing.
+    CURED_BY_RECONNECT = frozenset({TOKEN_EXPIRED, AUTH})
 
 
 class PortalError(Exception):
@@ -31,7 +57,7 @@ class InspectError(PortalError):
     missing, the disk is full, a run took too long."""
 
     def __init__(self, message: str, *, hint: str = "", detail: str = "", permanent: bool = False):
-        super().__init__(message, hint=hint, code="check_failed", detail=detail, permanent=permanent)
+        super().__init__(message, hint=hint, code=ErrorCode.CHECK_FAILED, detail=detail, permanent=permanent)
 
 
 class StagedFileMissing(PortalError):
@@ -40,7 +66,7 @@ class StagedFileMissing(PortalError):
     def __init__(self, detail: str = ""):
         super().__init__(
             "The staged copy of your file is missing, so it cannot be sent.",
-            hint="Upload the file again.", code="missing", detail=detail, permanent=True,
+            hint="Upload the file again.", code=ErrorCode.MISSING, detail=detail, permanent=True,
         )
 
 

@@ -7,7 +7,7 @@ upload in CHECKING, CONVERTING or PUSHING whose heartbeat is fresh. A push whose
 stops holding its slot once its heartbeat is PUSH_STALE_SECONDS old.
 
 An upload over a cap stays RECEIVED ("waiting") and its message is dropped: nothing retries in a
-loop. It is queued again when a slot frees, by the push that ends (`services._hand_off`) or, as
+loop. It is queued again when a slot frees, by the push that ends (`services.push._hand_off`) or, as
 a backstop, by beat's reconciler, which only re-queues waiting uploads that have a free slot.
 
 Among uploads that could start, a person with fewer pushes running goes first: a push message of

@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import requests
 
-from uploads.errors import PortalError
+from uploads.errors import ErrorCode, PortalError
 from uploads.filebody import FileBody
 from uploads.sizes import human_size
 
@@ -141,13 +141,13 @@ def _strip_glance(text: str) -> str:
 # What each error status means, in words a person can act on: (code, permanent, message, hint).
 # A 400's message comes from the reply (_bad_request_message).
 STATUS_ERRORS = {
-    401: ("auth", True, "Your cloud sign-in has expired or was not accepted.", HINT_RECONNECT),
+    401: (ErrorCode.AUTH, True, "Your cloud sign-in has expired or was not accepted.", HINT_RECONNECT),
     403: (
         "forbidden", True, "Your cloud account is not allowed to do this in the selected project.",
         "Ask your cloud administrator for image rights in this project, or connect a different project.",
     ),
     404: (
-        "not_found", True, "The image no longer exists in the cloud (it may have been deleted there).",
+        ErrorCode.NOT_FOUND, True, "The image no longer exists in the cloud (it may have been deleted there).",
         "Press Retry to create it again.",
     ),
     409: (
@@ -238,7 +238,7 @@ class IamClient:
         if response.status_code == 401:
             raise CloudError(
                 "The cloud did not accept these details: check the domain, user name, password and project.",
-                code="auth", permanent=True,
+                code=ErrorCode.AUTH, permanent=True,
                 hint="Use the IAM user of your cloud account (not your portal sign-in).",
                 status=401, detail=f"HTTP 401\n{response.text[:SIGN_IN_REPLY_CHARS]}",
             )
@@ -309,7 +309,7 @@ class ImsClient:
         try:
             self._call("DELETE", f"/v2/images/{image_id}", "deleting the image")
         except CloudError as exc:
-            if exc.code != "not_found":
+            if exc.code != ErrorCode.NOT_FOUND:
                 raise
 
     def upload_file(
@@ -340,7 +340,7 @@ class ImsClient:
                 )
         except CloudError as exc:
             if body.aborted:
-                raise CloudError("The upload was stopped.", code="aborted", permanent=True) from None
+                raise CloudError("The upload was stopped.", code=ErrorCode.ABORTED, permanent=True) from None
             if exc.code == "network" and body.sent < size:
                 exc.message = f"The connection to the cloud broke after {human_size(body.sent)} of {human_size(size)}."
             raise

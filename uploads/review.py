@@ -3,7 +3,7 @@
 Who needs it: everybody when UPLOAD_REVIEW_REQUIRED is on, and members of the groups named in
 UPLOAD_REVIEW_GROUPS always. Reviewers hold the permission `uploads.review_upload`.
 
-The push (services._push_claimed) checks the file, then `upload_hold_for_review` moves it to
+The push (services/push.py) checks the file, then `upload_hold_for_review` moves it to
 AWAITING_REVIEW and stops, recording what the checked file looked like (`fingerprint`). A
 reviewer approves (AWAITING_REVIEW -> RECEIVED, the push is queued and skips the check while the
 file is unchanged: `approved_and_unchanged`) or rejects with a reason (-> REJECTED). Every
@@ -20,8 +20,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from uploads import services  # the one guarded move: services._move (refactor2: services/state.py)
 from uploads import ims, staging
+from uploads.services import cloud, dispatch, state  # state.move: the one guarded move
 from uploads.models import Status, Upload
 
 PERMISSION = "uploads.review_upload"
@@ -29,7 +29,7 @@ PERMISSION = "uploads.review_upload"
 REASON_MAX_LENGTH = 2000
 
 
-class ReviewError(services.ServiceError):
+class ReviewError(state.ServiceError):
     """A decision that cannot be taken; the message says why, for the reviewer."""
 
 
@@ -71,7 +71,7 @@ def upload_hold_for_review(*, upload: Upload, attempt: int) -> bool:
     a reviewer (or was cancelled in the meantime)."""
     if not review_needed(upload):
         return False
-    services._move(
+    state.move(
         upload, Status.AWAITING_REVIEW, _("The file passed the check; waiting for a reviewer to approve it"),
         on_attempt=attempt, checked_file=fingerprint(upload), review_decision="", reviewed_by=None,
         reviewed_at=None, review_reason="", heartbeat_at=None,
@@ -134,13 +134,13 @@ def upload_approve(*, upload: Upload, by) -> None:
               "not approved: reject it and ask %(owner)s to upload the file again.")
             % {"name": upload.name, "owner": _name(upload.owner)}
         )
-    if not services._move(
+    if not state.move(
         upload, Status.RECEIVED, _("Approved by %(who)s") % {"who": _name(by)},
         review_decision="approved", reviewed_by=by, reviewed_at=timezone.now(), review_reason="",
-        requeued_at_attempt=upload.attempt, retry_at=None, **services.NO_ERROR,
+        requeued_at_attempt=upload.attempt, retry_at=None, **state.NO_ERROR,
     ):
         raise _not_awaiting(upload)
-    services._enqueue_push(upload.pk)
+    dispatch.enqueue_push(upload.pk)
 
 
 def upload_reject(*, upload: Upload, by, reason: str) -> None:
@@ -160,7 +160,7 @@ def upload_reject(*, upload: Upload, by, reason: str) -> None:
     if upload.status != Status.AWAITING_REVIEW:
         raise _not_awaiting(upload)
     hours = settings.STAGING_RETENTION_HOURS
-    if not services._move(
+    if not state.move(
         upload, Status.REJECTED, _("Rejected by %(who)s: %(reason)s") % {"who": _name(by), "reason": reason},
         review_decision="rejected", reviewed_by=by, reviewed_at=timezone.now(), review_reason=reason,
         error_message=_("A reviewer (%(who)s) rejected this upload: %(reason)s") % {"who": _name(by), "reason": reason},
@@ -181,7 +181,7 @@ def upload_delete_image(*, upload: Upload, by) -> None:
             _("Only the image of a ready upload is deleted here; to stop “%(name)s”, cancel it (that deletes "
               "its image too).") % {"name": upload.name}
         )
-    token = services._usable_token(upload.owner_id)
+    token = cloud.owner_token(upload.owner_id).value
     if token is None:
         raise ReviewError(
             _("The cloud sign-in of %(owner)s has expired, so the portal cannot delete the image for them. "
@@ -190,13 +190,13 @@ def upload_delete_image(*, upload: Upload, by) -> None:
         )
     image_id = upload.ims_image_id
     try:
-        services._ims(token).delete_image(image_id)
+        cloud.ims_client(token).delete_image(image_id)
     except ims.CloudError as exc:
-        services._note(upload, f"Could not delete IMS image {image_id}: {exc.message}", exc.detail)
+        state.note(upload, f"Could not delete IMS image {image_id}: {exc.message}", exc.detail)
         raise ReviewError(_("IMS did not delete the image: %(why)s Nothing was changed.") % {"why": exc.message})
     message = _("Image %(image)s deleted from IMS by %(who)s") % {"image": image_id, "who": _name(by)}
     if Upload.objects.filter(pk=upload.pk, ims_image_id=image_id).update(
         ims_image_id="", ims_status="deleted", error_message=message + ".", error_hint="",
     ):
-        services._note(upload, message)
+        state.note(upload, message)
     upload.refresh_from_db()
