@@ -232,7 +232,7 @@ def test_a_full_staging_disk_is_refused_and_the_upload_stays_resumable(tus_clien
     def disk_full(staged, chunk):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(staging, "_write_all", disk_full)
+    monkeypatch.setattr(staging.local, "_write_all", disk_full)
     response = patch(tus_client, url, b"world", 5)
     assert response.status_code == 507
     assert "staging disk is full" in response.content.decode()

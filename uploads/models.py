@@ -420,3 +420,25 @@ class UploadEvent(models.Model):
     @property
     def to_label(self) -> str:
         return status_label(self.to_status)
+
+
+class StagedMultipart(models.Model):
+    """A staged file still being received into object storage as an S3 multipart upload
+    (uploads/staging/s3.py): the parts stored so far, and the bytes that do not yet fill a part,
+    kept in a small object of their own, so that the next PATCH may land on any web process.
+    The row goes when the multipart upload is completed or aborted."""
+
+    name = models.CharField(max_length=255, unique=True)
+    size = models.BigIntegerField()  # the whole file, as declared
+    multipart_id = models.CharField(max_length=1024)
+    parts = models.JSONField(default=list)  # [[number, size, etag], ...] in order
+    pending_key = models.CharField(max_length=1024, blank=True)  # the incomplete part's object
+    pending_size = models.BigIntegerField(default=0)
+    # The writer that may write (each request takes the next number) and its last sign of life;
+    # None when no request is writing.
+    generation = models.PositiveIntegerField(default=0)
+    active_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name

@@ -230,7 +230,7 @@ def upload_create(
         # after the other, so that they cannot both slip past the limits.
         get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
         _check_owner_limits(owner, size)
-        staging.create(upload.staged_name)
+        staging.create(upload.staged_name, size)
         upload.save()
         _note(upload, f"Upload started: {filename} ({human_size(size)})")
     return upload
@@ -332,6 +332,7 @@ def staging_cleanup() -> int:
     # owner with a usable sign-in can have it deleted.
     signed_in = Q(owner__cloud_account__expires_at__gt=now + TOKEN_MARGIN)
     lost_discards = Upload.objects.filter(signed_in, status=Status.CANCELLED).exclude(ims_image_id="")
+    count += staging.abort_orphans(started_before)  # object staging: multipart uploads no row owns
     for upload_id in lost_discards.values_list("pk", flat=True):
         upload_discard(upload_id=upload_id)
     return count
@@ -564,9 +565,12 @@ class _Stopped(Exception):
 def _check_file(upload: Upload, attempt: int) -> None:
     """Inspect the staged file; convert it when IMS does not take its format. Afterwards the
     upload knows what to send: `send_format` and `send_size` of the staged or converted file."""
-    result = inspect.inspect_file(
-        staging.path(upload.staged_name), declared_format=upload.disk_format
-    )
+    with staging.local_copy(upload.staged_name) as source:  # object staging: a scratch copy
+        _check_local_file(upload, attempt, source)
+
+
+def _check_local_file(upload: Upload, attempt: int, source: str) -> None:
+    result = inspect.inspect_file(source, declared_format=upload.disk_format)
     _save(upload, attempt, detected_format=result.detected_format or "", virtual_size=result.virtual_size,
           inspection=_inspection_record(result))
     if result.problem:
@@ -577,7 +581,7 @@ def _check_file(upload: Upload, attempt: int) -> None:
         _note(upload, _min_disk_raised(upload.min_disk, needed_gb, result.virtual_size))
         _save(upload, attempt, min_disk=needed_gb)
     if result.needs_conversion(settings.IMS_DISK_FORMATS):
-        _convert(upload, attempt, result)
+        _convert(upload, attempt, result, source)
         _save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name))
     else:
         staging.delete(upload.converted_name)
@@ -585,7 +589,7 @@ def _check_file(upload: Upload, attempt: int) -> None:
               converted_name="")
 
 
-def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
+def _convert(upload: Upload, attempt: int, result: inspect.Inspection, source: str) -> None:
     label = inspect.LABELS[result.detected_format]
     if not _move(upload, Status.CONVERTING,
                  f"Converting the {label} file to QCOW2: IMS does not take {label} files directly",
@@ -608,13 +612,14 @@ def _convert(upload: Upload, attempt: int, result: inspect.Inspection) -> None:
             ):
                 raise _Stopped()  # cancelled or taken over: convert_to_qcow2 stops qemu-img
 
-    inspect.convert_to_qcow2(
-        staging.path(upload.staged_name), staging.path(name), src_format=result.detected_format,
-        virtual_size=result.virtual_size, on_progress=progress,
-    )
-    converted = inspect.inspect_file(staging.path(name), declared_format="qcow2")
-    if converted.problem:  # qemu-img wrote something unexpected: never send it
-        raise FileRefused(converted.problem)
+    with staging.local_output(name) as target:  # object staging: stored when qemu-img is done
+        inspect.convert_to_qcow2(
+            source, target, src_format=result.detected_format, virtual_size=result.virtual_size,
+            on_progress=progress,
+        )
+        converted = inspect.inspect_file(target, declared_format="qcow2")
+        if converted.problem:  # qemu-img wrote something unexpected: never send it
+            raise FileRefused(converted.problem)
     _note(upload, f"Converted to QCOW2 ({human_size(staging.size(name))})")
 
 
