@@ -231,13 +231,14 @@ class Writer:
         self.pending_size = 0  # now the start of the spooled part
 
     def _send_part(self, spool) -> None:
-        """Send the spooled bytes as the next part, and empty the spool."""
+        """Send the spooled bytes (the spool holds one part and nothing else) as the next part,
+        and empty the spool."""
         self._alive(force=True)
         number, size = len(self.parts) + 1, spool.tell()
         spool.seek(0)
         with s3_errors(self.name):
             reply = client().upload_part(Bucket=bucket(), Key=key(self.name), UploadId=self.row.multipart_id,
-                                         PartNumber=number, Body=_Exactly(spool, size), ContentLength=size)
+                                         PartNumber=number, Body=spool, ContentLength=size)
         self.parts.append([number, size, reply["ETag"]])
         self.pending_key, self.pending_size = "", 0
         spool.seek(0)
@@ -257,7 +258,7 @@ class Writer:
         pending = f"{key(self.name)}{PENDING_INFIX}{self.generation}-{uuid.uuid4().hex[:8]}"
         spool.seek(0)
         with s3_errors(self.name):
-            client().put_object(Bucket=bucket(), Key=pending, Body=_Exactly(spool, size), ContentLength=size)
+            client().put_object(Bucket=bucket(), Key=pending, Body=spool, ContentLength=size)
         self.stale_pending.add(pending)
         self.pending_key, self.pending_size = pending, size
 
@@ -311,22 +312,6 @@ class Writer:
                 return
             client().complete_multipart_upload(Bucket=bucket(), Key=key(self.name), UploadId=self.row.multipart_id,
                                                MultipartUpload={"Parts": parts})
-
-
-class _Exactly(io.RawIOBase):
-    """`size` bytes of a file from where it stands, so that boto3 sends no more than the part."""
-
-    def __init__(self, file, size: int):
-        self.file, self.left = file, size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer)[: self.left]
-        count = self.file.readinto(view) if len(view) else 0
-        self.left -= count
-        return count
 
 
 def _copy_stream(stream, out, size: int) -> int:

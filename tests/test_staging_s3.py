@@ -1,0 +1,181 @@
+"""Staging in S3-compatible object storage (uploads/staging/s3.py) against a real Swift with s3api
+on loopback: tus into a multipart upload, reading back by streaming, and the clean-up."""
+
+import hashlib
+import io
+import os
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from tests.s3_fixture import PART, multipart_uploads_under, object_staging, objects_under, swift_store  # noqa: F401
+from tests.test_tus import create, patch
+from uploads import services, staging
+from uploads.models import StagedMultipart, Status, Upload
+
+pytestmark = pytest.mark.usefixtures("object_staging")
+
+
+@pytest.fixture
+def tus_client(alice_with_token, client):
+    client.force_login(alice_with_token)
+    return client
+
+
+def new_upload(tus_client, length: int) -> str:
+    response = create(tus_client, length=length)
+    assert response.status_code == 201, response.content
+    return response["Location"]
+
+
+def send(tus_client, url: str, data: bytes, chunk_sizes: list[int]) -> int:
+    """PATCH `data` in chunks of the given sizes (the last repeats); returns the final offset."""
+    offset, sizes = 0, list(chunk_sizes)
+    while offset < len(data):
+        size = sizes.pop(0) if len(sizes) > 1 else sizes[0]
+        response = patch(tus_client, url, data[offset: offset + size], offset)
+        assert response.status_code == 204, response.content
+        offset = int(response["Upload-Offset"])
+    return offset
+
+
+def head_offset(tus_client, url: str) -> int:
+    response = tus_client.head(url, headers={"Tus-Resumable": "1.0.0"})
+    assert response.status_code == 200
+    return int(response["Upload-Offset"])
+
+
+def stored(store, upload: Upload) -> bytes:
+    return store.client().get_object(Bucket=store.bucket, Key=store.prefix + upload.staged_name)["Body"].read()
+
+
+@pytest.mark.parametrize("chunk_sizes", [
+    [PART - 1],  # never a whole part per PATCH: every part starts with an incomplete one
+    [PART + 1],
+    [1, PART - 1, PART + 1, 3 * PART + 7],
+    [3 * PART],  # several parts in one PATCH, the last one short
+], ids=["part-1", "part+1", "mixed", "three-parts"])
+def test_a_tus_upload_becomes_one_object_whatever_the_patch_sizes(tus_client, object_staging, chunk_sizes):
+    data = os.urandom(3 * PART + 12345)
+    url = new_upload(tus_client, len(data))
+    assert send(tus_client, url, data, chunk_sizes) == len(data)
+    upload = Upload.objects.get()
+    assert upload.status == Status.RECEIVED
+    assert stored(object_staging, upload) == data
+    # Completed: no multipart upload, no incomplete part, no state left behind.
+    assert multipart_uploads_under(object_staging, object_staging.prefix) == []
+    assert objects_under(object_staging, object_staging.prefix) == {upload.staged_name: len(data)}
+    assert not StagedMultipart.objects.exists()
+    assert staging.size(upload.staged_name) == len(data)
+
+
+def test_head_reports_the_bytes_in_object_storage_and_the_rest_waits_in_an_incomplete_part(
+    tus_client, object_staging
+):
+    data = os.urandom(2 * PART)
+    url = new_upload(tus_client, len(data))
+    patch(tus_client, url, data[: PART + 10], 0)
+    assert head_offset(tus_client, url) == PART + 10
+    row = StagedMultipart.objects.get()
+    assert [(number, size) for number, size, _ in row.parts] == [(1, PART)]
+    assert row.pending_size == 10
+    pending = row.pending_key[len(object_staging.prefix):]
+    assert objects_under(object_staging, object_staging.prefix) == {pending: 10}
+    # The next PATCH starts its part with those 10 bytes, and the old incomplete part goes.
+    response = patch(tus_client, url, data[PART + 10:], PART + 10)
+    assert response.status_code == 204
+    upload = Upload.objects.get()
+    assert stored(object_staging, upload) == data
+    assert objects_under(object_staging, object_staging.prefix) == {upload.staged_name: len(data)}
+
+
+def test_a_tiny_file_and_an_empty_one_are_staged_too(tus_client, object_staging):
+    url = new_upload(tus_client, 3)
+    assert send(tus_client, url, b"abc", [1]) == 3
+    assert stored(object_staging, Upload.objects.get()) == b"abc"
+
+
+def test_a_chunk_with_a_wrong_checksum_is_not_kept_in_object_storage(tus_client, object_staging):
+    import base64
+
+    data = os.urandom(PART + 100)
+    url = new_upload(tus_client, len(data))
+    patch(tus_client, url, data[:50], 0)
+    wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+    response = tus_client.generic("PATCH", url, data[50:], content_type="application/offset+octet-stream",
+                                  headers={"Tus-Resumable": "1.0.0", "Upload-Offset": "50",
+                                           "Upload-Checksum": f"sha1 {wrong}"})
+    assert response.status_code == 460
+    assert head_offset(tus_client, url) == 50
+    assert patch(tus_client, url, data[50:], 50).status_code == 204
+    assert stored(object_staging, Upload.objects.get()) == data
+
+
+def test_cancel_mid_upload_aborts_the_multipart_upload(tus_client, object_staging, task_queue):
+    data = os.urandom(PART + 10)
+    url = new_upload(tus_client, len(data))
+    patch(tus_client, url, data[: PART + 5], 0)
+    assert multipart_uploads_under(object_staging, object_staging.prefix)
+    response = tus_client.delete(url, headers={"Tus-Resumable": "1.0.0"})
+    assert response.status_code == 204
+    [(kind, upload_id)] = task_queue
+    assert kind == "discard"
+    services.upload_discard(upload_id=upload_id)
+    assert multipart_uploads_under(object_staging, object_staging.prefix) == []
+    assert objects_under(object_staging, object_staging.prefix) == {}
+    assert not StagedMultipart.objects.exists()
+
+
+def test_expiry_aborts_the_multipart_upload(tus_client, object_staging):
+    url = new_upload(tus_client, PART + 10)
+    patch(tus_client, url, os.urandom(7), 0)
+    Upload.objects.update(receive_expires_at=timezone.now() - timedelta(seconds=1))
+    assert services.staging_cleanup() == 1
+    assert multipart_uploads_under(object_staging, object_staging.prefix) == []
+    assert objects_under(object_staging, object_staging.prefix) == {}
+    assert Upload.objects.get().status == Status.FAILED
+
+
+def test_the_clean_up_aborts_old_multipart_uploads_that_no_upload_owns(tus_client, object_staging):
+    client, bucket, prefix = object_staging.client(), object_staging.bucket, object_staging.prefix
+    orphan = client.create_multipart_upload(Bucket=bucket, Key=prefix + "orphan.img")["UploadId"]
+    client.put_object(Bucket=bucket, Key=prefix + "orphan.img.part-3-abcd", Body=b"xyz")
+    url = new_upload(tus_client, PART + 10)
+    patch(tus_client, url, b"12345", 0)
+    owned = Upload.objects.get()
+
+    assert staging.abort_orphans(timezone.now() - timedelta(hours=1)) == 0  # too young to tell
+    assert staging.abort_orphans(timezone.now() + timedelta(seconds=5)) == 2
+    assert multipart_uploads_under(object_staging, prefix) == [prefix + owned.staged_name]
+    assert orphan not in str(client.list_multipart_uploads(Bucket=bucket, Prefix=prefix))
+    assert list(objects_under(object_staging, prefix)) == [StagedMultipart.objects.get().pending_key[len(prefix):]]
+    assert head_offset(tus_client, url) == 5
+
+
+def test_a_silent_writer_is_taken_over_and_cannot_write_after(tus_client, object_staging):
+    url = new_upload(tus_client, 2 * PART)
+    upload = Upload.objects.get()
+    silent = staging.locked_for_writing(upload.staged_name, idle_seconds=60)
+    with silent:
+        with pytest.raises(staging.StagingBusy):
+            with staging.locked_for_writing(upload.staged_name, idle_seconds=60):
+                pass
+        StagedMultipart.objects.update(active_at=timezone.now() - timedelta(seconds=120))
+        assert patch(tus_client, url, b"fresh", 0).status_code == 204
+        with pytest.raises(staging.TakenOver):
+            silent.write_at(0, io.BytesIO(b"stale"), 5)
+    assert head_offset(tus_client, url) == 5
+
+
+def test_the_worker_streams_the_object_and_copies_it_only_for_qemu_img(tus_client, object_staging, tmp_path):
+    data = os.urandom(PART + 3)
+    url = new_upload(tus_client, len(data))
+    send(tus_client, url, data, [len(data)])
+    name = Upload.objects.get().staged_name
+    with staging.open_for_reading(name) as stream:
+        assert hashlib.file_digest(stream, "md5").hexdigest() == hashlib.md5(data).hexdigest()
+    assert staging.s3.read_range(name, PART, 10) == data[PART: PART + 10]
+    with staging.local_copy(name) as copy:
+        assert open(copy, "rb").read() == data
+    assert not os.listdir(tmp_path / "scratch")  # the scratch copy is gone afterwards
