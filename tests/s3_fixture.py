@@ -232,3 +232,14 @@ def objects_under(store, prefix: str) -> dict[str, int]:
 def multipart_uploads_under(store, prefix: str) -> list[str]:
     reply = store.client().list_multipart_uploads(Bucket=store.bucket, Prefix=prefix)
     return [item["Key"] for item in reply.get("Uploads", [])]
+
+
+@pytest.fixture(params=["local", "s3"])
+def staging_backend(request):
+    """Runs a test once with local staging and once with object staging (Swift). A test that
+    looks into the local staging folder itself (it names `staging_dir`) runs locally only."""
+    if request.param == "s3":
+        if "staging_dir" in request.node.function.__code__.co_varnames[: request.node.function.__code__.co_argcount]:
+            pytest.skip("looks into the local staging folder")
+        request.getfixturevalue("object_staging")
+    return request.param

@@ -12,6 +12,9 @@ from uploads import services
 from uploads.ims import ImsClient
 from uploads.models import Status, Upload
 
+# Each test runs with local staging and with object staging (tests/s3_fixture.py).
+pytestmark = pytest.mark.usefixtures("staging_backend")
+
 
 def received_upload(owner, data: bytes, *, disk_format="raw", name="web-server") -> Upload:
     upload = services.upload_create(

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from tests.s3_fixture import PART, multipart_uploads_under, object_staging, objects_under, swift_store  # noqa: F401
+from tests.s3_fixture import PART, multipart_uploads_under, objects_under
 from tests.test_tus import create, patch
 from uploads import services, staging
 from uploads.models import StagedMultipart, Status, Upload
@@ -179,3 +179,86 @@ def test_the_worker_streams_the_object_and_copies_it_only_for_qemu_img(tus_clien
     with staging.local_copy(name) as copy:
         assert open(copy, "rb").read() == data
     assert not os.listdir(tmp_path / "scratch")  # the scratch copy is gone afterwards
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's side, and faults
+
+
+def test_the_push_streams_from_object_storage_and_ends_ready_with_the_same_md5(
+    alice_connected, sim, object_staging, monkeypatch
+):
+    from storages.backends.s3 import S3Storage
+
+    from tests.test_pipeline import received_upload
+
+    def spools_the_whole_object(*args, **kwargs):
+        raise AssertionError("S3Storage.open() spools the object into memory or a temp file")
+
+    monkeypatch.setattr(S3Storage, "open", spools_the_whole_object)
+    data = bytes(512) + os.urandom(PART + 1000)
+    upload = received_upload(alice_connected, data)
+    assert services.upload_push(upload_id=upload.pk).retry_in is None
+    upload.refresh_from_db()
+    assert upload.status == Status.READY
+    [image] = sim.images()
+    assert image["checksum"] == hashlib.md5(data).hexdigest() == upload.md5
+    assert open(image["path"], "rb").read() == data
+
+
+@pytest.fixture
+def proxy_down(object_staging):
+    """Stops the store's S3 endpoint; brings it back afterwards whatever happens."""
+    object_staging.stop(["proxy"])
+    yield object_staging
+    if "proxy" not in object_staging.processes:
+        object_staging.start(["proxy"])
+
+
+def test_object_storage_down_during_a_patch_is_a_clear_503_and_the_upload_resumes(tus_client, object_staging):
+    data = os.urandom(PART + 20)
+    url = new_upload(tus_client, len(data))
+    assert patch(tus_client, url, data[:10], 0).status_code == 204
+    object_staging.stop(["proxy"])
+    try:
+        response = patch(tus_client, url, data[10:], 10)
+        assert response.status_code == 503
+        assert response["Retry-After"] == "5"
+        assert "cannot reach its file storage just now. Nothing is lost" in response.content.decode()
+        assert head_offset(tus_client, url) == 10
+    finally:
+        object_staging.start(["proxy"])
+    assert patch(tus_client, url, data[10:], 10).status_code == 204
+    assert stored(object_staging, Upload.objects.get()) == data
+
+
+def test_object_storage_down_during_a_push_is_a_temporary_fault_and_nothing_is_lost(
+    alice_connected, sim, object_staging
+):
+    from tests.test_pipeline import received_upload
+
+    data = bytes(512) + os.urandom(100_000)
+    upload = received_upload(alice_connected, data)
+    object_staging.stop(["proxy"])
+    try:
+        outcome = services.upload_push(upload_id=upload.pk)
+    finally:
+        object_staging.start(["proxy"])
+    upload.refresh_from_db()
+    assert outcome.retry_in and upload.status == Status.RECEIVED
+    assert "cannot reach its file storage" in upload.error_message
+    Upload.objects.filter(pk=upload.pk).update(retry_at=None)
+    assert services.upload_push(upload_id=upload.pk).retry_in is None
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.md5 == hashlib.md5(data).hexdigest()
+
+
+def test_a_wrong_secret_key_is_a_clear_message_and_nothing_is_created(tus_client, object_staging, settings, caplog):
+    options = settings.STORAGES["staging"]["OPTIONS"]
+    settings.STORAGES = {**settings.STORAGES,
+                         "staging": {**settings.STORAGES["staging"], "OPTIONS": {**options, "secret_key": "wrong"}}}
+    response = create(tus_client, length=10)
+    assert response.status_code == 503
+    assert "an administrator has to fix the storage settings" in response.content.decode()
+    assert not Upload.objects.exists()
+    assert "refused the portal's keys" in caplog.text and "wrong" not in caplog.text

@@ -497,6 +497,12 @@ def upload_push(*, upload_id: int) -> PushOutcome:
                               detail=exc.detail, permanent=exc.permanent)
     except ImsError as exc:
         return _push_failed(upload, client, attempt, exc)
+    except staging.StagingUnavailable as exc:  # object storage away, or refusing the keys: try again
+        return _retry_or_fail(upload, client, attempt, exc.message, hint=exc.for_admin or HINT_CONTACT_ADMIN,
+                              code="staging_unavailable", detail=exc.for_admin, permanent=False)
+    except staging.ScratchNoRoom:
+        return _retry_or_fail(upload, client, attempt, NO_SCRATCH_ROOM, hint=HINT_CONTACT_ADMIN,
+                              code="no_scratch_room", detail="STAGING_SCRATCH_DIR is full", permanent=False)
     except SoftTimeLimitExceeded:
         return _retry_or_fail(
             upload, client, attempt,
@@ -556,6 +562,9 @@ class FileRefused(Exception):
     def __init__(self, problem: inspect.Problem):
         super().__init__(problem.code)
         self.problem = problem
+
+
+NO_SCRATCH_ROOM = "The server has no room just now for the working copy it needs to check this file."
 
 
 class _Stopped(Exception):
