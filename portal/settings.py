@@ -229,6 +229,9 @@ STAGING_SCRATCH_DIR = os.environ.get("STAGING_SCRATCH_DIR") or str(BASE_DIR / "v
 # Send images staged in OBS by IMS's import from OBS (POST /v2/cloudimages/action) instead of
 # streaming them through the worker; only with object staging on OBS in the IMS's region.
 IMS_IMPORT_FROM_OBS = os.environ.get("IMS_IMPORT_FROM_OBS", "0") == "1"
+# How often the worker asks IMS about an import job, and how long it waits for one at most.
+IMS_IMPORT_POLL_SECONDS = float(os.environ.get("IMS_IMPORT_POLL_SECONDS", 5))
+IMS_IMPORT_TIMEOUT_SECONDS = float(os.environ.get("IMS_IMPORT_TIMEOUT_SECONDS", 6 * 3600))
 WHITENOISE_USE_FINDERS = DEBUG
 
 # Uploads: the limits of IMS and of the tus server.

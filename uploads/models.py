@@ -188,6 +188,8 @@ class Upload(models.Model):
     # IMS's view of the image.
     ims_image_id = models.CharField(max_length=64, blank=True, db_index=True)
     ims_status = models.CharField(max_length=32, blank=True)
+    # IMS's import from OBS (uploads/obs_import.py): the job that makes the image.
+    ims_job_id = models.CharField(max_length=64, blank=True)
     next_poll_at = models.DateTimeField(null=True, blank=True, db_index=True)
     poll_count = models.PositiveIntegerField(default=0)
 
@@ -320,6 +322,8 @@ class Upload(models.Model):
                 return "Waiting to be sent to IMS"
             at = self.retry_at.astimezone(dt_timezone.utc).strftime("%H:%M")
             return f"Waiting to be sent again (attempt {self.attempt + 1}) at {at} UTC"
+        if s == Status.PUSHING and self.ims_status == "importing":
+            return "IMS is importing the file from OBS"
         if s == Status.PUSHING:
             parts = [f"{human_size(self.sent_bytes)} of {human_size(self.send_size or self.size)} sent"]
             if self.send_rate >= 1:

@@ -23,7 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
-from uploads import crypto, inspect, staging
+from uploads import crypto, inspect, obs_import, staging
 from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, IamClient, ImsClient, ImsError
 from uploads.models import (
     FINISHED,
@@ -478,10 +478,15 @@ def upload_push(*, upload_id: int) -> PushOutcome:
                 # Converting took a while and may have made the file bigger: ask again.
                 _wait_for_reconnect(upload, _token_for_push(upload)[1], on_attempt=attempt)
                 return PushOutcome()
-            if not _move(upload, Status.PUSHING, "Sending to IMS", on_attempt=attempt,
-                         push_started_at=timezone.now()):
+            by_import = obs_import.applies(upload)  # IMS reads the object from OBS itself
+            if not _move(upload, Status.PUSHING, obs_import.MESSAGE if by_import else "Sending to IMS",
+                         on_attempt=attempt, push_started_at=timezone.now(),
+                         **({"ims_status": obs_import.IMPORTING} if by_import else {})):
                 return PushOutcome()  # cancelled meanwhile
-            if not _prepare_image(upload, client, attempt):
+            if by_import:
+                if not obs_import.import_image(upload, client, attempt):
+                    return PushOutcome()  # cancelled meanwhile
+            elif not _prepare_image(upload, client, attempt):
                 _send_file(upload, client, attempt)
     except _Stopped:
         return PushOutcome()
