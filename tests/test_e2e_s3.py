@@ -36,14 +36,20 @@ def _portal_env(store, prefix: str, session_sim, test_broker, tmp_path) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def s3_worker(swift_store, django_db_setup, django_db_blocker, session_sim, tmp_path_factory, test_broker):
-    """A real Celery worker staging in Swift, under a prefix of its own."""
+def start_s3_worker(swift_store, session_sim, tmp_path_factory, test_broker, **extra_env) -> Worker:
+    """A real Celery worker staging in Swift, under a prefix of its own (one per test module:
+    two would take each other's messages)."""
     folder = tmp_path_factory.mktemp("s3-worker")
     prefix = f"e2e-{uuid.uuid4().hex[:8]}/"
-    env = _portal_env(swift_store, prefix, session_sim, test_broker, folder)
+    env = {**_portal_env(swift_store, prefix, session_sim, test_broker, folder), **extra_env}
     worker = Worker(env, folder / "worker.log").start()
     worker.prefix, worker.env = prefix, env
+    return worker
+
+
+@pytest.fixture(scope="module")
+def s3_worker(swift_store, django_db_setup, django_db_blocker, session_sim, tmp_path_factory, test_broker):
+    worker = start_s3_worker(swift_store, session_sim, tmp_path_factory, test_broker)
     yield worker
     worker.stop()
     with django_db_blocker.unblock():
@@ -142,4 +148,6 @@ def test_an_upload_goes_on_on_another_web_process(e2e_s3, swift_store, second_we
     upload = wait_until_finished(Upload.objects.get())
     assert upload.status == Status.READY, (upload.error_message, e2e_s3.output()[-3000:])
     assert sim.images()[0]["checksum"] == hashlib.md5(body).hexdigest() == upload.md5
-    assert list(objects_under(swift_store, e2e_s3.prefix)) == [upload.staged_name]
+    left = objects_under(swift_store, e2e_s3.prefix)
+    assert left[upload.staged_name] == len(body)
+    assert not [key for key in left if ".part-" in key]  # no incomplete part left behind
