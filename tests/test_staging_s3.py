@@ -70,6 +70,19 @@ def test_a_tus_upload_becomes_one_object_whatever_the_patch_sizes(tus_client, ob
     assert staging.size(upload.staged_name) == len(data)
 
 
+def test_a_200_mib_patch_lands_in_parts_of_the_part_size(tus_client, object_staging):
+    data = os.urandom(200 * 1024**2 + 3)
+    url = new_upload(tus_client, len(data))
+    assert send(tus_client, url, data, [len(data)]) == len(data)
+    upload = Upload.objects.get()
+    head = object_staging.client().head_object(Bucket=object_staging.bucket,
+                                               Key=object_staging.prefix + upload.staged_name)
+    assert head["ContentLength"] == len(data)
+    assert head["ETag"].strip('"').endswith("-41")  # 40 parts of 5 MiB and the last 3 bytes
+    with staging.open_for_reading(upload.staged_name) as stream:
+        assert hashlib.file_digest(stream, "md5").digest() == hashlib.md5(data).digest()
+
+
 def test_head_reports_the_bytes_in_object_storage_and_the_rest_waits_in_an_incomplete_part(
     tus_client, object_staging
 ):
