@@ -184,7 +184,7 @@ def run_tus(url: str, headers: dict, source: Path, chunk: int, *, durable: bool)
     started = time.perf_counter()
     uploader.upload()
     upload = Upload.objects.get(uid=uploader.url.rstrip("/").rsplit("/", 1)[-1])
-    staged = Path(staging.storage().path(upload.staged_name))
+    staged = Path(staging.path(upload.staged_name))
     if durable:
         with open(staged, "rb") as written:
             os.fsync(written.fileno())
