@@ -225,6 +225,9 @@ if os.environ.get("STAGING_S3_BUCKET"):
 # 64 MiB lets 128 GB fit in 2,048 parts, under S3's 10,000), and the local folder where the
 # worker copies an object for qemu-img (conversion) and where a PATCH spools one part.
 STAGING_S3_PART_SIZE = int(os.environ.get("STAGING_S3_PART_SIZE", 64 * 1024**2))
+# The most parts the store takes in one object: 10,000 for S3 and OBS (Swift's s3api: 1,000
+# unless its max_upload_part_num is raised). Parts grow when a file would need more.
+STAGING_S3_MAX_PARTS = int(os.environ.get("STAGING_S3_MAX_PARTS", 10_000))
 STAGING_SCRATCH_DIR = os.environ.get("STAGING_SCRATCH_DIR") or str(BASE_DIR / "var" / "scratch")
 # Send images staged in OBS by IMS's import from OBS (POST /v2/cloudimages/action) instead of
 # streaming them through the worker; only with object staging on OBS in the IMS's region.

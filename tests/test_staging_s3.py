@@ -275,3 +275,30 @@ def test_a_wrong_secret_key_is_a_clear_message_and_nothing_is_created(tus_client
     assert "an administrator has to fix the storage settings" in response.content.decode()
     assert not Upload.objects.exists()
     assert "refused the portal's keys" in caplog.text and "wrong" not in caplog.text
+
+
+def test_a_patch_large_enough_for_a_part_never_waits_in_an_incomplete_part(tus_client, object_staging, settings):
+    settings.STAGING_S3_PART_SIZE = 3 * PART  # parts are cut at 15 MiB, but may be as small as 5 MiB
+    data = os.urandom(4 * PART)
+    url = new_upload(tus_client, len(data))
+    patch(tus_client, url, data[: PART + 7], 0)
+    row = StagedMultipart.objects.get()
+    assert [size for _, size, _ in row.parts] == [PART + 7] and not row.pending_key
+    assert objects_under(object_staging, object_staging.prefix) == {}
+    assert patch(tus_client, url, data[PART + 7:], PART + 7).status_code == 204
+    assert stored(object_staging, Upload.objects.get()) == data
+
+
+def test_parts_grow_so_that_the_file_fits_in_the_stores_most_parts(tus_client, object_staging, settings):
+    settings.STAGING_S3_MAX_PARTS = 2
+    data = os.urandom(3 * PART + 1)
+    url = new_upload(tus_client, len(data))
+    patch(tus_client, url, data[: 2 * PART], 0)
+    half = len(data) // 2 + 1
+    assert [size for _, size, _ in StagedMultipart.objects.get().parts] == [half]  # not 5 MiB: 4 would not fit
+    assert patch(tus_client, url, data[2 * PART:], 2 * PART).status_code == 204
+    upload = Upload.objects.get()
+    head = object_staging.client().head_object(Bucket=object_staging.bucket,
+                                               Key=object_staging.prefix + upload.staged_name)
+    assert head["ETag"].strip('"').endswith("-2")
+    assert stored(object_staging, upload) == data

@@ -5,8 +5,9 @@ temp file.
 
 A tus upload is an S3 multipart upload (the state in uploads.models.StagedMultipart): each
 PATCH's bytes are spooled to a local temp file one part (STAGING_S3_PART_SIZE) at a time and
-sent as the next part; the bytes of a PATCH that do not fill a part wait in a small "incomplete
-part" object next to the upload (`<key>.part-<generation>`, as the reference tus server's S3
+sent as the next part; what is left at the end of a PATCH is a part of its own when it is large
+enough (parts may differ in size), else it waits in a small "incomplete part" object next to the
+upload (`<key>.part-<generation>`, as the reference tus server's S3
 store does), and the next PATCH, on any process or machine, starts its first part with them.
 The database row changes only together with the upload's offset (Writer.record), so HEAD
 always reports what object storage really holds. The last byte completes the multipart upload.
@@ -123,8 +124,20 @@ def create(name: str, size: int) -> None:
     _multipart().objects.create(name=name, size=size, multipart_id=reply["UploadId"])
 
 
-def part_size() -> int:
-    return settings.STAGING_S3_PART_SIZE
+# S3's smallest part (but the last one).
+MIN_PART = 5 * 1024**2
+
+
+def smallest_part(total: int) -> int:
+    """The smallest part (but the last) a file of `total` bytes may have: parts that small still
+    let the whole file fit in STAGING_S3_MAX_PARTS parts."""
+    return max(MIN_PART, -(-total // settings.STAGING_S3_MAX_PARTS))
+
+
+def part_size(total: int) -> int:
+    """Where a PATCH that carries more cuts its parts: STAGING_S3_PART_SIZE, or larger when the
+    file would not fit in STAGING_S3_MAX_PARTS parts of that size."""
+    return max(settings.STAGING_S3_PART_SIZE, smallest_part(total))
 
 
 def locked_for_writing(name: str, idle_seconds: float) -> "Writer":
@@ -205,7 +218,7 @@ class Writer:
         written = 0
         buffer = memoryview(bytearray(min(BUFFER_SIZE, max(length, 1))))
         while written < length:
-            room = part_size() - spool.tell()
+            room = part_size(self.row.size) - spool.tell()
             try:
                 count = body.readinto(buffer[: min(len(buffer), length - written, room)])
             except OSError:  # the client went away mid-chunk
@@ -217,7 +230,7 @@ class Writer:
             spool.write(buffer[:count])
             written += count
             self._alive()
-            if spool.tell() == part_size() and written < length:
+            if spool.tell() == part_size(self.row.size) and written < length:
                 self._send_part(spool)
                 if progress is not None:
                     progress(written)
@@ -245,13 +258,14 @@ class Writer:
         spool.truncate()
 
     def _keep_rest(self, spool) -> None:
-        """The bytes that do not fill a part: the last part when the file is whole, else an
-        incomplete part object of this writer's own (a silent writer that wakes up cannot
-        overwrite the one the next writer keeps)."""
+        """The bytes at the end of a PATCH: a part of their own when they are enough for one
+        (or the file is whole), else an incomplete part object of this writer's own (a silent
+        writer that wakes up cannot overwrite the one the next writer keeps). So a PATCH of any
+        size at least the smallest part never waits in, nor re-reads, an incomplete part."""
         size = spool.tell()
         if not size:
             return
-        if self.offset + size == self.row.size or size == part_size():
+        if self.offset + size == self.row.size or size >= smallest_part(self.row.size):
             self._send_part(spool)
             return
         self._alive(force=True)
