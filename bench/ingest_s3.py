@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -147,6 +148,7 @@ def main() -> int:
     parser.add_argument("--curl-chunks-mib", default="64,7,200")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop Swift and the web on the way out
     size = int(args.size_gib * GIB)
     curl_chunks = [int(c) * MIB for c in args.curl_chunks_mib.split(",") if c]
     work = workdir("ims-bench-ingest-s3-")

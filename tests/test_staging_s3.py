@@ -302,3 +302,18 @@ def test_parts_grow_so_that_the_file_fits_in_the_stores_most_parts(tus_client, o
                                                Key=object_staging.prefix + upload.staged_name)
     assert head["ETag"].strip('"').endswith("-2")
     assert stored(object_staging, upload) == data
+
+
+def test_the_deploy_check_names_a_wrong_secret_key_and_a_missing_bucket(object_staging, settings):
+    from uploads.staging.checks import check_object_storage
+
+    assert check_object_storage(None) == []
+    options = settings.STORAGES["staging"]["OPTIONS"]
+    settings.STORAGES = {**settings.STORAGES, "staging": {**settings.STORAGES["staging"],
+                                                          "OPTIONS": {**options, "secret_key": "wrong"}}}
+    [error] = check_object_storage(None)
+    assert error.id == "uploads.E011" and "STAGING_S3_SECRET_KEY" in error.msg
+    settings.STORAGES = {**settings.STORAGES, "staging": {**settings.STORAGES["staging"],
+                                                          "OPTIONS": {**options, "bucket_name": "nowhere"}}}
+    [error] = check_object_storage(None)
+    assert error.id == "uploads.E010"

@@ -14,7 +14,7 @@ S3Storage). Nothing outside this package knows which one holds the bytes:
 
 from django.core.files.storage import storages
 
-from uploads.staging import local, s3
+from uploads.staging import checks, local, s3  # noqa: F401  (checks: registers the deploy check)
 from uploads.staging.errors import ScratchNoRoom, StagingBusy, StagingFull, StagingUnavailable, TakenOver
 
 __all__ = [
