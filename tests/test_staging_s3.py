@@ -317,3 +317,42 @@ def test_the_deploy_check_names_a_wrong_secret_key_and_a_missing_bucket(object_s
                                                           "OPTIONS": {**options, "bucket_name": "nowhere"}}}
     [error] = check_object_storage(None)
     assert error.id == "uploads.E010"
+
+
+def test_a_request_that_died_after_completing_the_upload_is_no_dead_end(tus_client, object_staging, monkeypatch):
+    """The multipart upload completed, then the process died before it recorded the offset: the
+    client sends the end again (from the offset HEAD gives) and the upload goes on. (Swift still
+    takes parts of a completed upload; S3 and OBS answer NoSuchUpload, as the store here does.)"""
+    from botocore.exceptions import ClientError
+
+    real_client = staging.s3.client
+
+    class AsS3Does:
+        def __getattr__(self, name):
+            method = getattr(real_client(), name)
+            if name not in ("upload_part", "complete_multipart_upload"):
+                return method
+
+            def refused(**kwargs):
+                if kwargs["UploadId"] in completed:
+                    raise ClientError({"Error": {"Code": "NoSuchUpload"}}, name)
+                return method(**kwargs)
+            return refused
+
+    completed = set()
+    monkeypatch.setattr(staging.s3, "client", AsS3Does)
+    data = os.urandom(PART + 100)
+    url = new_upload(tus_client, len(data))
+    patch(tus_client, url, data[:PART], 0)
+    row = StagedMultipart.objects.get()
+    upload = Upload.objects.get()
+    client, bucket, key = object_staging.client(), object_staging.bucket, object_staging.prefix + upload.staged_name
+    last = client.upload_part(Bucket=bucket, Key=key, UploadId=row.multipart_id, PartNumber=2, Body=data[PART:])
+    client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=row.multipart_id, MultipartUpload={"Parts": [
+        {"PartNumber": 1, "ETag": row.parts[0][2]}, {"PartNumber": 2, "ETag": last["ETag"]}]})
+    completed.add(row.multipart_id)
+    assert head_offset(tus_client, url) == PART
+    response = patch(tus_client, url, data[PART:], PART)
+    assert response.status_code == 204, response.content
+    assert Upload.objects.get().status == Status.RECEIVED
+    assert stored(object_staging, upload) == data and not StagedMultipart.objects.exists()
