@@ -2,6 +2,7 @@
 streams the object to the IMS simulator; and an upload that goes on on another web process."""
 
 import hashlib
+import io
 import os
 import signal
 import subprocess
@@ -90,7 +91,8 @@ WEB_MAIN = (
     "from portal.celery import app; "
     "app.conf.broker_transport_options = {**app.conf.broker_transport_options, "
     "'global_keyprefix': os.environ['TEST_KEY_PREFIX']}; "
-    "from django.core.management import execute_from_command_line; execute_from_command_line(['manage.py', *sys.argv[1:]])"
+    "from django.core.management import execute_from_command_line; "
+    "execute_from_command_line(['manage.py', *sys.argv[1:]])"
 )
 
 
@@ -151,3 +153,34 @@ def test_an_upload_goes_on_on_another_web_process(e2e_s3, swift_store, second_we
     left = objects_under(swift_store, e2e_s3.prefix)
     assert left[upload.staged_name] == len(body)
     assert not [key for key in left if ".part-" in key]  # no incomplete part left behind
+
+
+def test_object_storage_down_during_a_push_then_back_ends_ready(e2e_s3, swift_store, alice, sim, monkeypatch):
+    """The real worker meets the store away: a plain temporary fault, retried with backoff;
+    once the store is back, the same upload ends Ready with the same MD5."""
+    from uploads import services
+
+    connect_cloud(alice)
+    data = bytes(512) + os.urandom(PART + 1000)
+    queued = []
+    with monkeypatch.context() as patched:  # stage without queueing the push yet
+        patched.setattr(services, "_enqueue_push", lambda upload_id, countdown=None: queued.append(upload_id))
+        upload = services.upload_create(owner=alice, size=len(data), filename="down.raw", name="down",
+                                        disk_format="raw", min_disk=1)
+        services.upload_receive(upload=upload, offset=0, stream=io.BytesIO(data), length=len(data))
+    assert queued == [upload.pk]
+    swift_store.stop(["proxy"])
+    try:
+        services._enqueue_push(upload.pk)
+
+        def waiting_to_retry():
+            upload.refresh_from_db()
+            return upload.status == Status.RECEIVED and upload.retry_at is not None
+
+        wait_for(waiting_to_retry, timeout=60, what="the push to fail for the store being away")
+        assert "cannot reach its file storage" in upload.error_message
+    finally:
+        swift_store.start(["proxy"])
+    upload = wait_until_finished(upload, timeout=90)
+    assert upload.status == Status.READY, (upload.error_message, e2e_s3.output()[-3000:])
+    assert upload.md5 == hashlib.md5(data).hexdigest() == sim.images()[0]["checksum"]

@@ -18,7 +18,8 @@ from uploads.staging import checks, local, s3  # noqa: F401  (checks: registers 
 from uploads.staging.errors import ScratchNoRoom, StagingBusy, StagingFull, StagingUnavailable, TakenOver
 
 __all__ = [
-    "ScratchNoRoom", "StagingBusy", "StagingFull", "StagingUnavailable", "TakenOver", "Writer", "abort_orphans", "create",
+    "ScratchNoRoom", "StagingBusy", "StagingFull", "StagingUnavailable", "TakenOver", "Writer", "abort_orphans",
+    "create",
     "delete", "exists", "free_bytes", "is_object_storage", "local_copy", "local_output", "locked_for_writing",
     "name_for", "object_location", "open_for_reading", "path", "size", "write_at",
 ]

@@ -17,8 +17,8 @@ def check_object_storage(app_configs, **kwargs):
         with s3.s3_errors("the staging bucket"):
             s3.client().head_bucket(Bucket=s3.bucket())
     except FileNotFoundError:
-        return [Error(f"The staging bucket {s3.bucket()!r} does not exist.", hint="Create it, or fix STAGING_S3_BUCKET.",
-                      id="uploads.E010")]
+        return [Error(f"The staging bucket {s3.bucket()!r} does not exist.",
+                      hint="Create it, or fix STAGING_S3_BUCKET.", id="uploads.E010")]
     except StagingUnavailable as exc:
         return [Error(exc.for_admin or "The object storage for staging cannot be reached.",
                       hint="Check STAGING_S3_ENDPOINT_URL, the network, and the keys.", id="uploads.E011")]
