@@ -1,42 +1,57 @@
-"""The tus server against `dd`: how fast a file reaches the staging disk, and the web's memory.
+"""The portal's tus server against the official tus Node.js server, with the same clients and file.
 
-The portal's web server runs as production runs it (gunicorn with the repository's
-gunicorn.conf.py; `manage.py runserver --noreload` only if that file is missing) on a throwaway
-SQLite database and staging folder in /tmp. A user with a (made-up, future-dated) cloud account
-and a signed-in session uploads a 1 GiB file of random bytes with tuspy in 64 MiB chunks
-(creation POST + 16 PATCHes, CSRF header as the upload page sends it). The reference is
-`dd if=FILE of=STAGING/dd-bench.img bs=4M` into the same staging folder.
+Two tus servers receive the same file (random bytes, 1 GiB by default) from the same clients:
 
-Same durability for both, in two pairs: dd without conv=fsync against tus (page cache only, as
-the tus server leaves its file), and dd conv=fsync against tus followed by an fsync of the staged
-file. Both read the same source file from a warm page cache; before every run dirty pages are
-written back (sync), the script waits for other processes on the machine to go quiet, and writes
-and deletes a file of the same size (see recycle_memory: on this VM freed memory goes back to the
-host after ~2 s). ratio = best dd time / best tus time (3 runs each, alternating which goes
-first; runs during which others used more than 0.3 cores count only if no quiet one exists).
-The web's peak RSS is sampled at 20 Hz over the gunicorn process tree during uploads.
+- the portal's `/tus/` as production runs it: the *ingest* gunicorn (`gunicorn -c
+  gunicorn.conf.py --name ims-portal-ingest`, tools/prodserver.py's command) on a throwaway SQLite
+  database and staging folder in /tmp, doing all it does on the way in (session, CSRF, the
+  upload row, its progress writes);
+- the reference: `@tus/server` with `@tus/file-store` (npm, bench/tus_reference.mjs) on loopback,
+  its file store in the same work folder (the same disk).
+
+Clients: tuspy (`TusClient.uploader(..., chunk_size=64 MiB)`: creation POST + PATCHes, with the
+session cookie and CSRF header as the upload page sends them), and curl sending the whole file in
+one PATCH (`curl -T FILE -X PATCH`, after the creation POST). Routes: `direct` (the server's own
+port, plain http) and `nginx` (Debian's nginx with deploy/nginx/'s config, TLS, the body streamed
+to the backend: one nginx in front of the portal's ingest pool, one rendered from the same config
+in front of the reference server). Each upload is checked afterwards (portal: row RECEIVED with
+all bytes; both: stored file byte-identical to the source), then removed.
+
+`dd if=FILE of=STAGING/dd-bench.img bs=4M` of the same file into the same folder is printed as the
+machine's physical limit (a figure, not a goal). Nothing is fsync'ed: both tus servers leave their
+file in the page cache.
+
+Before every run: dirty pages are written back (sync), the script waits (at most --quiet-wait s)
+for other processes to go quiet, and writes and deletes a file of the same size (recycle_memory:
+on this VM freed memory goes back to the host after ~2 s). Ways alternate order per round; the
+figure uses the best run of each way (runs during which others used more than 0.3 cores count
+only if no quiet one exists). ratio = best reference time / best portal time: >= 1.0 means the
+portal is at least as fast as the reference server (the goal, for each client).
 
     .venv/bin/python bench/ingest.py [--size-gib 1] [--chunk-mib 64] [--runs 3]
+                                     [--clients tuspy,curl] [--routes direct,nginx]
 
 The last line holds the figures, e.g.
-    ingest_vs_dd=0.16 ingest_vs_dd_fsync=0.27 ... web_rss_mb=206 web_rss_mb_worker=91 ...
+    portal_vs_node_tuspy_direct=... portal_vs_node_curl_direct=... ... dd_mib_s=... others_cores_max=...
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import filecmp
-import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -45,8 +60,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     GIB,
     MIB,
-    PYTHON,
-    ROOT,
     OthersLoad,
     PeakRss,
     cleanup,
@@ -59,57 +72,42 @@ from bench.common import (  # noqa: E402
     print_result,
     say,
     settle_disk,
-    start_process,
     stop_process,
     use_portal_in_this_process,
-    wait_for,
     wait_for_quiet,
     warm_cache,
     workdir,
 )
+from bench.front import (  # noqa: E402
+    behind_proxy_env,
+    node_version,
+    start_nginx,
+    start_pool,
+    start_tus_reference,
+    unverified_tls,
+)
 
 
-# dd and tus with the same durability: page cache only (as the tus server leaves it), and
-# on disk (dd conv=fsync; tus followed by an fsync of the staged file).
-WAYS = ("dd", "tus", "tus_fsync", "dd_fsync")
+SERVERS = ("portal", "node", "simple")  # simple: the portal with bench/gunicorn_simple.conf.py
+CLIENTS = ("tuspy", "curl")
+ROUTES = ("direct", "nginx")
 # A run during which other processes kept more cores busy than this counts only when no quiet run
 # of its kind exists; up to EXTRA_ROUNDS more rounds are run to get two quiet runs of each.
 QUIET_CORES = 0.3
 EXTRA_ROUNDS = 2
+CURL_HTTP_VERSIONS: dict[str, str] = {}  # route -> the HTTP version curl's PATCH went out with
+METADATA = {"filename": "bench-ingest.raw", "image_name": "bench-ingest", "disk_format": "raw"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def web_argv(port: int, gunicorn_args: tuple = ()) -> tuple[list, str]:
-    """The production web command when the repository has one, else Django's own server.
-    `gunicorn_args` are added to the gunicorn command (bench/load.py: `--workers 1`)."""
-    if (ROOT / "gunicorn.conf.py").exists():
-        return ([PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
-                 *gunicorn_args, "portal.wsgi:application"],
-                " ".join(["gunicorn -c gunicorn.conf.py", *gunicorn_args]))
-    return [PYTHON, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"], "manage.py runserver --noreload"
-
-
-def start_web(env: dict, log: Path, gunicorn_args: tuple = ()) -> tuple[subprocess.Popen, str, str]:
-    port = free_port()
-    argv, how = web_argv(port, gunicorn_args)
-    process = start_process(argv, log=log, env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def answers():
-        request = urllib.request.Request(f"{url}/tus/", method="OPTIONS")
-        try:
-            with urllib.request.urlopen(request, timeout=2) as reply:
-                return reply.status == 204
-        except (urllib.error.URLError, OSError):
-            return False
-
-    wait_for(answers, timeout=60, what=f"the web server ({how})", process=process, log=log, interval=0.2)
-    return process, url, how
+@dataclass
+class Server:
+    """One tus server on one route: where clients send uploads, which process tree does the work
+    (sampled for CPU and memory), and where its finished files are."""
+    name: str  # portal, node or simple
+    route: str  # direct or nginx
+    url: str  # the tus endpoint, ending in /tus/
+    pid: int  # the server's process tree (gunicorn master, node)
+    front_pid: int | None  # nginx, when routed through it
 
 
 def signed_in_headers(user) -> dict:
@@ -157,11 +155,10 @@ def recycle_memory(source: Path, staging: Path) -> None:
     primer.unlink()
 
 
-def run_dd(source: Path, staging: Path, *, durable: bool) -> float:
+def run_dd(source: Path, staging: Path) -> float:
     target = staging / "dd-bench.img"
     started = time.perf_counter()
-    subprocess.run(["dd", f"if={source}", f"of={target}", "bs=4M", "status=none",
-                    *(["conv=fsync"] if durable else [])], check=True)
+    subprocess.run(["dd", f"if={source}", f"of={target}", "bs=4M", "status=none"], check=True)
     seconds = time.perf_counter() - started
     if target.stat().st_size != source.stat().st_size:
         raise RuntimeError("dd wrote a file of the wrong size")
@@ -169,27 +166,73 @@ def run_dd(source: Path, staging: Path, *, durable: bool) -> float:
     return seconds
 
 
-def run_tus(url: str, headers: dict, source: Path, chunk: int, *, durable: bool) -> float:
-    """One tuspy upload; with `durable`, the clock stops once the staged file is fsync'ed (which
-    the benchmark does after the last PATCH: the server does not)."""
+def client_headers(server: Server, session: dict) -> dict:
+    """What the upload page's browser sends: the session cookie and CSRF header, and over https the
+    Referer of the page (Django's CSRF check wants one there). The reference server ignores them."""
+    headers = dict(session)
+    if server.url.startswith("https:"):
+        parts = urlsplit(server.url)
+        headers["Referer"] = f"{parts.scheme}://{parts.netloc}/upload/"
+    return headers
+
+
+def upload_tuspy(server: Server, headers: dict, source: Path, chunk: int) -> str:
+    """One tuspy upload; returns the upload's URL."""
     from tusclient.client import TusClient
 
+    uploader = TusClient(server.url, headers=headers).uploader(
+        file_path=str(source), chunk_size=chunk, retries=0, metadata=METADATA,
+        verify_tls_cert=False,
+    )
+    uploader.upload()
+    return uploader.url
+
+
+CURL_HTTP = {"auto": [], "1.1": ["--http1.1"]}
+
+
+def upload_curl(server: Server, headers: dict, source: Path, header_file: Path, http: str) -> str:
+    """A creation POST, then the whole file in one PATCH by curl (streamed from the file, the
+    cookie read from a file so that it does not show in `ps`); returns the upload's URL."""
+    metadata = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in METADATA.items())
+    size = source.stat().st_size
+    create = urllib.request.Request(server.url, method="POST", headers={
+        **headers, "Tus-Resumable": "1.0.0", "Upload-Length": str(size), "Upload-Metadata": metadata})
+    with urllib.request.urlopen(create, timeout=30, context=unverified_tls()) as reply:
+        location = reply.headers["Location"]
+    url = urllib.parse.urljoin(server.url, location)
+    header_file.write_text("".join(f"{name}: {value}\n" for name, value in headers.items()))
+    done = subprocess.run(
+        ["curl", *CURL_HTTP[http], "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "-T", str(source), "-X", "PATCH",
+         "-H", "Tus-Resumable: 1.0.0", "-H", "Upload-Offset: 0", "-H", "Expect:",
+         "-H", "Content-Type: application/offset+octet-stream", "-H", f"@{header_file}", url],
+        capture_output=True, text=True, check=False,
+    )
+    code, version = (done.stdout.split() + ["", ""])[:2]
+    if code != "204":
+        raise RuntimeError(f"curl PATCH to {server.name} answered {code!r}: {done.stderr.strip()}")
+    CURL_HTTP_VERSIONS[server.route] = version  # nginx negotiates HTTP/2 over TLS, as with a browser
+    return url
+
+
+def check_and_remove(server: Server, upload_url: str, source: Path, node_store: Path) -> None:
+    """The server holds all the bytes, identical to the source; then the upload is removed."""
     from uploads import staging
     from uploads.models import Status, Upload
 
-    uploader = TusClient(f"{url}/tus/", headers=headers).uploader(
-        file_path=str(source), chunk_size=chunk, retries=0,
-        metadata={"filename": "bench-ingest.raw", "image_name": "bench-ingest", "disk_format": "raw"},
-    )
-    started = time.perf_counter()
-    uploader.upload()
-    upload = Upload.objects.get(uid=uploader.url.rstrip("/").rsplit("/", 1)[-1])
-    staged = Path(staging.path(upload.staged_name))
-    if durable:
-        with open(staged, "rb") as written:
-            os.fsync(written.fileno())
-    seconds = time.perf_counter() - started
+    uid = upload_url.rstrip("/").rsplit("/", 1)[-1]
     size = source.stat().st_size
+    if server.name == "node":
+        stored = node_store / uid
+        try:
+            if not filecmp.cmp(source, stored, shallow=False):
+                raise RuntimeError("the reference server's file differs from the source")
+        finally:
+            stored.unlink(missing_ok=True)
+            (node_store / f"{uid}.json").unlink(missing_ok=True)
+        return
+    upload = Upload.objects.get(uid=uid)
+    staged = Path(staging.path(upload.staged_name))
     try:
         if upload.status != Status.RECEIVED or upload.received_bytes != size:
             raise RuntimeError(f"after the upload the row is {upload.status} with {upload.received_bytes} bytes")
@@ -198,80 +241,216 @@ def run_tus(url: str, headers: dict, source: Path, chunk: int, *, durable: bool)
     finally:
         staging.delete(upload.staged_name)
         upload.delete()
+
+
+def run_tus(server: Server, client: str, session: dict, source: Path, chunk: int, work: Path,
+            curl_http: str = "auto") -> float:
+    """One upload by `client` to `server`, timed from the creation POST to the last answer."""
+    headers = client_headers(server, session)
+    started = time.perf_counter()
+    if client == "tuspy":
+        url = upload_tuspy(server, headers, source, chunk)
+    else:
+        url = upload_curl(server, headers, source, work / "curl-headers", curl_http)
+    seconds = time.perf_counter() - started
+    check_and_remove(server, url, source, work / "node-store")
     return seconds
+
+
+def start_servers(work: Path, env: dict, names: tuple, routes: tuple, processes: list) -> list[Server]:
+    """The portal's ingest pool and the reference server (and the portal's simple variant when
+    asked for), each direct and/or behind an nginx of its own rendered from deploy/nginx/.
+    Every process goes into `processes` as soon as it runs, for the caller to stop."""
+    started = []
+    for name in names:
+        if name == "node":
+            process, url = start_tus_reference(work / "node-store", work / "node.log")
+            address = urlsplit(url).netloc
+        else:
+            process, address = start_pool("ingest", env, work / f"ingest-{name}.log", simple=name == "simple")
+        processes.append(process)
+        started.append((name, process.pid, address))
+    ingest_address = started[0][2]
+    servers = []
+    for name, pid, address in started:
+        if "direct" in routes:
+            servers.append(Server(name, "direct", f"http://{address}/tus/", pid, None))
+        if "nginx" in routes:
+            # The same config for both; the web pool is unused here (the portal's, for both).
+            front, front_url = start_nginx(work / f"nginx-{name}", [ingest_address], [address],
+                                           work / f"nginx-{name}.log")
+            processes.append(front)
+            servers.append(Server(name, "nginx", f"{front_url}/tus/", pid, front.pid))
+    return servers
+
+
+def way_name(server: Server, client: str) -> str:
+    return f"{server.name}_{client}_{server.route}"
+
+
+def timed_run(way: str, servers: dict, session: dict, source: Path, chunk: int, work: Path,
+              staging_dir: Path, samples: dict, curl_http: str) -> tuple[float, float]:
+    """One run of `way`: (seconds, cores other processes used meanwhile); CPU and peak RSS of the
+    server (and nginx) go to `samples`."""
+    if way == "dd":
+        with OthersLoad() as load:
+            seconds = run_dd(source, staging_dir)
+        return seconds, load.cores
+    server, client = servers[way]
+    client_before = sum(psutil.Process().cpu_times()[:2])
+    front = PeakRss(server.front_pid) if server.front_pid else None
+    if front:
+        front.__enter__()
+    try:
+        with PeakRss(server.pid) as rss, OthersLoad() as load:
+            seconds = run_tus(server, client, session, source, chunk, work, curl_http)
+    finally:
+        if front:
+            front.__exit__(None, None, None)
+    gib = source.stat().st_size / GIB
+    sample = {"server_cpu": rss.cpu_seconds / gib, "rss": rss.peak_tree, "rss_busiest": rss.peak_busiest,
+              "nginx_cpu": front.cpu_seconds / gib if front else None,
+              # tuspy runs in this process; curl is a child that has ended (its CPU is in children_*)
+              "client_cpu": (sum(psutil.Process().cpu_times()[:2]) - client_before) / gib if client == "tuspy" else None}
+    samples.setdefault(way, []).append(sample)
+    say(f"{way}: CPU per GiB {sample['server_cpu']:.2f} s server"
+        + (f", {sample['nginx_cpu']:.2f} s nginx" if front else "")
+        + (f", {sample['client_cpu']:.2f} s tuspy" if sample["client_cpu"] is not None else "")
+        + f"; server peak RSS {mb(rss.peak_tree)} MB tree, {mb(rss.peak_busiest)} MB busiest process")
+    return seconds, load.cores
+
+
+def measure(ways: list[str], servers: dict, session: dict, source: Path, chunk: int, work: Path,
+            staging_dir: Path, args) -> tuple[dict, dict]:
+    """Rounds of every way (alternating order), plus extra rounds until two quiet runs of each."""
+    times = {way: [] for way in ways}  # way -> [(seconds, cores other processes used meanwhile)]
+    samples: dict = {}
+    size = source.stat().st_size
+    rounds = 0
+    while rounds < args.runs or (
+        rounds < args.runs + EXTRA_ROUNDS
+        and any(sum(quiet <= QUIET_CORES for _, quiet in times[way]) < 2 for way in ways)
+    ):
+        for way in (ways if rounds % 2 == 0 else ways[::-1]):
+            settle_disk()
+            wait_for_quiet(longest=args.quiet_wait, below=QUIET_CORES)
+            recycle_memory(source, staging_dir)
+            seconds, others = timed_run(way, servers, session, source, chunk, work, staging_dir, samples,
+                                        args.curl_http)
+            times[way].append((seconds, others))
+            say(f"{way}: {seconds:.2f} s, {size / MIB / seconds:.0f} MiB/s; others used {others:.2f} cores")
+        rounds += 1
+    return times, samples
+
+
+def figures_for(times: dict, samples: dict, size: int, clients: tuple, routes: tuple) -> dict:
+    # The fastest run of each way, among the quiet ones when there are any: noise only adds time.
+    best = {way: min([run for run in found if run[1] <= QUIET_CORES] or found) for way, found in times.items() if found}
+    figures = {}
+    for route in routes:
+        for client in clients:
+            node = best.get(f"node_{client}_{route}")
+            for portal in ("portal", "simple"):
+                mine = best.get(f"{portal}_{client}_{route}")
+                if mine and node:
+                    figures[f"{portal}_vs_node_{client}_{route}"] = f"{node[0] / mine[0]:.2f}"
+    figures.update({f"{way}_mib_s": round(size / MIB / run[0]) for way, run in best.items()})
+
+    def median(way_prefix: str, key: str) -> str | None:
+        values = [s[key] for way, found in samples.items() if way.startswith(way_prefix) for s in found
+                  if s[key] is not None]
+        return f"{statistics.median(values):.2f}" if values else None
+
+    for name, prefix, key in (("portal_cpu_s_per_gib", "portal_", "server_cpu"),
+                              ("simple_cpu_s_per_gib", "simple_", "server_cpu"),
+                              ("node_cpu_s_per_gib", "node_", "server_cpu"),
+                              ("nginx_cpu_s_per_gib", "", "nginx_cpu"),
+                              ("tuspy_cpu_s_per_gib", "", "client_cpu")):
+        value = median(prefix, key)
+        if value is not None:
+            figures[name] = value
+    portal = [s for way, found in samples.items() if way.startswith(("portal_", "simple_")) for s in found]
+    node = [s for way, found in samples.items() if way.startswith("node_") for s in found]
+    if portal:
+        figures.update(ingest_rss_mb=mb(max(s["rss"] for s in portal)),
+                       ingest_rss_mb_worker=mb(max(s["rss_busiest"] for s in portal)))
+    if node:
+        figures["node_rss_mb"] = mb(max(s["rss"] for s in node))
+    if best:
+        figures["others_cores_max"] = f"{max(load for _, load in best.values()):.2f}"
+    return figures
+
+
+def prepare(work: Path, size: int, names: tuple, routes: tuple, processes: list):
+    """The throwaway portal, a signed-in session, the test file and the servers (appended to
+    `processes` for main() to stop); (session headers, test file, staging folder, servers)."""
+    env = portal_env(work, IMS_ENDPOINT="http://127.0.0.1:9", IAM_ENDPOINT="http://127.0.0.1:9/v3")
+    env = behind_proxy_env(env, secure=False)
+    migrate(env, work / "migrate.log")
+    use_portal_in_this_process(env)
+    flush_redis()
+    user = create_user("bench")
+    give_cloud_account(user)
+    source = make_random_file(work / "data.raw", size)
+    server_list = start_servers(work, env, names, routes, processes)
+    say(f"tus servers ready (portal: gunicorn -c gunicorn.conf.py; node: @tus/server on node {node_version()}): "
+        + ", ".join(f"{s.name} {s.route} {s.url}" for s in server_list))
+    return signed_in_headers(user), source, Path(env["STAGING_DIR"]), server_list
+
+
+def parse_list(text: str, allowed: tuple) -> tuple:
+    chosen = tuple(item.strip() for item in text.split(",") if item.strip())
+    unknown = set(chosen) - set(allowed)
+    if unknown or not chosen:
+        raise SystemExit(f"choose from {', '.join(allowed)} (got {text!r})")
+    return chosen
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gib", type=float, default=1.0)
-    parser.add_argument("--chunk-mib", type=int, default=64, help="tus chunk size (default 64)")
+    parser.add_argument("--chunk-mib", type=int, default=64, help="tuspy's chunk size (default 64)")
     parser.add_argument("--runs", type=int, default=3, help="runs each way (default 3)")
+    parser.add_argument("--servers", default="portal,node",
+                        help="portal, node (the reference), simple (the portal without the socket-level "
+                        "body read and the staging writer lock: bench/gunicorn_simple.conf.py)")
+    parser.add_argument("--clients", default="tuspy,curl", help="tuspy, curl or both (default)")
+    parser.add_argument("--routes", default="direct,nginx", help="direct, nginx or both (default)")
+    parser.add_argument("--curl-http", choices=tuple(CURL_HTTP), default="auto",
+                        help="auto: what curl and the server agree (HTTP/2 through nginx, as a browser); "
+                        "1.1: HTTP/1.1 everywhere")
+    parser.add_argument("--quiet-wait", type=float, default=15,
+                        help="longest wait (s) for other processes to go quiet before each run")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) for a look")
     args = parser.parse_args()
     size, chunk = int(args.size_gib * GIB), args.chunk_mib * MIB
+    clients, routes = parse_list(args.clients, CLIENTS), parse_list(args.routes, ROUTES)
+    names = parse_list(args.servers, SERVERS)
+    warnings.filterwarnings("ignore", message="Unverified HTTPS request")  # the run's own certificate
 
     work = workdir("ims-bench-ingest-")
     say(f"work folder {work}")
     began = time.monotonic()
-    times = {way: [] for way in WAYS}  # way -> [(seconds, cores other processes used meanwhile)]
-    tree_peaks, worker_peaks, web_cpu, client_cpu_all = [], [], [], []
-    web = None
+    processes, times, samples = [], {}, {}
     try:
-        env = portal_env(work, IMS_ENDPOINT="http://127.0.0.1:9", IAM_ENDPOINT="http://127.0.0.1:9/v3")
-        staging_dir = Path(env["STAGING_DIR"])
-        migrate(env, work / "migrate.log")
-        use_portal_in_this_process(env)
-        flush_redis()
-        user = create_user("bench")
-        give_cloud_account(user)
-        headers = signed_in_headers(user)
-        source = make_random_file(work / "data.raw", size)
-        web, url, how = start_web(env, work / "web.log")
-        idle = PeakRss(web.pid)
-        idle.sample()
-        say(f"web server ({how}) at {url}, idle RSS {mb(idle.peak_tree)} MB "
-            f"(tree of {len(idle.peaks)} processes: {sorted(mb(v) for v in idle.peaks.values())} MB)")
+        session, source, staging_dir, server_list = prepare(work, size, names, routes, processes)
+        servers = {way_name(s, client): (s, client) for s in server_list for client in clients}
         warm_cache(source)
         # One untimed round first: the first write into memory the VM never touched costs far
         # more (on this machine ~2 s of kernel time per GiB) than a write into reused memory.
-        run_dd(source, staging_dir, durable=False)
-        run_tus(url, headers, source, chunk, durable=False)
-        rounds = 0
-        while rounds < args.runs or (
-            rounds < args.runs + EXTRA_ROUNDS
-            and any(sum(quiet <= QUIET_CORES for _, quiet in times[way]) < 2 for way in WAYS)
-        ):
-            for way in (WAYS if rounds % 2 == 0 else WAYS[::-1]):
-                settle_disk()
-                wait_for_quiet(longest=15, below=QUIET_CORES)
-                recycle_memory(source, staging_dir)
-                durable = way.endswith("_fsync")
-                client_cpu = psutil.Process().cpu_times()
-                if way.startswith("dd"):
-                    with OthersLoad() as load:
-                        seconds = run_dd(source, staging_dir, durable=durable)
-                    extra = ""
-                else:
-                    with PeakRss(web.pid) as rss, OthersLoad() as load:
-                        seconds = run_tus(url, headers, source, chunk, durable=durable)
-                    client_cpu = sum(psutil.Process().cpu_times()[:2]) - sum(client_cpu[:2])
-                    tree_peaks.append(rss.peak_tree)
-                    worker_peaks.append(rss.peak_busiest)
-                    web_cpu.append(rss.cpu_seconds / (size / GIB))
-                    client_cpu_all.append(client_cpu / (size / GIB))
-                    extra = (f"; CPU {rss.cpu_seconds:.1f} s web, {client_cpu:.1f} s tuspy; web peak RSS "
-                             f"{mb(rss.peak_tree)} MB tree, {mb(rss.peak_busiest)} MB serving process")
-                times[way].append((seconds, load.cores))
-                say(f"{way}: {seconds:.2f} s, {size / MIB / seconds:.0f} MiB/s; "
-                    f"others used {load.cores:.2f} cores{extra}")
-            rounds += 1
-        for way in WAYS:
+        run_dd(source, staging_dir)
+        for way, (server, client) in servers.items():
+            run_tus(server, client, session, source, chunk, work, args.curl_http)
+        times, samples = measure(["dd", *servers], servers, session, source, chunk, work, staging_dir, args)
+        for way, found in times.items():
             say(f"{way}: " + ", ".join(f"{seconds:.2f} s" + ("" if load <= QUIET_CORES else f" (others {load:.1f} cores)")
-                                       for seconds, load in times[way]))
+                                       for seconds, load in found))
+        if CURL_HTTP_VERSIONS:
+            say("curl's PATCH went out as " + ", ".join(f"HTTP/{v} ({route})" for route, v in CURL_HTTP_VERSIONS.items()))
         say(f"done in {time.monotonic() - began:.0f} s")
     finally:
-        if web is not None:
-            stop_process(web)
+        for process in reversed(processes):
+            stop_process(process)
         try:
             flush_redis()  # the pushes that the finished uploads enqueued
         finally:
@@ -279,21 +458,9 @@ def main() -> int:
                 say(f"kept {work}")
             else:
                 cleanup(work)
-    # The fastest run of each way, among the quiet ones when there are any: noise only adds time.
-    best = {way: min([run for run in found if run[1] <= QUIET_CORES] or found) for way, found in times.items() if found}
-    figures = {}
-    if len(best) == len(WAYS):
-        figures.update(
-            ingest_vs_dd=f"{best['dd'][0] / best['tus'][0]:.2f}",
-            ingest_vs_dd_fsync=f"{best['dd_fsync'][0] / best['tus_fsync'][0]:.2f}",
-            **{f"{way}_mib_s": round(size / MIB / best[way][0]) for way in WAYS},
-        )
-    if tree_peaks:
-        figures.update(web_rss_mb=mb(max(tree_peaks)), web_rss_mb_worker=mb(max(worker_peaks)),
-                       web_cpu_s_per_gib=f"{statistics.median(web_cpu):.2f}",
-                       tuspy_cpu_s_per_gib=f"{statistics.median(client_cpu_all):.2f}")
-    if best:
-        figures["others_cores_max"] = f"{max(load for _, load in best.values()):.2f}"
+    figures = figures_for(times, samples, size, clients, routes)
+    if "curl" in clients and args.curl_http != "auto":
+        figures["curl_http"] = args.curl_http
     print_result(figures)
     return 0
 

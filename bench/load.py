@@ -1,45 +1,52 @@
-"""Many uploads at once: 20 uploads of 200 MiB from 5 users into one web process and two workers.
+"""Many uploads at once: 20 uploads of 200 MiB from 5 users, through nginx, to the web/ingest split.
 
-The portal runs as in production, on this machine's 2 cores: one web process (gunicorn with the
-repository's gunicorn.conf.py but `--workers 1`: one process of 32 threads), two Celery workers
-(`celery -A portal worker -Q uploads,celery -c 1 -n wN@%h`) and beat, against the IMS simulator
-(`--processing-seconds 1`), on a throwaway database (SQLite by default; `--db postgres` creates and
-drops a PostgreSQL database on 127.0.0.1:5432, user postgres) and Redis db 14.
+The portal runs in the production layout (docker-compose.yml, `make run-prod`) on this machine's
+2 cores: Debian's nginx with deploy/nginx/'s config (TLS with a certificate made for the run) in
+front of a *web* gunicorn and an *ingest* gunicorn (tools/prodserver.py's commands, gunicorn.conf.py:
+2 processes x 32 threads each), two Celery workers (`celery -A portal worker -Q uploads,celery -c 1
+-n wN@%h`) and beat, against the IMS simulator (`--processing-seconds 1`), with SECURE_HTTPS=1
+behind the proxy, on a throwaway database (PostgreSQL by default: a database created on
+127.0.0.1:5432, user postgres, and dropped at the end; `--db sqlite` for a file) and Redis db 14.
 
 Five users, each with a cloud account connected to the simulator through its IAM (as
 tests/conftest.py `connect_cloud` does) and a signed-in session (cookie + CSRF header, as
-bench/ingest.py makes them), each upload 4 files of 200 MiB at the same time with tuspy: one
-process per user (a browser of its own: 20 tuspy threads in the script's process would take the GIL
-from the pollers and inflate the latencies measured), one thread per upload, 50 MiB chunks as the
-upload page sends them. The files are raw disk images (first 512
-bytes zero, then random bytes), each different. Meanwhile one poller thread per user GETs
-`/uploads/<uid>/status` of each of its unfinished uploads every 0.5 s (as the My uploads page
-does, but faster: the page waits 2 s), on a keep-alive connection, and records each latency
-(request sent to JSON read). The pollers use the standard library's http.client, as lean as a
-browser's fetch: with requests (about 1 ms of Python per GET) p95 read 10-17 ms higher on this
-saturated machine, time spent in the client and not in the portal. The peak RSS samplers run
-in a process of their own, so that their reads of /proc do not hold the GIL that the pollers
-wait for.
+bench/ingest.py makes them), each upload 4 files of 200 MiB at the same time: one process per
+user (a browser of its own), one thread and one keep-alive connection per upload, a creation POST
+then PATCHes of 50 MiB as the upload page sends them. Two modes:
+
+- `--mode paced` (default): each upload's body is sent at `--rate-mib-s` (default 10 MiB/s, a
+  person on an office network), in 256 KiB writes on a steady clock; the goal is status p95 < 50 ms
+  with all 20 READY and their checksums matching;
+- `--mode flat`: as fast as the machine goes (the closed loop of the earlier references); aggregate
+  MiB/s and p95 are reported, without a goal.
+
+The files are raw disk images (first 512 bytes zero, then random bytes), each different.
+Meanwhile one poller thread per user GETs `/uploads/<uid>/status` of each of its unfinished uploads
+every 0.5 s through nginx (as the My uploads page does, but faster: the page waits 2 s), on a
+keep-alive connection, and records each latency (request sent to JSON read), with the standard
+library's http.client, as lean as a browser's fetch. The peak RSS samplers run in a process of
+their own, so that their reads of /proc do not hold the GIL that the pollers wait for.
 
 The run ends when all 20 are finished (READY, FAILED, ...) or at the deadline. Then each image in
 the simulator (`GET /_sim/images`) must be active with the md5 of its source file, and there must be
 exactly 20 images.
 
-Figures: load_wall_s (first tus creation to the last upload's READY, from its timeline), ready=N/20,
-checksums_ok, status latency p50/p95 (all polls over the run; also printed per phase: while tus
-uploads run, and after), peak RSS of each process tree (web = gunicorn master + its worker;
-worker = Celery main + its one pool process), others_cores (cores other people's processes used
-during the run; the script waits for a quiet machine first but cannot stop others).
+Figures: mode, load_wall_s (first tus creation to the last upload's READY, from its timeline),
+ingest_mib_s (all bytes / time until the last tus upload ended), ready=N/20, checksums_ok, status
+latency p50/p95 (all polls over the run; also printed per phase: while tus uploads run, and after),
+peak RSS of each process tree, others_cores (cores other people's processes used during the run).
 
-    .venv/bin/python bench/load.py [--users 5] [--files 4] [--size-mib 200] [--db sqlite|postgres]
+    .venv/bin/python bench/load.py [--mode paced|flat] [--rate-mib-s 10] [--users 5] [--files 4]
+                                   [--size-mib 200] [--db postgres|sqlite]
 
 The last line holds the figures, e.g.
-    load_wall_s=61.2 ready=20/20 checksums_ok=20 status_p50_ms=12 status_p95_ms=340 rss_mb_web=... ...
+    mode=paced rate_mib_s=10 load_wall_s=... ingest_mib_s=... ready=20/20 checksums_ok=20 status_p50_ms=... ...
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import http.client
 import json
@@ -81,9 +88,11 @@ from bench.common import (  # noqa: E402
     warm_cache,
     workdir,
 )
-from bench.ingest import signed_in_headers, start_web  # noqa: E402
+from bench.front import behind_proxy_env, start_nginx, start_pool, unverified_tls  # noqa: E402
+from bench.ingest import signed_in_headers  # noqa: E402
 
 POLL_SECONDS = 0.5
+PIECE = 256 * 1024  # one write of a PATCH body: a paced upload sends one every 25 ms at 10 MiB/s
 CHUNK_MIB = 50  # static/js/upload.js: chunkSize 50 MiB
 FINISHED = {"ready", "failed", "reconnect", "cancelled"}
 PG_URL = "postgres://postgres@127.0.0.1:5432"
@@ -158,22 +167,78 @@ class User:
     errors: list = field(default_factory=list)
 
 
-def browser(url: str, headers: dict, files: list, chunk: int, go, messages) -> None:
+def connect(url: str) -> http.client.HTTPConnection:
+    """A keep-alive connection to the front (nginx, https with the run's own certificate)."""
+    address = urllib.parse.urlsplit(url)
+    if address.scheme == "https":
+        return http.client.HTTPSConnection(address.hostname, address.port, timeout=120, context=unverified_tls())
+    return http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+
+
+def tus_create(connection, headers: dict, size: int, name: str) -> str:
+    """The creation POST; returns the upload's path (/tus/<uid>/)."""
+    metadata = {"filename": f"{name}.raw", "image_name": name, "disk_format": "raw"}
+    connection.request("POST", "/tus/", headers={
+        **headers, "Tus-Resumable": "1.0.0", "Upload-Length": str(size), "Content-Length": "0",
+        "Upload-Metadata": ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in metadata.items())})
+    reply = connection.getresponse()
+    body = reply.read()
+    if reply.status != 201:
+        raise RuntimeError(f"creation answered {reply.status}: {body[:200]!r}")
+    return urllib.parse.urlsplit(reply.getheader("Location")).path
+
+
+def tus_patch(connection, headers: dict, path: str, source, offset: int, length: int, pace) -> int:
+    """One PATCH of `length` bytes from `source`, each 256 KiB write when `pace(bytes sent so far
+    in this PATCH)` says; returns the server's new offset."""
+    connection.putrequest("PATCH", path)
+    for name, value in {**headers, "Tus-Resumable": "1.0.0", "Upload-Offset": str(offset),
+                        "Content-Type": "application/offset+octet-stream", "Content-Length": str(length)}.items():
+        connection.putheader(name, value)
+    connection.endheaders()
+    sent = 0
+    while sent < length:
+        piece = source.read(min(PIECE, length - sent))
+        pace(sent)
+        connection.send(piece)
+        sent += len(piece)
+    reply = connection.getresponse()
+    body = reply.read()
+    if reply.status != 204:
+        raise RuntimeError(f"PATCH at {offset} answered {reply.status}: {body[:200]!r}")
+    return int(reply.getheader("Upload-Offset"))
+
+
+def upload_file(url: str, headers: dict, path: str, name: str, chunk: int, rate: float, messages) -> None:
+    """One upload as the upload page sends it (a creation POST, then PATCHes of `chunk` bytes), its
+    body at `rate` bytes/s on a steady clock (0: as fast as it goes)."""
+    size = os.path.getsize(path)
+    connection = connect(url)
+    try:
+        upload_path = tus_create(connection, headers, size, name)
+        messages.put(("uid", name, upload_path.rstrip("/").rsplit("/", 1)[-1]))
+        started, offset = time.perf_counter(), 0
+
+        def pace(sent_in_patch: int) -> None:
+            if rate:
+                time.sleep(max(0.0, started + (offset + sent_in_patch) / rate - time.perf_counter()))
+
+        with open(path, "rb") as source:
+            while offset < size:
+                offset = tus_patch(connection, headers, upload_path, source, offset, min(chunk, size - offset), pace)
+    finally:
+        connection.close()
+
+
+def browser(url: str, headers: dict, files: list, chunk: int, rate: float, go, messages) -> None:
     """One user's browser, in a process of its own (spawned, so no Django in it): once `go` is
-    set, one tuspy upload per file in a thread of its own. Reports ("uid", name, uid) after the
+    set, one upload per file in a thread of its own. Reports ("uid", name, uid) after the
     creation POST and ("done", name, time.time(), error or "") at the end, through `messages`."""
-    from tusclient.client import TusClient
 
     def upload(path: str, name: str) -> None:
         error = ""
         try:
-            uploader = TusClient(f"{url}/tus/", headers=headers).uploader(
-                file_path=path, chunk_size=chunk, retries=0,
-                metadata={"filename": f"{name}.raw", "image_name": name, "disk_format": "raw"},
-            )
-            uploader.set_url(uploader.create_url())
-            messages.put(("uid", name, uploader.url.rstrip("/").rsplit("/", 1)[-1]))
-            uploader.upload()
+            upload_file(url, headers, path, name, chunk, rate, messages)
         except Exception as exc:  # noqa: BLE001 - reported in the figures
             error = repr(exc)
         messages.put(("done", name, time.time(), error))
@@ -190,9 +255,8 @@ class Run:
     """The uploads run in one process per user (as in separate browsers: the tuspy threads must
     not take the GIL from the pollers); the pollers, one thread per user, run in this process."""
 
-    def __init__(self, url: str, users: list[User], chunk: int, deadline_seconds: float, status_url: str):
+    def __init__(self, url: str, users: list[User], chunk: int, rate: float, deadline_seconds: float):
         self.url, self.users, self.chunk, self.deadline_seconds = url, users, chunk, deadline_seconds
-        self.status_url = status_url
         self.started = self.wall_start = self.deadline = 0.0
         self.tus_running = sum(len(user.files) for user in users)
         self.tus_done_at: list[float] = []
@@ -202,7 +266,7 @@ class Run:
         self.queues = [context.Queue() for _ in users]
         self.browsers = [
             context.Process(target=browser, args=(url, user.headers, [(str(p), n) for p, _, n in user.files],
-                                                  chunk, self.go_event, queue), daemon=True)
+                                                  chunk, rate, self.go_event, queue), daemon=True)
             for user, queue in zip(users, self.queues)
         ]
         for process in self.browsers:
@@ -232,8 +296,7 @@ class Run:
 
     def poll(self, user: User) -> None:
         """GET each unfinished upload's status every POLL_SECONDS on one keep-alive connection."""
-        address = urllib.parse.urlsplit(self.status_url)
-        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        connection = connect(self.url)
         headers = {"Cookie": user.headers["Cookie"], "Accept": "application/json"}
         tick = time.perf_counter()
         while time.perf_counter() < self.deadline:
@@ -347,20 +410,174 @@ def server_times(log: Path) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 
 
+def start_portal(work: Path, env: dict, processes: dict, simple: bool) -> str:
+    """Web and ingest pools, nginx in front of them, two workers and beat; returns nginx's URL.
+    `simple`: the ingest pool with bench/gunicorn_simple.conf.py, for comparison."""
+    processes["web"], web_address = start_pool("web", env, work / "web.log")
+    processes["ingest"], ingest_address = start_pool("ingest", env, work / "ingest.log", simple=simple)
+    processes["nginx"], url = start_nginx(work / "nginx", [web_address], [ingest_address], work / "nginx.log")
+    for n in (1, 2):
+        processes[f"worker{n}"] = start_process(worker_argv(n), log=work / f"worker{n}.log", env=env)
+    processes["beat"] = start_process(
+        [PYTHON, "-m", "celery", "-A", "portal", "beat", "-l", "info", "--schedule", work / "celerybeat-schedule"],
+        log=work / "beat.log", env=env)
+    for n in (1, 2):
+        log = work / f"worker{n}.log"
+        wait_for(lambda: b"ready." in log.read_bytes(), timeout=90, what=f"Celery worker {n}",
+                 process=processes[f"worker{n}"], log=log)
+    wait_for(lambda: b"beat: Starting" in (work / "beat.log").read_bytes(), timeout=60, what="Celery beat",
+             process=processes["beat"], log=work / "beat.log")
+    return url
+
+
+def make_users(args, work: Path, sim_url: str, front_url: str) -> list[User]:
+    """Users connected to the simulator, each with its files and a signed-in browser's headers
+    (over https, Django's CSRF check also wants the page's Referer)."""
+    from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_NAME, DEMO_USER
+
+    from uploads import services
+
+    users = []
+    for i in range(args.users):
+        user = create_user(f"load{i}")
+        services.cloud_account_connect(user=user, domain=DEMO_DOMAIN, user_name=DEMO_USER,
+                                       password=DEMO_PASSWORD, project=DEMO_PROJECT_NAME)
+        files = []
+        for j in range(args.files):
+            name = f"load-u{i}-f{j}"
+            path = work / f"{name}.raw"
+            files.append((path, make_disk_image(path, args.size_mib * MIB), name))
+        users.append(User(i, {**signed_in_headers(user), "Referer": f"{front_url}/upload/"}, files))
+    return users
+
+
+def report(args, run: Run, users: list[User], samplers: dict, sim_url: str, work: Path, others) -> dict:
+    """Checks the rows and the simulator's images, prints the details; returns the figures."""
+    from uploads.models import Status, Upload, UploadEvent
+
+    size, total = args.size_mib * MIB, args.users * args.files
+    rows = list(Upload.objects.filter(owner__username__startswith="load").values_list("name", "status", "uid"))
+    ready = [name for name, status, _ in rows if status == Status.READY]
+    for name, status, _ in rows:
+        if status != Status.READY:
+            say(f"NOT READY: {name} {status}")
+    last_ready = max((e.at.timestamp() for e in UploadEvent.objects.filter(to_status=Status.READY)), default=None)
+    wall = (last_ready - run.wall_start) if last_ready else float("nan")
+    tus_seconds = max(run.tus_done_at or [float("nan")])
+    with urllib.request.urlopen(f"{sim_url}/_sim/images", timeout=30) as reply:
+        images = json.load(reply)["images"]
+    sources = {name: md5 for user in users for _, md5, name in user.files}
+    checksums_ok = sum(1 for image in images
+                       if image["status"] == "active" and sources.get(image["name"]) == image["checksum"]
+                       and image["size"] == size)
+    names = [image["name"] for image in images]
+    say(f"simulator holds {len(images)} images ({len(set(names))} names); {checksums_ok} active with the "
+        f"source's md5 and size")
+    for error in [e for user in users for e in user.errors][:10]:
+        say(f"ERROR {error}")
+
+    polls = [p for user in users for p in user.polls]
+    say(f"status polls, all: {latency_line(polls)}; not 200: {len([p for p in polls if p.code != 200])}")
+    say(f"  while tus uploads ran: {latency_line([p for p in polls if p.uploading])}")
+    say(f"  after the last tus upload: {latency_line([p for p in polls if not p.uploading])}")
+    for lo, hi in ((0, 5), (5, 10), (10, 20), (20, 40), (40, 80), (80, 1e9)):
+        part = [p for p in polls if lo <= p.at < hi]
+        if part:
+            say(f"  polls sent {lo}-{hi if hi < 1e9 else 'end'} s: {latency_line(part)}")
+    inside = server_times(work / "web.log")
+    if inside:
+        say(f"the web pool's own time for those GETs (access log, no queueing): {len(inside)} requests, "
+            f"p50 {percentile(inside, 50):.0f} ms, p95 {percentile(inside, 95):.0f} ms, max {max(inside):.0f} ms")
+    for name, sampler in samplers.items():
+        say(f"peak RSS {name}: {mb(sampler.peak_tree)} MB tree ("
+            + ", ".join(f"{mb(v)}" for v in sampler.peaks.values()) + " MB per process)")
+    ms = [p.ms for p in polls]
+    figures = {"mode": args.mode, **({"ingest": "simple"} if args.ingest == "simple" else {})}
+    if args.mode == "paced":
+        figures["rate_mib_s"] = f"{args.rate_mib_s:g}"
+    figures.update({
+        "load_wall_s": f"{wall:.1f}",
+        "ingest_mib_s": f"{total * size / MIB / tus_seconds:.0f}",
+        "ready": f"{len(ready)}/{total}",
+        "checksums_ok": checksums_ok if len(images) == total else f"{checksums_ok}({len(images)}_images)",
+        "status_p50_ms": f"{percentile(ms, 50):.0f}",
+        "status_p95_ms": f"{percentile(ms, 95):.0f}",
+        **{f"rss_mb_{name}": mb(sampler.peak_tree) for name, sampler in samplers.items()},
+        "db": args.db,
+        "others_cores": f"{others.cores:.2f}",
+    })
+    return figures
+
+
+def measure(args, url: str, users: list[User], processes: dict, rate: float):
+    """The timed run: all uploads at once, the pollers, the samplers; (run, samplers, others)."""
+    for user in users:
+        for path, _, _ in user.files:
+            warm_cache(path)
+    run = Run(url, users, args.chunk_mib * MIB, rate, args.deadline)  # starts the users' browser processes
+    settle_disk()
+    others_before = wait_for_quiet(longest=15)
+    say(f"others used {others_before:.2f} cores before the run; starting {run.tus_running} uploads")
+    pids = {name: process.pid for name, process in processes.items()}
+    idle = {name: PeakRss(pid).sample()[0] for name, pid in pids.items()}
+    say("idle RSS: " + ", ".join(f"{name} {mb(rss)} MB" for name, rss in idle.items()))
+    watcher = Watcher(pids)
+    try:
+        with OthersLoad() as others:
+            run.go()
+    finally:
+        samplers = watcher.stop()
+        run.close()
+    say(f"run over after {time.perf_counter() - run.started:.1f} s; last tus upload done at "
+        f"{max(run.tus_done_at or [0]):.1f} s; others used {others.cores:.2f} cores meanwhile")
+    say("CPU seconds during the run: " + ", ".join(f"{name} {s.cpu_seconds:.1f}" for name, s in samplers.items()))
+    return run, samplers, others
+
+
+def prepare(args, work: Path, processes: dict, pg_name: str | None) -> tuple[str, str, list[User]]:
+    """The simulator, the portal behind nginx and the users; (simulator URL, nginx URL, users).
+    Every process started goes into `processes` as soon as it runs, for main() to stop."""
+    sim, sim_url = start_simulator(work / "imssim-data", work / "imssim.log", processing_seconds=1)
+    processes["sim"] = sim
+    overrides = {"IMS_ENDPOINT": sim_url, "IAM_ENDPOINT": f"{sim_url}/v3"}
+    if pg_name:
+        overrides["DATABASE_URL"] = f"{PG_URL}/{pg_name}"
+    env = behind_proxy_env(portal_env(work, **overrides), secure=True)
+    migrate(env, work / "migrate.log")
+    use_portal_in_this_process(env)
+    flush_redis()
+
+    from django.conf import settings
+
+    settings.IMS_ENDPOINT, settings.IAM_ENDPOINT = sim_url, f"{sim_url}/v3"
+    url = start_portal(work, env, processes, args.ingest == "simple")
+    t0 = time.monotonic()
+    users = make_users(args, work, sim_url, url)
+    say(f"{args.users} users connected to the simulator; {args.users * args.files} files of {args.size_mib} MiB "
+        f"made in {time.monotonic() - t0:.1f} s ({args.db} database)")
+    say(f"nginx at {url} in front of the web and ingest pools (gunicorn -c gunicorn.conf.py), "
+        f"2 workers (-c 1) and beat ready; simulator at {sim_url}; mode {args.mode}"
+        + (f", {args.rate_mib_s:g} MiB/s per upload" if args.mode == "paced" else ""))
+    return sim_url, url, users
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("paced", "flat"), default="paced",
+                        help="paced: each upload at --rate-mib-s (default); flat: as fast as it goes")
+    parser.add_argument("--rate-mib-s", type=float, default=10, help="paced mode: MiB/s per upload (default 10)")
     parser.add_argument("--users", type=int, default=5)
     parser.add_argument("--files", type=int, default=4, help="uploads per user (default 4)")
     parser.add_argument("--size-mib", type=int, default=200)
     parser.add_argument("--chunk-mib", type=int, default=CHUNK_MIB)
-    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--db", choices=("postgres", "sqlite"), default="postgres")
     parser.add_argument("--deadline", type=float, default=600, help="seconds for all uploads to finish")
-    parser.add_argument("--status-web", choices=("same", "separate"), default="same",
-                        help="diagnosis: 'separate' serves the status GETs from a second web process "
-                        "(same command and database), so that they never share one with the tus PATCHes")
+    parser.add_argument("--ingest", choices=("production", "simple"), default="production",
+                        help="simple: the ingest pool without the socket-level body read and the staging "
+                        "writer lock (bench/gunicorn_simple.conf.py), for comparison")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) for a look")
     args = parser.parse_args()
-    size, total = args.size_mib * MIB, args.users * args.files
+    rate = args.rate_mib_s * MIB if args.mode == "paced" else 0
 
     work = workdir("ims-bench-load-")
     say(f"work folder {work}")
@@ -369,140 +586,14 @@ def main() -> int:
     pg_name = None
     figures: dict = {}
     try:
-        sim, sim_url = start_simulator(work / "imssim-data", work / "imssim.log", processing_seconds=1)
-        processes["sim"] = sim
-        overrides = {"IMS_ENDPOINT": sim_url, "IAM_ENDPOINT": f"{sim_url}/v3"}
-        if args.db == "postgres":
-            pg_name = pg_create()
-            overrides["DATABASE_URL"] = f"{PG_URL}/{pg_name}"
-        env = portal_env(work, **overrides)
-        migrate(env, work / "migrate.log")
-        use_portal_in_this_process(env)
-        flush_redis()
-
-        from django.conf import settings
-        from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_NAME, DEMO_USER
-
-        from uploads import services
-        from uploads.models import Status, Upload, UploadEvent
-
-        settings.IMS_ENDPOINT, settings.IAM_ENDPOINT = sim_url, f"{sim_url}/v3"
-        users = []
-        t0 = time.monotonic()
-        for i in range(args.users):
-            user = create_user(f"load{i}")
-            services.cloud_account_connect(user=user, domain=DEMO_DOMAIN, user_name=DEMO_USER,
-                                           password=DEMO_PASSWORD, project=DEMO_PROJECT_NAME)
-            files = []
-            for j in range(args.files):
-                name = f"load-u{i}-f{j}"
-                path = work / f"{name}.raw"
-                files.append((path, make_disk_image(path, size), name))
-            users.append(User(i, signed_in_headers(user), files))
-        say(f"{args.users} users connected to the simulator; {total} files of {args.size_mib} MiB made "
-            f"in {time.monotonic() - t0:.1f} s ({args.db} database)")
-
-        web, url, how = start_web(env, work / "web.log", ("--workers", "1"))
-        processes["web"] = web
-        status_url, status_log = url, work / "web.log"
-        if args.status_web == "separate":
-            status_log = work / "web-status.log"
-            processes["web_status"], status_url, _ = start_web(env, status_log, ("--workers", "1"))
-        for n in (1, 2):
-            log = work / f"worker{n}.log"
-            processes[f"worker{n}"] = start_process(worker_argv(n), log=log, env=env)
-        processes["beat"] = start_process(
-            [PYTHON, "-m", "celery", "-A", "portal", "beat", "-l", "info", "--schedule", work / "celerybeat-schedule"],
-            log=work / "beat.log", env=env)
-        for n in (1, 2):
-            log = work / f"worker{n}.log"
-            wait_for(lambda: b"ready." in log.read_bytes(), timeout=90, what=f"Celery worker {n}",
-                     process=processes[f"worker{n}"], log=log)
-        wait_for(lambda: b"beat: Starting" in (work / "beat.log").read_bytes(), timeout=60, what="Celery beat",
-                 process=processes["beat"], log=work / "beat.log")
-        say(f"web ({how}) at {url}, 2 workers (-c 1) and beat ready; simulator at {sim_url}")
-
-        for user in users:
-            for path, _, _ in user.files:
-                warm_cache(path)
-        run = Run(url, users, args.chunk_mib * MIB, args.deadline, status_url)  # starts the users' browser processes
-        settle_disk()
-        others_before = wait_for_quiet(longest=15)
-        say(f"others used {others_before:.2f} cores before the run; starting {total} uploads")
-        pids = {name: process.pid for name, process in processes.items()}
-        idle = {name: PeakRss(pid).sample()[0] for name, pid in pids.items()}
-        say("idle RSS: " + ", ".join(f"{name} {mb(rss)} MB" for name, rss in idle.items()))
-        watcher = Watcher(pids)
-        try:
-            with OthersLoad() as others:
-                run.go()
-        finally:
-            samplers = watcher.stop()
-            run.close()
-        run_seconds = time.perf_counter() - run.started
-        say(f"run over after {run_seconds:.1f} s; last tus upload done at "
-            f"{max(run.tus_done_at or [0]):.1f} s; others used {others.cores:.2f} cores meanwhile")
-        say("CPU seconds during the run: " + ", ".join(f"{name} {s.cpu_seconds:.1f}" for name, s in samplers.items()))
-
-        # Results: the rows, the timelines and the simulator's images.
-        rows = list(Upload.objects.filter(owner__username__startswith="load").values_list("name", "status", "uid"))
-        ready = [name for name, status, _ in rows if status == Status.READY]
-        for name, status, _ in rows:
-            if status != Status.READY:
-                say(f"NOT READY: {name} {status}")
-        last_ready = max((e.at.timestamp() for e in UploadEvent.objects.filter(to_status=Status.READY)), default=None)
-        wall = (last_ready - run.wall_start) if last_ready else float("nan")
-        with urllib.request.urlopen(f"{sim_url}/_sim/images", timeout=30) as reply:
-            images = json.load(reply)["images"]
-        sources = {name: md5 for user in users for _, md5, name in user.files}
-        checksums_ok = sum(1 for image in images
-                           if image["status"] == "active" and sources.get(image["name"]) == image["checksum"]
-                           and image["size"] == size)
-        names = [image["name"] for image in images]
-        say(f"simulator holds {len(images)} images ({len(set(names))} names); {checksums_ok} active with the "
-            f"source's md5 and size")
-        errors = [e for user in users for e in user.errors]
-        for error in errors[:10]:
-            say(f"ERROR {error}")
-
-        polls = [p for user in users for p in user.polls]
-        bad = [p for p in polls if p.code != 200]
-        say(f"status polls, all: {latency_line(polls)}; not 200: {len(bad)}")
-        say(f"  while tus uploads ran: {latency_line([p for p in polls if p.uploading])}")
-        say(f"  after the last tus upload: {latency_line([p for p in polls if not p.uploading])}")
-        for lo, hi in ((0, 5), (5, 10), (10, 20), (20, 40), (40, 80), (80, 1e9)):
-            part = [p for p in polls if lo <= p.at < hi]
-            if part:
-                say(f"  polls sent {lo}-{hi if hi < 1e9 else 'end'} s: {latency_line(part)}")
-        inside = server_times(status_log)
-        if inside:
-            say(f"gunicorn's own time for those GETs (access log, no queueing): {len(inside)} requests, "
-                f"p50 {percentile(inside, 50):.0f} ms, p95 {percentile(inside, 95):.0f} ms, max {max(inside):.0f} ms")
-        for name, sampler in samplers.items():
-            say(f"peak RSS {name}: {mb(sampler.peak_tree)} MB tree ("
-                + ", ".join(f"{mb(v)}" for v in sampler.peaks.values()) + " MB per process)")
-
-        ms = [p.ms for p in polls]
-        figures = {
-            "load_wall_s": f"{wall:.1f}",
-            "ready": f"{len(ready)}/{total}",
-            "checksums_ok": checksums_ok if len(images) == total else f"{checksums_ok}({len(images)}_images)",
-            "status_p50_ms": f"{percentile(ms, 50):.0f}",
-            "status_p95_ms": f"{percentile(ms, 95):.0f}",
-            **{f"rss_mb_{name}": mb(sampler.peak_tree) for name, sampler in samplers.items()},
-            "db": args.db,
-            "others_cores": f"{others.cores:.2f}",
-        }
-        figures = {k: figures[k] for k in ("load_wall_s", "ready", "checksums_ok", "status_p50_ms", "status_p95_ms",
-                                           "rss_mb_web", "rss_mb_worker1", "rss_mb_worker2", "rss_mb_beat",
-                                           "rss_mb_sim", "db", "others_cores") if k in figures}
-        if args.status_web == "separate":
-            figures.update(status_web="separate", rss_mb_web_status=mb(samplers["web_status"].peak_tree))
+        pg_name = pg_create() if args.db == "postgres" else None
+        sim_url, url, users = prepare(args, work, processes, pg_name)
+        run, samplers, others = measure(args, url, users, processes, rate)
+        figures = report(args, run, users, samplers, sim_url, work, others)
         say(f"done in {time.monotonic() - began:.0f} s")
     finally:
-        for name in ("web", "web_status", "worker1", "worker2", "beat", "sim"):
-            if name in processes:
-                stop_process(processes[name])
+        for process in reversed(processes.values()):
+            stop_process(process)
         try:
             flush_redis()
         finally:

@@ -20,7 +20,7 @@ is sampled at 20 Hz over the worker's process tree while it pushes (rss_mb_*), a
 process that ran the push (rss_mb_pusher_*). Every image is deleted after its run; the work
 folder is removed at the end.
 
-Before the pushes, the worker's file check alone (`uploads.inspect.inspect_file`, as the CHECKING
+Before the pushes, the worker's file check alone (`uploads.diskimage.inspect_file`, as the CHECKING
 step calls it) is timed on a 4 GiB raw file (the test file) and on a 4 GiB qcow2 made from it
 with `qemu-img convert -f raw -O qcow2` (4 GiB virtual, 4 GiB of data), best of 3 each:
 inspect_s_4g_raw, inspect_s_4g_qcow2 (goal: under 1 s each; it must not read the whole file).
@@ -322,12 +322,12 @@ def time_inspection(work: Path, raw: Path) -> dict:
     how long the two qemu-img runs inside it take alone."""
     from django.conf import settings
 
-    from uploads import inspect
+    from uploads import diskimage, qemu
 
     qcow2 = work / "data-4g.qcow2"
     t0 = time.monotonic()
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True)
-    info = inspect.qemu_img_info(qcow2, "qcow2")
+    info = qemu.qemu_img_info(qcow2, "qcow2")
     say(f"made {qcow2.name} with qemu-img convert in {time.monotonic() - t0:.1f} s: virtual "
         f"{info['virtual-size'] / GIB:.2f} GiB, file {qcow2.stat().st_size / GIB:.2f} GiB, "
         f"{qcow2.stat().st_blocks * 512 / GIB:.2f} GiB allocated")
@@ -340,14 +340,14 @@ def time_inspection(work: Path, raw: Path) -> dict:
             times = []
             for _ in range(INSPECT_RUNS):
                 started = time.perf_counter()
-                result = inspect.inspect_file(path, declared_format=fmt, max_bytes=settings.UPLOAD_MAX_BYTES + 1)
+                result = diskimage.inspect_file(path, declared_format=fmt, max_bytes=settings.UPLOAD_MAX_BYTES + 1)
                 times.append(time.perf_counter() - started)
                 if not result.ok or result.detected_format != fmt:
                     raise RuntimeError(f"inspect_file refused the {fmt} test file: {result.problem} {result.checks}")
             # Where the time goes: qemu-img alone (inspect_file runs info, then check for qcow2).
             parts = []
             for what in ("info", "check"):
-                if what == "check" and fmt not in inspect.QEMU_CHECKABLE:
+                if what == "check" and fmt not in qemu.QEMU_CHECKABLE:
                     continue
                 started = time.perf_counter()
                 subprocess.run(["qemu-img", what, "-f", fmt, "--force-share", "--output=json", str(path)],

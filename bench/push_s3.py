@@ -82,7 +82,7 @@ def push(upload, worker_pid: int, size: int) -> tuple[float, PeakRss]:
 
     with PeakRss(worker_pid) as rss:
         started = time.perf_counter()
-        services._enqueue_push(upload.pk)
+        services.dispatch.enqueue_push(upload.pk)
         deadline = time.monotonic() + size / (10 * MIB) + 120
         while (status := Upload.objects.filter(pk=upload.pk).values_list("status", flat=True).get()) not in STOPPED:
             if time.monotonic() > deadline:
@@ -146,7 +146,7 @@ def main() -> int:
         flush_redis()
         owner = create_user("bench")
         connect_cloud(owner)
-        client = ImsClient(sim_url, services._usable_token(owner.pk))
+        client = ImsClient(sim_url, services.cloud.owner_token(owner.pk).value)
         source = make_raw_disk(work / "data.raw", size)
         warm_cache(source)
         for round_number in range(args.runs + 1):  # the first round is untimed: it warms both

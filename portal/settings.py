@@ -12,6 +12,8 @@ from pathlib import Path
 import dj_database_url
 from csp.constants import NONE, SELF
 
+from uploads.crypto import DEMO_TOKEN_KEY
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -75,10 +77,7 @@ CONTENT_SECURITY_POLICY = {
 
 # Cloud tokens are encrypted with a key of their own, not with SECRET_KEY, so that rotating one
 # does not touch the other. A comma-separated list of Fernet keys: the first encrypts, all decrypt.
-TOKEN_ENCRYPTION_KEY = os.environ.get("TOKEN_ENCRYPTION_KEY") or (
-    # A fixed demo key (urlsafe base64 of 32 bytes) so that `make run` needs no set-up.
-    "ZGVtby1vbmx5LWtleS1ub3QtZm9yLXByb2QhISEhISE="  # b"demo-only-key-not-for-prod!!!!!!"
-)
+TOKEN_ENCRYPTION_KEY = os.environ.get("TOKEN_ENCRYPTION_KEY") or DEMO_TOKEN_KEY  # `make run` needs no set-up
 
 IMS_ENDPOINT = os.environ.get("IMS_ENDPOINT", "http://127.0.0.1:8990").rstrip("/")
 IAM_ENDPOINT = os.environ.get("IAM_ENDPOINT", "http://127.0.0.1:8990/v3").rstrip("/")
@@ -125,6 +124,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "uploads.views.cloud_account_context",
+                "uploads.limits.limits_context",
             ],
         },
     },
@@ -246,7 +246,8 @@ IMS_DISK_FORMATS = env_list("IMS_DISK_FORMATS", "qcow2,vhd,raw,zvhd2")
 TUS_UPLOAD_EXPIRY_SECONDS = int(os.environ.get("TUS_UPLOAD_EXPIRY_SECONDS", 7 * 24 * 3600))
 # What one person may hold in staging at once: unfinished uploads (neither ready nor cancelled)
 # whose staged file is still there, counted and summed by their declared sizes. Without a limit,
-# one person created 1,000 uploads of 100 GB in 2.3 s, and 1 GiB lands in staging in 0.6 s.
+# one person can claim the staging disk with empty uploads, or fill it, within seconds (figures:
+# bench/README.md, "Figures the code's comments lean on").
 UPLOAD_MAX_UNFINISHED_PER_USER = int(os.environ.get("UPLOAD_MAX_UNFINISHED_PER_USER", 20))
 UPLOAD_MAX_UNFINISHED_BYTES_PER_USER = int(os.environ.get("UPLOAD_MAX_UNFINISHED_BYTES_PER_USER", 1024**4))
 # A new upload is refused while the staging disk has less free space than its size plus this
@@ -272,6 +273,13 @@ UPLOAD_POLL_SECONDS = float(os.environ.get("UPLOAD_POLL_SECONDS", 5))
 # lost its worker and is taken over.
 PUSH_HEARTBEAT_SECONDS = float(os.environ.get("PUSH_HEARTBEAT_SECONDS", 10))
 PUSH_STALE_SECONDS = float(os.environ.get("PUSH_STALE_SECONDS", 120))
+# Workers shared fairly (uploads/fairness.py): at most this many pushes run at once for one
+# person, and for one cloud project (CloudAccount.project_id); more wait, received, and start by
+# themselves when a push of theirs ends. Keep them below the number of worker processes, so that
+# one person's uploads never hold every worker.
+# (At least 1: with 0 nothing would ever be sent.)
+PUSH_CONCURRENCY_PER_USER = max(1, int(os.environ.get("PUSH_CONCURRENCY_PER_USER", 2)))
+PUSH_CONCURRENCY_PER_PROJECT = max(1, int(os.environ.get("PUSH_CONCURRENCY_PER_PROJECT", 4)))
 # The reconciler runs this often and re-queues received uploads nobody claimed for this long.
 RECONCILE_EVERY_SECONDS = float(os.environ.get("RECONCILE_EVERY_SECONDS", 60))
 RECONCILE_GRACE_SECONDS = float(os.environ.get("RECONCILE_GRACE_SECONDS", 120))
@@ -301,8 +309,8 @@ CELERY_TASK_ROUTES = {"uploads.tasks.push_upload": {"queue": "uploads"}}
 # How long a push may take. The slowest link to IMS we support is 2 MiB/s (16 Mbit/s): at that
 # rate the largest image IMS takes (UPLOAD_MAX_BYTES, just under 128 GiB) is sent in 65 536 s, about
 # 18.2 hours, which fits in one IAM token (24 hours). The push task also checks the file and may
-# convert it (qemu-img does 128 GB in about 45 minutes at a slow disk's 50 MB/s), and creates and
-# checks the image: 2 hours more, so SoftTimeLimitExceeded is raised in it after about 20.2 hours
+# convert it (a 128 GB conversion on a slow disk takes most of an hour: bench/README.md), and
+# creates and checks the image: 2 hours more, so SoftTimeLimitExceeded is raised in it after about 20.2 hours
 # and the worker kills it 10 minutes later. Every other task is short (one IMS call, at most
 # 10 minutes): 30 minutes frees a hung one.
 SLOWEST_PUSH_BYTES_PER_SECOND = 2 * 1024**2
@@ -322,13 +330,16 @@ CELERY_TASK_TIME_LIMIT = 30 * 60
 # queues such a push again after PUSH_STALE_SECONDS without a heartbeat, and beat hands out due
 # polls itself. The same timeout bounds ETA/countdown: a task delayed for longer would be delivered
 # again and again, for ever; our longest countdown is the 300 s of a push retry
-# (uploads/services.py). Web and worker must use the same value, so it lives here.
+# (uploads/services/push.py). Web and worker must use the same value, so it lives here.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": PUSH_TIME_LIMIT + 3600}
 # A short loss of Redis should not stop a push that is hours in: it needs only the database and IMS.
 # Its message then cannot be acknowledged and comes back after the visibility timeout, when the row
 # (no longer "received") turns it away. Cancelling (True, Celery 6's default) would send it again
 # from the first byte.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+# Beat runs exactly once per deployment (one `celery beat` process, never `worker -B` on several
+# machines): a second beat would only double the work, because each of these tasks is safe to
+# run twice at once (tests/test_fairness.py), but it is not a way to scale.
 CELERY_BEAT_SCHEDULE = {
     "poll-ims": {"task": "uploads.tasks.poll_due_uploads", "schedule": UPLOAD_POLL_SECONDS},
     "reconcile": {"task": "uploads.tasks.reconcile_uploads", "schedule": RECONCILE_EVERY_SECONDS},

@@ -125,8 +125,8 @@ def task_queue(monkeypatch):
     from uploads import services
 
     sent = []
-    monkeypatch.setattr(services, "_enqueue_push", lambda upload_id, countdown=None: sent.append(("push", upload_id)))
-    monkeypatch.setattr(services, "_enqueue_discard", lambda upload_id: sent.append(("discard", upload_id)))
+    monkeypatch.setattr(services.dispatch, "enqueue_push", lambda upload_id, countdown=None: sent.append(("push", upload_id)))
+    monkeypatch.setattr(services.dispatch, "enqueue_discard", lambda upload_id: sent.append(("discard", upload_id)))
     return sent
 
 

@@ -378,6 +378,6 @@ def faults_stack(fault_stack, transactional_db, settings, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the test process sent a task: drive the portal over HTTP instead")
 
-    monkeypatch.setattr(services, "_enqueue_push", refuse)
-    monkeypatch.setattr(services, "_enqueue_discard", refuse)
+    monkeypatch.setattr(services.dispatch, "enqueue_push", refuse)
+    monkeypatch.setattr(services.dispatch, "enqueue_discard", refuse)
     return fault_stack

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from uploads import services
+from uploads import qemu, services
 from uploads.models import Status, Upload
 
 # Each test runs with local staging and with object staging (tests/s3_fixture.py).
@@ -153,8 +153,8 @@ def test_a_vmdk_naming_a_second_extent_never_reaches_qemu_img_nor_ims(alice_conn
     def no_qemu_img(*args, **kwargs):
         raise AssertionError("qemu-img ran on the hostile file")
 
-    monkeypatch.setattr(services.inspect, "_run_limited", no_qemu_img)
-    monkeypatch.setattr(services.inspect, "_run_with_progress", no_qemu_img)
+    monkeypatch.setattr(qemu, "_run_limited", no_qemu_img)
+    monkeypatch.setattr(qemu, "_run_with_progress", no_qemu_img)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.REFUSED and upload.error_code == "data_file", upload.error_message
@@ -182,14 +182,14 @@ def test_a_file_that_changes_after_the_check_is_stopped_mid_send(alice_connected
     image = tmp_path / "web.qcow2"
     qemu_img("convert", "-f", "raw", "-O", "qcow2", disk, image)
     upload = received(alice_connected, image, "qcow2")
-    original = services._prepare_image
+    original = services.images.prepare_image
 
     def overwrite_then_prepare(upload, client, attempt):
         with open(staging_dir / upload.staged_name, "r+b") as staged:
             staged.write(b"KDMV" + bytes(508))  # now it starts like a VMDK
         return original(upload, client, attempt)
 
-    monkeypatch.setattr(services, "_prepare_image", overwrite_then_prepare)
+    monkeypatch.setattr(services.images, "prepare_image", overwrite_then_prepare)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.FAILED and upload.error_code == "file_changed"
@@ -226,15 +226,15 @@ def test_a_token_that_would_not_last_the_converted_file_waits_for_reconnect(alic
     qemu_img("convert", "-f", "raw", "-O", "vmdk", disk, image)
     upload = received(alice_connected, image, "vmdk")
     asked = []
-    original = services._token_for_push
+    original = services.cloud.why_token_cannot_push
 
-    def lasts_only_for_the_original(upload):
+    def lasts_only_for_the_original(token, upload):
         asked.append(upload.send_size)
         if upload.converted_name:  # asked again about the converted copy: not long enough
-            return None, "Your cloud sign-in ends before the converted file could be sent."
-        return original(upload)
+            return "Your cloud sign-in ends before the converted file could be sent."
+        return original(token, upload)
 
-    monkeypatch.setattr(services, "_token_for_push", lasts_only_for_the_original)
+    monkeypatch.setattr(services.cloud, "why_token_cannot_push", lasts_only_for_the_original)
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.RECONNECT, f"{upload.error_message} {upload.events.last().detail}"
@@ -309,3 +309,18 @@ def test_small_disks_are_described_in_human_sizes(alice_connected, sim, tmp_path
     messages = [e.message for e in upload.events.all()]
     assert "Checked the file: a QCOW2 disk of 16 MB" in messages
     assert "Min disk raised to 1 GB, the smallest the cloud takes: the disk inside the file is 16 MB" in messages
+
+
+def test_a_converted_file_is_pushed_with_one_lookup_of_the_token(alice_connected, sim, disk, tmp_path, monkeypatch):
+    from uploads import crypto
+
+    image = tmp_path / "legacy.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", disk, image)
+    upload = received(alice_connected, image, "vmdk")
+    decrypted = []
+    original = crypto.decrypt
+    monkeypatch.setattr(crypto, "decrypt", lambda value: decrypted.append(value) or original(value))
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.converted_name
+    assert len(decrypted) == 2  # the push's one lookup (asked again after converting), and the first poll's

@@ -65,7 +65,7 @@ def test_a_good_image_ends_active_in_glance(sample, corpus, openstack_peers, set
                                    project="demo")
     upload = pushed(alice, corpus / sample.file, sample.declared)
     assert upload.status == Status.READY, (upload.error_message, [e.detail for e in upload.events.all()][-3:])
-    image = services._ims(services._usable_token(alice.pk)).get_image(upload.ims_image_id)
+    image = services.cloud.ims_client(services.cloud.owner_token(alice.pk).value).get_image(upload.ims_image_id)
     assert image.status == "active" and image.raw["disk_format"] == upload.send_format
     assert image.checksum == upload.md5 and image.os_hash_value == upload.sha512
 

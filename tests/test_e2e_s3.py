@@ -164,14 +164,14 @@ def test_object_storage_down_during_a_push_then_back_ends_ready(e2e_s3, swift_st
     data = bytes(512) + os.urandom(PART + 1000)
     queued = []
     with monkeypatch.context() as patched:  # stage without queueing the push yet
-        patched.setattr(services, "_enqueue_push", lambda upload_id, countdown=None: queued.append(upload_id))
+        patched.setattr(services.dispatch, "enqueue_push", lambda upload_id, countdown=None: queued.append(upload_id))
         upload = services.upload_create(owner=alice, size=len(data), filename="down.raw", name="down",
                                         disk_format="raw", min_disk=1)
         services.upload_receive(upload=upload, offset=0, stream=io.BytesIO(data), length=len(data))
     assert queued == [upload.pk]
     swift_store.stop(["proxy"])
     try:
-        services._enqueue_push(upload.pk)
+        services.dispatch.enqueue_push(upload.pk)
 
         def waiting_to_retry():
             upload.refresh_from_db()

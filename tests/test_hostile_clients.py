@@ -118,7 +118,7 @@ def new_upload(owner, size: int) -> Upload:
 
 
 def test_the_bytes_received_move_during_a_patch(alice, monkeypatch):
-    monkeypatch.setattr(services, "RECEIVE_PROGRESS_SECONDS", 0)
+    monkeypatch.setattr(services.receive, "RECEIVE_PROGRESS_SECONDS", 0)
     upload = new_upload(alice, 300)
     seen = []
     body = Body([b"a" * 100, b"b" * 100, b"c" * 100],
@@ -140,7 +140,7 @@ def test_the_progress_is_throttled(alice):
 
 
 def test_a_cancel_during_a_patch_is_not_undone_when_the_patch_ends(alice, monkeypatch, staging_dir):
-    monkeypatch.setattr(services, "RECEIVE_PROGRESS_SECONDS", 3600)  # only the end of the chunk writes
+    monkeypatch.setattr(services.receive, "RECEIVE_PROGRESS_SECONDS", 3600)  # only the end of the chunk writes
     upload = new_upload(alice, 300)
 
     def cancel(n):  # DELETE /tus/<id> arrives while the body is still coming
@@ -157,7 +157,7 @@ def test_a_cancel_during_a_patch_is_not_undone_when_the_patch_ends(alice, monkey
 
 
 def test_a_cancel_during_a_patch_stops_its_progress(alice, monkeypatch, staging_dir):
-    monkeypatch.setattr(services, "RECEIVE_PROGRESS_SECONDS", 0)
+    monkeypatch.setattr(services.receive, "RECEIVE_PROGRESS_SECONDS", 0)
     upload = new_upload(alice, 400)
     body = Body([b"a" * 100] * 4, between=lambda n: n == 1 and Upload.objects.filter(pk=upload.pk).update(
         status=Status.CANCELLED))
@@ -266,7 +266,7 @@ def test_a_writer_that_has_been_silent_for_the_idle_timeout_is_taken_over(alice,
     with silent:
         silent.seek(0)
         silent.write(memoryview(b"a" * 100))
-        services._record_received(upload, 100)
+        services.receive.record_received(upload, 100)
         staged = staging.path(upload.staged_name)
 
         with pytest.raises(staging.StagingBusy) as busy:  # still within the idle timeout
@@ -281,7 +281,7 @@ def test_a_writer_that_has_been_silent_for_the_idle_timeout_is_taken_over(alice,
         with pytest.raises(staging.TakenOver):
             silent.write(memoryview(b"STALE"))
         with pytest.raises(staging.TakenOver):
-            silent.record(lambda: services._record_received(upload, 105))
+            silent.record(lambda: services.receive.record_received(upload, 105))
     assert (staging_dir / upload.staged_name).read_bytes() == b"a" * 100 + b"b" * 200
     assert Upload.objects.get(pk=upload.pk).received_bytes == 300
 

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_ID, DEMO_PROJECT_NAME, DEMO_USER
-from uploads.ims import IamClient, ImsClient, ImsError, explain
+from uploads.ims import CloudError, IamClient, ImsClient, explain
 
 
 @pytest.fixture
@@ -41,19 +41,19 @@ def test_the_token_never_shows_in_its_repr(token):
 
 
 def test_wrong_credentials_say_what_to_check(session_sim):
-    with pytest.raises(ImsError) as error:
+    with pytest.raises(CloudError) as error:
         IamClient(f"{session_sim.url}/v3").get_token(
             domain=DEMO_DOMAIN, user=DEMO_USER, password="wrong", project=DEMO_PROJECT_NAME
         )
-    assert error.value.kind == "auth" and error.value.permanent
+    assert error.value.code == "auth" and error.value.permanent
     assert "check the domain, user name, password and project" in error.value.message
-    assert "wrong" not in error.value.raw
+    assert "wrong" not in error.value.detail
 
 
 def test_unreachable_iam_is_a_network_error():
-    with pytest.raises(ImsError) as error:
+    with pytest.raises(CloudError) as error:
         IamClient("http://127.0.0.1:9/v3").get_token(domain="d", user="u", password="p", project="x")
-    assert error.value.kind == "network" and not error.value.permanent
+    assert error.value.code == "network" and not error.value.permanent
 
 
 def test_create_upload_and_follow_an_image(ims, session_sim, tmp_path):
@@ -73,9 +73,9 @@ def test_create_upload_and_follow_an_image(ims, session_sim, tmp_path):
     assert (active.size, active.checksum, active.os_hash_value) == (len(data), result.md5, result.sha512)
     assert active.raw["__os_version"] == "Ubuntu 22.04 server 64bit"
     ims.delete_image(image.id)
-    with pytest.raises(ImsError) as error:
+    with pytest.raises(CloudError) as error:
         ims.get_image(image.id)
-    assert error.value.kind == "not_found"
+    assert error.value.code == "not_found"
 
 
 def test_the_put_carries_a_content_length_not_chunks(ims, session_sim, monkeypatch):
@@ -97,49 +97,49 @@ def test_the_put_carries_a_content_length_not_chunks(ims, session_sim, monkeypat
 def test_a_second_put_is_an_explained_conflict(ims):
     image = ims.create_image(name="x", disk_format="raw")
     ims.upload_file(image.id, io.BytesIO(b"abc"), 3)
-    with pytest.raises(ImsError) as error:
+    with pytest.raises(CloudError) as error:
         ims.upload_file(image.id, io.BytesIO(b"abc"), 3)
-    assert error.value.status == 409 and error.value.kind == "conflict"
+    assert error.value.status == 409 and error.value.code == "conflict"
     assert "already has data" in error.value.message and "Retry" in error.value.hint
 
 
 def test_returning_false_from_progress_aborts_the_put(ims):
     image = ims.create_image(name="x", disk_format="raw")
-    with pytest.raises(ImsError) as error:
+    with pytest.raises(CloudError) as error:
         ims.upload_file(image.id, io.BytesIO(b"a" * 100_000), 100_000, on_progress=lambda sent: False,
                         buffer_size=1000)
-    assert error.value.kind == "aborted"
+    assert error.value.code == "aborted"
 
 
 def test_a_server_error_is_temporary(ims, session_sim):
     image = ims.create_image(name="x", disk_format="raw")
     session_sim.set_faults(fail_puts=1)
-    with pytest.raises(ImsError) as error:
+    with pytest.raises(CloudError) as error:
         ims.upload_file(image.id, io.BytesIO(b"abc"), 3)
     assert error.value.status == 500 and not error.value.permanent
-    assert "IMG" in error.value.raw or "System error" in error.value.raw
+    assert "IMG" in error.value.detail or "System error" in error.value.detail
 
 
 def test_a_cut_connection_is_temporary(ims, session_sim):
     image = ims.create_image(name="x", disk_format="raw")
     session_sim.set_faults(cut_put_after_bytes=50_000)
-    with pytest.raises(ImsError) as error:
+    with pytest.raises(CloudError) as error:
         ims.upload_file(image.id, io.BytesIO(b"a" * 5_000_000), 5_000_000, buffer_size=10_000)
-    assert error.value.kind == "network" and not error.value.permanent
+    assert error.value.code == "network" and not error.value.permanent
 
 
 def test_an_expired_token_means_reconnect(ims, session_sim):
     session_sim.set_faults(expire_tokens=True)
-    with pytest.raises(ImsError) as error:
+    with pytest.raises(CloudError) as error:
         ims.create_image(name="x", disk_format="raw")
-    assert error.value.kind == "auth" and error.value.status == 401
+    assert error.value.code == "auth" and error.value.status == 401
     assert "Reconnect on the Cloud account page" in error.value.hint
 
 
 def test_an_unsupported_format_is_explained(ims):
-    with pytest.raises(ImsError) as error:
+    with pytest.raises(CloudError) as error:
         ims.create_image(name="x", disk_format="vmdk")
-    assert error.value.kind == "bad_request"
+    assert error.value.code == "bad_request"
     assert error.value.message == "The cloud does not accept this disk format for direct uploads."
 
 
@@ -172,9 +172,9 @@ def _reply(status: int, body: str, content_type: str) -> requests.Response:
 )
 def test_every_error_reply_becomes_plain_words(status, body, content_type, kind, permanent):
     error = explain(_reply(status, body, content_type))
-    assert (error.kind, error.permanent, error.status) == (kind, permanent, status)
+    assert (error.code, error.permanent, error.status) == (kind, permanent, status)
     assert error.message and error.hint
-    assert body[:20] in error.raw  # the raw reply is kept for admins
+    assert body[:20] in error.detail  # the raw reply is kept for admins
 
 
 def test_a_glance_schema_error_shows_its_sentence_without_markup():
@@ -190,7 +190,7 @@ def test_a_sign_in_reply_that_makes_no_sense_is_explained_without_the_password(m
         return reply
 
     monkeypatch.setattr(requests.Session, "post", html_201)
-    with pytest.raises(ImsError) as error:
+    with pytest.raises(CloudError) as error:
         IamClient("http://iam.invalid/v3").get_token(domain="d", user="u", password="secret-pw", project="p")
     assert error.value.permanent and "does not understand" in error.value.message
-    assert "secret-pw" not in error.value.raw
+    assert "secret-pw" not in error.value.detail

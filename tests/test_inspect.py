@@ -1,4 +1,4 @@
-"""The inspect step (uploads/inspect.py): what a staged file really is, before it may be pushed.
+"""The inspect step (uploads/diskimage.py): what a staged file really is, before it may be pushed.
 
 A corpus of disk images is made once per test session: the ordinary ones with qemu-img
 (create/convert), the hostile ones by hand (a backing file pointing at /etc/passwd, a VMDK
@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from uploads import inspect
-from uploads.inspect import FileChanged, InspectError, convert_to_qcow2, inspect_file, wrap_stream
+from uploads import diskcheck, diskformats, diskimage, qemu
+from uploads.diskimage import FileChanged, inspect_file, wrap_stream
+from uploads.errors import InspectError
+from uploads.qemu import convert_to_qcow2
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-img") is None or shutil.which("prlimit") is None,
@@ -418,8 +420,8 @@ def no_qemu_img(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"qemu-img ran: {args}")
 
-    monkeypatch.setattr(inspect, "_run_limited", refuse)
-    monkeypatch.setattr(inspect, "_run_with_progress", refuse)
+    monkeypatch.setattr(qemu, "_run_limited", refuse)
+    monkeypatch.setattr(qemu, "_run_with_progress", refuse)
 
 
 @pytest.mark.parametrize("sample", REFERENCES, ids=str)
@@ -610,7 +612,7 @@ def test_qemu_img_runs_under_cpu_and_memory_limits(tmp_path):
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes(4096))
 
-    info = inspect.qemu_img_info(image, "raw", qemu_img=str(fake))
+    info = qemu.qemu_img_info(image, "raw", qemu_img=str(fake))
 
     assert info["cpu"] == "10"
     assert info["memory_kib"] == str(GiB // 1024)
@@ -620,11 +622,11 @@ def test_qemu_img_stopped_by_its_cpu_limit_is_a_refusal(tmp_path):
     fake = tmp_path / "qemu-img"  # spins until the kernel stops it
     fake.write_text("#!/bin/sh\nwhile :; do :; done\n")
     fake.chmod(0o755)
-    limits = inspect.Limits(cpu_seconds=1, address_space=GiB, timeout=30)
+    limits = qemu.Limits(cpu_seconds=1, address_space=GiB, timeout=30)
     (tmp_path / "any").write_bytes(bytes(512))
 
-    with pytest.raises(inspect.QemuImgFailed) as caught:
-        inspect.qemu_img_info(tmp_path / "any", "raw", qemu_img=str(fake), limits=limits)
+    with pytest.raises(qemu.QemuImgFailed) as caught:
+        qemu.qemu_img_info(tmp_path / "any", "raw", qemu_img=str(fake), limits=limits)
 
     assert "CPU limit" in caught.value.detail
 
@@ -658,7 +660,7 @@ def test_it_converts_a_safe_image_to_the_same_disk_in_qcow2(corpus, tmp_path, fi
     result = inspect_file(dst, declared_format="qcow2")
     assert result.problem is None
     assert result.virtual_size == inspected.virtual_size
-    driver = inspect.QEMU_DRIVERS[fmt]
+    driver = qemu.QEMU_DRIVERS[fmt]
     compare = ["qemu-img", "compare", "-f", driver, "-F", "qcow2", str(src), str(dst)]
     same = subprocess.run(compare, capture_output=True)
     assert same.returncode == 0, same.stdout
@@ -725,7 +727,7 @@ def test_the_push_stops_at_the_first_chunk_when_the_format_changed(corpus, tmp_p
         with pytest.raises(FileChanged) as caught:
             stream.read(64 * KiB)
 
-    assert caught.value.problem.code == "file_changed"
+    assert caught.value.code == "file_changed"
     assert not isinstance(caught.value, OSError)  # requests must not turn it into a network error
 
 
@@ -887,7 +889,7 @@ def test_qemu_img_catches_a_pointer_our_checks_missed_without_following_it(tmp_p
     """Defence in depth: were our VMDK check gone (the inspector alone misses parentFileNameHint),
     `qemu-img info`, which does not open backing files, refuses the image before `qemu-img
     check`, which would, ever runs."""
-    monkeypatch.setitem(inspect.OWN_CHECKS, "vmdk", lambda evidence, inspector: None)
+    monkeypatch.setitem(diskformats.OWN_CHECKS, "vmdk", lambda evidence, inspector: None)
     target = tmp_path / "pipe"
     image, fmt = make_pointing_at("vmdk-parent", tmp_path, target)
     watch = FifoWatch(target)
@@ -916,7 +918,7 @@ def test_qemu_img_runs_in_a_private_folder_holding_only_the_file(tmp_path):
     staged.write_bytes(bytes(4096))
     (staged.parent / "someone-elses-upload.img").write_bytes(b"theirs")
 
-    info = inspect.qemu_img_info(staged, "raw", qemu_img=str(fake))
+    info = qemu.qemu_img_info(staged, "raw", qemu_img=str(fake))
 
     assert info["seen"] == "disk"
     assert info["file"] == f"{info['cwd']}/disk"
@@ -938,7 +940,7 @@ def test_without_hard_links_qemu_img_gets_a_descriptor_in_an_empty_folder(tmp_pa
     staged = tmp_path / "upload.img"
     staged.write_bytes(bytes(4096))
 
-    info = inspect.qemu_img_info(staged, "raw", qemu_img=str(fake))
+    info = qemu.qemu_img_info(staged, "raw", qemu_img=str(fake))
 
     assert (info["seen"], info["size"].strip()) == ("", "4096")
 
@@ -948,7 +950,7 @@ def test_private_folders_left_by_a_killed_run_are_removed_and_live_ones_kept(tmp
     staged.write_bytes(bytes(4096))
     folders = {}
     for state in ("abandoned", "in-use", "just-made"):
-        folders[state] = tmp_path / f"{inspect.PRIVATE_PREFIX}{state}"
+        folders[state] = tmp_path / f"{qemu.PRIVATE_PREFIX}{state}"
         folders[state].mkdir()
         os.link(staged, folders[state] / "disk")  # what a worker killed mid-run leaves
         (folders[state] / "converted.qcow2").write_bytes(b"half a conversion")
@@ -957,13 +959,13 @@ def test_private_folders_left_by_a_killed_run_are_removed_and_live_ones_kept(tmp
     lock = os.open(folders["in-use"], os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(lock, fcntl.LOCK_EX)  # its run is still going
     try:
-        inspect.qemu_img_info(staged, "raw")
+        qemu.qemu_img_info(staged, "raw")
     finally:
         os.close(lock)
 
     assert not folders["abandoned"].exists()
     assert folders["in-use"].exists() and folders["just-made"].exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(inspect.PRIVATE_PREFIX)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(qemu.PRIVATE_PREFIX)
                 and p not in folders.values()]  # its own folder is gone too
 
 
@@ -991,9 +993,9 @@ def unchecked_neighbour_pointer(kind: str, staging: Path) -> tuple[Path, str]:
 
 
 QEMU_IMG_RUNS = {
-    "info": lambda image, fmt: inspect.qemu_img_info(image, fmt),
-    "check": lambda image, fmt: inspect._run_qemu_check(
-        str(image), fmt, qemu_img="qemu-img", limits=inspect.INFO_LIMITS),
+    "info": lambda image, fmt: qemu.qemu_img_info(image, fmt),
+    "check": lambda image, fmt: diskimage._run_qemu_check(
+        str(image), fmt, qemu_img="qemu-img", limits=qemu.INFO_LIMITS),
     "convert": lambda image, fmt: convert_to_qcow2(
         image, image.with_suffix(".qcow2"), src_format=fmt, virtual_size=DISK_SIZE),
 }
@@ -1014,7 +1016,7 @@ def test_qemu_img_never_reaches_a_file_next_to_the_staged_one(tmp_path, kind, ru
 
 
 def test_a_missed_check_still_leaves_qemu_img_nothing_to_follow(tmp_path, monkeypatch):
-    monkeypatch.setattr(inspect, "_check_safety", lambda *args: None)  # every check of ours missed
+    monkeypatch.setattr(diskcheck, "_check_safety", lambda *args: None)  # every check of ours missed
     image, fmt = unchecked_neighbour_pointer("vmdk-text-extent", tmp_path)
     watch = FifoWatch(tmp_path / "neighbour")
 
@@ -1062,7 +1064,7 @@ def test_inspecting_a_4_gib_image_reads_only_a_small_part_of_it(tmp_path, fmt):
 
 
 def test_qemu_img_info_reports_json(corpus):
-    info = inspect.qemu_img_info(corpus / "dynamic.vhd", "vhd")
+    info = qemu.qemu_img_info(corpus / "dynamic.vhd", "vhd")
 
     assert info["format"] == "vpc"
     json.dumps(info)  # plain data, storable on the upload as it is

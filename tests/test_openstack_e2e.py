@@ -59,7 +59,7 @@ def test_an_upload_reaches_active_in_glance_with_the_same_checksums(
     upload.refresh_from_db()
     assert upload.status == Status.READY, upload.error_message
     data = path.read_bytes()
-    image = services._ims(services._usable_token(alice.pk)).get_image(upload.ims_image_id)
+    image = services.cloud.ims_client(services.cloud.owner_token(alice.pk).value).get_image(upload.ims_image_id)
     assert image.status == "active"
     assert image.size == len(data)
     assert image.checksum == hashlib.md5(data).hexdigest() == upload.md5
@@ -81,7 +81,8 @@ def test_contents_that_are_no_disk_image_are_refused_before_glance_sees_them(
     assert upload.status == Status.REFUSED
     assert "QCOW2" in upload.error_message and not upload.ims_image_id
     # Glance (which would answer 415 and keep a broken image) was never asked.
-    images = services._ims(services._usable_token(alice.pk)).session.get(f"{openstack_peers.glance_url}/v2/images")
+    client = services.cloud.ims_client(services.cloud.owner_token(alice.pk).value)
+    images = client.session.get(f"{openstack_peers.glance_url}/v2/images")
     assert images.json()["images"] == [] or all(i["name"] != upload.name for i in images.json()["images"])
 
 
@@ -98,7 +99,7 @@ def test_a_vmdk_is_converted_and_reaches_active_in_glance_as_qcow2(
     upload.refresh_from_db()
     assert upload.status == Status.READY, upload.error_message
     assert (upload.detected_format, upload.send_format) == ("vmdk", "qcow2")
-    image = services._ims(services._usable_token(alice.pk)).get_image(upload.ims_image_id)
+    image = services.cloud.ims_client(services.cloud.owner_token(alice.pk).value).get_image(upload.ims_image_id)
     assert image.raw["disk_format"] == "qcow2"
     assert image.checksum == upload.md5 and image.os_hash_value == upload.sha512
 

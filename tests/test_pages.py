@@ -221,3 +221,27 @@ def test_the_upload_page_takes_its_limits_and_words_from_the_server(alice_client
         "Cancelled on My uploads: nothing more is sent.")
     assert f'max="{fields["min_ram"].max_value}"' in page  # the "Same for every file" field
     assert 'data-status-url="/uploads/00000000-0000-0000-0000-000000000000/status"' in page
+
+
+@pytest.mark.parametrize(("status", "active"), [
+    (Status.RECEIVING, True), (Status.RECEIVED, False), (Status.CHECKING, True), (Status.PUSHING, True),
+    (Status.PROCESSING, True), (Status.FAILED, False), (Status.RECONNECT, False), (Status.READY, False),
+])
+def test_the_status_json_and_the_bar_say_whether_the_upload_is_active(alice_client, upload, status, active):
+    Upload.objects.filter(pk=upload.pk).update(status=status)
+    assert alice_client.get(f"/uploads/{upload.uid}/status").json()["active"] is active
+    page = alice_client.get("/uploads/").content.decode()
+    assert ("bar bar--active" in page) is active
+
+
+def test_the_size_limit_is_said_as_the_settings_set_it(alice_client, alice_with_token, settings):
+    settings.UPLOAD_MAX_BYTES = 64 * 1024**3 - 1
+    footer = alice_client.get("/uploads/").content.decode()
+    assert "smaller than 64 GB" in footer and "128 GB" not in footer
+    page = alice_client.get("/upload/").content.decode()
+    words = json.loads(re.search(r'id="upload-words"[^>]*>(.*?)</script>', page, re.S).group(1))
+    assert words["too_large"] == "The file is 64 GB or larger; IMS takes only smaller images."
+    assert words["too_large_file"].startswith("“%{file}” is 64 GB or larger")
+    assert "128 GB" not in page
+    form = UploadMetadataForm({"filename": "a.qcow2", "size": 64 * 1024**3})
+    assert not form.is_valid() and "64 GB or larger" in str(form.errors["size"])

@@ -77,7 +77,7 @@ def test_a_cut_connection_says_how_far_it_got_in_words(alice_connected, sim):
 
 def test_the_image_gets_the_users_details(alice_connected, sim):
     services.upload_push(upload_id=received_upload(alice_connected, DATA).pk)
-    [image] = ImsClient(sim.url, services._usable_token(alice_connected.pk)).session.get(
+    [image] = ImsClient(sim.url, services.cloud.owner_token(alice_connected.pk).value).session.get(
         f"{sim.url}/v2/images"
     ).json()["images"]
     assert image["name"] == "web-server" and image["disk_format"] == "raw"
@@ -242,7 +242,7 @@ def test_a_503_while_polling_just_polls_again(alice_connected, sim):
 
 def test_a_retry_reuses_a_queued_image_and_replaces_a_stuck_one(alice_connected, sim):
     upload = received_upload(alice_connected, DATA)
-    client = ImsClient(sim.url, services._usable_token(alice_connected.pk))
+    client = ImsClient(sim.url, services.cloud.owner_token(alice_connected.pk).value)
     stuck = client.create_image(name="old", disk_format="raw")
     sim.set_image_status(stuck.id, "saving")
     Upload.objects.filter(pk=upload.pk).update(ims_image_id=stuck.id)
@@ -447,12 +447,12 @@ def test_staging_cleanup_deletes_only_what_no_upload_needs(alice_connected, sim,
 
 
 def test_an_unexpected_error_in_a_push_never_leaves_the_upload_stuck(alice_connected, sim, monkeypatch):
-    from uploads import inspect
+    from uploads import diskimage
 
     def broken(*args, **kwargs):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(inspect, "inspect_file", broken)
+    monkeypatch.setattr(diskimage, "inspect_file", broken)
     upload = received_upload(alice_connected, DATA)
     assert services.upload_push(upload_id=upload.pk).retry_in
     upload.refresh_from_db()
@@ -517,7 +517,7 @@ def a_push_that_died_after_its_last_byte(upload, sim, stored: bytes, *, status=S
 
     from django.utils import timezone
 
-    client = ImsClient(sim.url, services._usable_token(upload.owner_id))
+    client = ImsClient(sim.url, services.cloud.owner_token(upload.owner_id).value)
     image = client.create_image(name=upload.name, disk_format="raw")
     client.upload_file(image.id, io.BytesIO(stored), len(stored))
     Upload.objects.filter(pk=upload.pk).update(
@@ -610,3 +610,20 @@ def test_an_active_image_is_not_ready_while_ims_reports_no_checksum_to_compare(
     upload.refresh_from_db()
     assert upload.status == Status.FAILED and upload.error_code == "checksum_mismatch"
     assert sim.images() == []
+
+
+def test_push_and_poll_say_the_same_about_a_sign_in_that_can_no_longer_be_read(alice_connected, sim, settings):
+    from cryptography.fernet import Fernet
+
+    sim.set_faults(processing_seconds=60)
+    polled = received_upload(alice_connected, DATA, name="polled")
+    services.upload_push(upload_id=polled.pk)
+    pushed = received_upload(alice_connected, DATA, name="pushed")
+    settings.TOKEN_ENCRYPTION_KEY = Fernet.generate_key().decode()  # the key changed: the token is unreadable
+    services.upload_poll(upload_id=polled.pk)
+    services.upload_push(upload_id=pushed.pk)
+    for upload in (polled, pushed):
+        upload.refresh_from_db()
+        assert upload.status == Status.RECONNECT and upload.error_code == "token_expired"
+        assert upload.error_message.startswith("Your stored cloud sign-in can no longer be read"), upload.error_message
+        assert upload.error_hint

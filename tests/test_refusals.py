@@ -16,7 +16,7 @@ from django.utils import timezone
 from tests.test_inspect import REFUSED, corpus  # noqa: F401  (corpus: a session fixture)
 from tests.test_pipeline import received_upload
 from uploads import services
-from uploads.inspect import LABELS
+from uploads.diskimage import LABELS
 from uploads.models import ALLOWED_MOVES, CloudAccount, Status, Upload, UploadEvent, can_move
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img (qemu-utils)")

@@ -65,7 +65,7 @@ def upload(alice):
 
 
 def test_a_move_is_written_to_the_timeline(upload):
-    assert services._move(upload, Status.CANCELLED, "Cancelled by test")
+    assert services.state.move(upload, Status.CANCELLED, "Cancelled by test")
     upload.refresh_from_db()
     assert upload.status == Status.CANCELLED
     assert upload.finished_at is not None
@@ -74,7 +74,7 @@ def test_a_move_is_written_to_the_timeline(upload):
 
 
 def test_a_move_that_is_not_allowed_changes_nothing(upload):
-    assert not services._move(upload, Status.READY, "nope")
+    assert not services.state.move(upload, Status.READY, "nope")
     upload.refresh_from_db()
     assert upload.status == Status.RECEIVING
     assert not UploadEvent.objects.exists()
@@ -82,9 +82,9 @@ def test_a_move_that_is_not_allowed_changes_nothing(upload):
 
 def test_a_stale_copy_cannot_move_a_row_that_moved_meanwhile(upload):
     stale = Upload.objects.get(pk=upload.pk)
-    assert services._move(upload, Status.CANCELLED, "first")
+    assert services.state.move(upload, Status.CANCELLED, "first")
     # The stale copy still believes it is receiving; the guarded update finds no such row.
-    assert not services._move(stale, Status.RECEIVED, "second")
+    assert not services.state.move(stale, Status.RECEIVED, "second")
     upload.refresh_from_db()
     assert upload.status == Status.CANCELLED
     assert UploadEvent.objects.count() == 1

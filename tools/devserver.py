@@ -271,12 +271,13 @@ def run(server: Devserver) -> int:
     return server.watch()
 
 
-def main() -> int:
+def main(layout=None) -> int:
+    """Start `layout` (this file's run: the simple one), watch it, stop everything on Ctrl-C."""
     server = Devserver()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.stopping.set())
     try:
-        status = run(server)
+        status = (layout or run)(server)
     except Interrupted:
         status = 0
     except Failed as error:

@@ -12,7 +12,6 @@ machine's own.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,7 +21,7 @@ sys.path.insert(0, str(ROOT))  # `python tools/prodserver.py` puts tools/, not t
 
 from deploy.nginx import render  # noqa: E402
 from tools import devserver  # noqa: E402
-from tools.devserver import BIN, PYTHON, VAR, Devserver, Failed, Interrupted, port_in_use, say  # noqa: E402
+from tools.devserver import BIN, PYTHON, VAR, Devserver, Failed, port_in_use, say  # noqa: E402
 
 PROD = VAR / "prod"
 
@@ -101,21 +100,7 @@ def run(server: Devserver) -> int:
 
 
 def main() -> int:
-    """As tools/devserver.py's main(), with this layout."""
-    server = Devserver()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: server.stopping.set())
-    try:
-        status = run(server)
-    except Interrupted:
-        status = 0
-    except Failed as error:
-        say("devserver", f"error: {error}")
-        status = 1
-    finally:
-        server.stop_all()
-    say("devserver", "stopped")
-    return status
+    return devserver.main(layout=run)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import unicodedata
 from django import forms
 from django.conf import settings
 
+from uploads import limits
 from uploads.models import EXTENSION_FORMATS, DiskFormat
 
 # The values of __os_version that people choose most; any other text is accepted too.
@@ -31,7 +32,11 @@ COMMON_OS_VERSIONS = [
 ]
 
 MAX_TAGS = 20
-TAG_RE = re.compile(r"^[\w.\-]{1,36}(=[\w.\-:/ ]{0,43})?$")
+# A tag is key=value (IMS's limits): the key up to TAG_KEY_MAX characters, the value up to TAG_VALUE_MAX.
+TAG_KEY_MAX, TAG_VALUE_MAX = 36, 43
+TAG_RE = re.compile(rf"^[\w.\-]{{1,{TAG_KEY_MAX}}}(=[\w.\-:/ ]{{0,{TAG_VALUE_MAX}}})?$")
+# The longest name (image, file, OS version, cloud identifiers) the portal takes.
+NAME_MAX_LENGTH = 255
 
 
 # Characters that do not show, or that change how the text around them shows, such as U+202E,
@@ -83,7 +88,7 @@ def format_for_filename(filename: str) -> str | None:
 
 
 def default_image_name(filename: str) -> str:
-    return os.path.splitext(os.path.basename(filename))[0][:255] or "image"
+    return os.path.splitext(os.path.basename(filename))[0][:NAME_MAX_LENGTH] or "image"
 
 
 def _plain_text(**attrs) -> forms.TextInput:
@@ -91,30 +96,23 @@ def _plain_text(**attrs) -> forms.TextInput:
     return forms.TextInput(attrs={"autocapitalize": "none", "spellcheck": "false", "autocomplete": "off", **attrs})
 
 
+def _name_field(what: str, label: str, help_text: str = "", **attrs) -> NameField:
+    """A cloud identifier (IAM names, the project): plain text up to NAME_MAX_LENGTH characters."""
+    return NameField(what=what, label=label, max_length=NAME_MAX_LENGTH, widget=_plain_text(**attrs), help_text=help_text)
+
+
 class CloudAccountForm(forms.Form):
-    domain = NameField(
-        what="The IAM domain name",
-        label="IAM domain name",
-        max_length=255,
-        widget=_plain_text(),
-        help_text="Your cloud account (tenant) name, e.g. OTC-EU-DE-00000000001000000001.",
-    )
-    user_name = NameField(what="The IAM user name", label="IAM user name", max_length=255,
-                          widget=_plain_text(autocomplete="username"))
+    domain = _name_field("The IAM domain name", "IAM domain name",
+                         "Your cloud account (tenant) name, e.g. OTC-EU-DE-00000000001000000001.")
+    user_name = _name_field("The IAM user name", "IAM user name", autocomplete="username")
     password = forms.CharField(
         label="Password",
-        max_length=255,
+        max_length=NAME_MAX_LENGTH,
         strip=False,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "current-password"}),
         help_text="Used once to get a token from IAM; the portal never stores it.",
     )
-    project = NameField(
-        what="The project",
-        label="Project (name or id)",
-        max_length=255,
-        widget=_plain_text(),
-        help_text="The region project, e.g. eu-de, or its 32-character id.",
-    )
+    project = _name_field("The project", "Project (name or id)", "The region project, e.g. eu-de, or its 32-character id.")
 
     @classmethod
     def for_account(cls, account, data=None) -> "CloudAccountForm":
@@ -133,11 +131,11 @@ class CloudAccountForm(forms.Form):
 class UploadMetadataForm(forms.Form):
     """The details a tus creation request carries in Upload-Metadata, checked like any form."""
 
-    filename = NameField(what="The file name", fix="rename the file without it, then add it again", max_length=255,
+    filename = NameField(what="The file name", fix="rename the file without it, then add it again", max_length=NAME_MAX_LENGTH,
                          error_messages={"required": "The file has no name."})
-    image_name = NameField(what="The image name", max_length=255, required=False)
+    image_name = NameField(what="The image name", max_length=NAME_MAX_LENGTH, required=False)
     disk_format = forms.ChoiceField(choices=DiskFormat.choices, required=False)
-    os_version = NameField(what="The OS version", max_length=255, required=False)
+    os_version = NameField(what="The OS version", max_length=NAME_MAX_LENGTH, required=False)
     min_disk = forms.IntegerField(min_value=0, max_value=1024, required=False)
     min_ram = forms.IntegerField(min_value=0, max_value=2 * 1024 * 1024, required=False)
     tags = forms.CharField(max_length=2000, required=False)  # one per line or comma: checked one by one
@@ -164,16 +162,16 @@ class UploadMetadataForm(forms.Form):
             if not TAG_RE.match(tag):
                 raise forms.ValidationError(
                     f"Tag “{tag}” is not valid: use key=value with letters, digits, '.', '-' and '_' "
-                    "(key up to 36, value up to 43 characters)."
+                    f"(key up to {TAG_KEY_MAX}, value up to {TAG_VALUE_MAX} characters)."
                 )
         return tags
 
     def clean_size(self):
         size = self.cleaned_data["size"]
         if size == 0:
-            raise forms.ValidationError("The file is empty: choose the disk image file itself.")
+            raise forms.ValidationError(limits.EMPTY_FILE)
         if size > settings.UPLOAD_MAX_BYTES:
-            raise forms.ValidationError("The file is 128 GB or larger; IMS takes only smaller images.")
+            raise forms.ValidationError(limits.too_large())
         return size
 
     def clean(self):

@@ -1,25 +1,32 @@
 """A small client for the two cloud services the portal talks to: IAM (tokens) and IMS (images).
 
 No Django here: it takes a base URL, a token and a file-like object, and raises one error type,
-`ImsError`, which carries a message a non-technical person can act on, a hint, whether retrying
-can help (`permanent`), and the raw reply for admins. Tokens never appear in an error or a log.
+`CloudError` (uploads/errors.py's PortalError: a message a non-technical person can act on, a
+hint, a `code` the portal acts on, whether retrying can help (`permanent`), and the reply for
+admins in `detail`). Tokens never appear in an error or a log.
 """
 
-import hashlib
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import BinaryIO
 
 import requests
 
+from uploads.errors import ErrorCode, PortalError
+from uploads.filebody import FileBody
 from uploads.sizes import human_size
 
 CONNECT_TIMEOUT = 10
+# How long to wait for a reply to a call without a body to stream (sign in, create, get, delete).
+REPLY_TIMEOUT = 60
+CALL_TIMEOUT = (CONNECT_TIMEOUT, REPLY_TIMEOUT)
 # How long to wait for a reply once the body is sent: IMS may take a while to answer a big PUT.
 READ_TIMEOUT = 600
+# How much of a reply an error keeps for admins: enough for any error body, never a whole page.
+DETAIL_REPLY_CHARS = 4000
+SIGN_IN_REPLY_CHARS = 2000  # a sign-in reply: its token is in a header, never in these
+BAD_REQUEST_DETAIL_CHARS = 300  # the cloud's own words quoted to the person
 BUFFER_SIZE = 1024 * 1024  # bytes read from disk and sent per step while streaming a file
 
 HINT_RECONNECT = "Reconnect on the Cloud account page: the upload then continues by itself."
@@ -27,32 +34,19 @@ HINT_RETRY_LATER = "This is usually temporary: the portal retries by itself; if 
 HINT_CONTACT_ADMIN = "Ask an administrator to look at this upload's details."
 
 
-class ImsError(Exception):
-    """Any failure of a call to IAM or IMS.
+class CloudError(PortalError):
+    """Any failure of a call to IAM or IMS. `status`: the HTTP status, when there was a reply.
 
-    kind: a short word the portal acts on: "auth" (sign in again), "forbidden", "not_found",
+    code: a short word the portal acts on: "auth" (sign in again), "forbidden", "not_found",
     "conflict", "too_large", "bad_request", "unsupported", "server", "network", "aborted".
+    The cloud's own error code (IMG.0057 ...) is in `detail`, with the reply.
     """
 
     def __init__(
-        self,
-        message: str,
-        *,
-        kind: str,
-        permanent: bool,
-        hint: str = "",
-        status: int | None = None,
-        code: str = "",
-        raw: str = "",
+        self, message: str, *, code: str, permanent: bool, hint: str = "", status: int | None = None, detail: str = ""
     ):
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-        self.permanent = permanent
-        self.hint = hint
+        super().__init__(message, hint=hint, code=code, detail=detail, permanent=permanent)
         self.status = status
-        self.code = code
-        self.raw = raw
 
 
 @dataclass
@@ -118,64 +112,51 @@ def _strip_glance(text: str) -> str:
     return " ".join(text.replace("<br />", " ").split())
 
 
-def explain(response: requests.Response) -> ImsError:
-    """Turn an error reply into words a person can act on (and keep the raw reply for admins)."""
+# What each error status means, in words a person can act on: (code, permanent, message, hint).
+# A 400's message comes from the reply (_bad_request_message).
+STATUS_ERRORS = {
+    401: (ErrorCode.AUTH, True, "Your cloud sign-in has expired or was not accepted.", HINT_RECONNECT),
+    403: (
+        "forbidden", True, "Your cloud account is not allowed to do this in the selected project.",
+        "Ask your cloud administrator for image rights in this project, or connect a different project.",
+    ),
+    404: (
+        ErrorCode.NOT_FOUND, True, "The image no longer exists in the cloud (it may have been deleted there).",
+        "Press Retry to create it again.",
+    ),
+    409: (
+        "conflict", True, "The cloud refused the file because this image already has data or is busy.",
+        "Press Retry: the portal will create a fresh image and send the file again.",
+    ),
+    413: (
+        "too_large", True, "The file is too large for the cloud (images must be under 128 GB).",
+        "Shrink or compress the disk image (for example convert it to QCOW2), then upload it again.",
+    ),
+    415: (
+        "unsupported", True, "The cloud says the file's contents do not match the disk format you chose.",
+        "Check the file's real format, upload it again with the right disk format.",
+    ),
+    400: (
+        "bad_request", True, "",
+        "Correct the image details and upload again; an administrator can see the full reply.",
+    ),
+    429: ("server", False, "The cloud's image service had a temporary problem.", HINT_RETRY_LATER),
+}
+SERVER_ERROR = STATUS_ERRORS[429]  # every 5xx: temporary
+
+
+def explain(response: requests.Response) -> CloudError:
+    """Turn an error reply into words a person can act on (and keep the reply for admins)."""
     status = response.status_code
-    code, detail = _error_text(response)
-    raw = f"HTTP {status} {response.reason}\n{response.text[:4000]}"
-    common = {"status": status, "code": code, "raw": raw}
-    if status == 401:
-        return ImsError(
-            "Your cloud sign-in has expired or was not accepted.",
-            kind="auth", permanent=True, hint=HINT_RECONNECT, **common,
-        )
-    if status == 403:
-        return ImsError(
-            "Your cloud account is not allowed to do this in the selected project.",
-            kind="forbidden", permanent=True,
-            hint="Ask your cloud administrator for image rights in this project, or connect a different project.",
-            **common,
-        )
-    if status == 404:
-        return ImsError(
-            "The image no longer exists in the cloud (it may have been deleted there).",
-            kind="not_found", permanent=True, hint="Press Retry to create it again.", **common,
-        )
-    if status == 409:
-        return ImsError(
-            "The cloud refused the file because this image already has data or is busy.",
-            kind="conflict", permanent=True,
-            hint="Press Retry: the portal will create a fresh image and send the file again.", **common,
-        )
-    if status == 413:
-        return ImsError(
-            "The file is too large for the cloud (images must be under 128 GB).",
-            kind="too_large", permanent=True,
-            hint="Shrink or compress the disk image (for example convert it to QCOW2), then upload it again.",
-            **common,
-        )
-    if status == 415:
-        return ImsError(
-            "The cloud says the file's contents do not match the disk format you chose.",
-            kind="unsupported", permanent=True,
-            hint="Check the file's real format, upload it again with the right disk format.", **common,
-        )
-    if status == 400:
-        return ImsError(
-            _bad_request_message(code, detail),
-            kind="bad_request", permanent=True,
-            hint="Correct the image details and upload again; an administrator can see the full reply.",
-            **common,
-        )
-    if status >= 500 or status == 429:
-        return ImsError(
-            "The cloud's image service had a temporary problem.",
-            kind="server", permanent=False, hint=HINT_RETRY_LATER, **common,
-        )
-    return ImsError(
-        f"The cloud answered with an unexpected error ({status}).",
-        kind="server", permanent=True, hint=HINT_CONTACT_ADMIN, **common,
+    ims_code, ims_message = _error_text(response)
+    fallback = (
+        "server", True, f"The cloud answered with an unexpected error ({status}).", HINT_CONTACT_ADMIN,
     )
+    code, permanent, message, hint = STATUS_ERRORS.get(status) or (SERVER_ERROR if status >= 500 else fallback)
+    if status == 400:
+        message = _bad_request_message(ims_code, ims_message)
+    detail = f"HTTP {status} {response.reason}\n{response.text[:DETAIL_REPLY_CHARS]}"
+    return CloudError(message, code=code, permanent=permanent, hint=hint, status=status, detail=detail)
 
 
 # IMS error codes whose meaning is worth saying in plain words.
@@ -191,14 +172,14 @@ def _bad_request_message(code: str, detail: str) -> str:
     if code in IMS_CODES:
         return IMS_CODES[code]
     if detail:
-        return f"The cloud refused the image details: {detail[:300]}"
+        return f"The cloud refused the image details: {detail[:BAD_REQUEST_DETAIL_CHARS]}"
     return "The cloud refused the image details."
 
 
-def _network_error(exc: Exception, what: str) -> ImsError:
-    return ImsError(
+def _network_error(exc: Exception, what: str) -> CloudError:
+    return CloudError(
         f"Could not reach the cloud while {what}.",
-        kind="network", permanent=False, hint=HINT_RETRY_LATER, raw=f"{type(exc).__name__}: {exc}",
+        code="network", permanent=False, hint=HINT_RETRY_LATER, detail=f"{type(exc).__name__}: {exc}",
     )
 
 
@@ -224,26 +205,26 @@ class IamClient:
             response = self.session.post(
                 f"{self.base_url}/auth/tokens?nocatalog=true",
                 json=body,
-                timeout=(CONNECT_TIMEOUT, 60),
+                timeout=CALL_TIMEOUT,
             )
         except requests.RequestException as exc:
             raise _network_error(exc, "signing in") from None
         if response.status_code == 401:
-            raise ImsError(
+            raise CloudError(
                 "The cloud did not accept these details: check the domain, user name, password and project.",
-                kind="auth", permanent=True,
+                code=ErrorCode.AUTH, permanent=True,
                 hint="Use the IAM user of your cloud account (not your portal sign-in).",
-                status=401, raw=f"HTTP 401\n{response.text[:2000]}",
+                status=401, detail=f"HTTP 401\n{response.text[:SIGN_IN_REPLY_CHARS]}",
             )
         if response.status_code != 201 or not response.headers.get("X-Subject-Token"):
             raise explain(response)
         try:
             return _token(response, user, domain)
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise ImsError(
+            raise CloudError(
                 "The cloud's sign-in service gave an answer the portal does not understand.",
-                kind="server", permanent=True, hint="Check the IAM address the portal uses, or ask an administrator.",
-                status=response.status_code, raw=f"HTTP 201\n{response.text[:2000]}",
+                code="server", permanent=True, hint="Check the IAM address the portal uses, or ask an administrator.",
+                status=response.status_code, detail=f"HTTP 201\n{response.text[:SIGN_IN_REPLY_CHARS]}",
             ) from None
 
 
@@ -276,7 +257,7 @@ class ImsClient:
         self.session.headers["Accept"] = "application/json"
 
     def _call(self, method: str, path: str, what: str, **kwargs) -> requests.Response:
-        kwargs.setdefault("timeout", (CONNECT_TIMEOUT, 60))
+        kwargs.setdefault("timeout", CALL_TIMEOUT)
         try:
             response = self.session.request(method, f"{self.base_url}{path}", **kwargs)
         except requests.RequestException as exc:
@@ -286,15 +267,8 @@ class ImsClient:
         return response
 
     def create_image(
-        self,
-        *,
-        name: str,
-        disk_format: str,
-        os_version: str = "",
-        min_disk: int = 0,
-        min_ram: int = 0,
+        self, *, name: str, disk_format: str, os_version: str = "", min_disk: int = 0, min_ram: int = 0,
         tags: list[str] | None = None,
-        properties: dict[str, str] | None = None,
     ) -> Image:
         body = {
             "name": name,
@@ -308,7 +282,6 @@ class ImsClient:
         }
         if os_version:
             body["__os_version"] = os_version
-        body.update(properties or {})
         response = self._call("POST", "/v2/images", "creating the image", json=body)
         return _image(response.json())
 
@@ -319,8 +292,8 @@ class ImsClient:
         """Delete an image; one that is already gone counts as deleted."""
         try:
             self._call("DELETE", f"/v2/images/{image_id}", "deleting the image")
-        except ImsError as exc:
-            if exc.kind != "not_found":
+        except CloudError as exc:
+            if exc.code != ErrorCode.NOT_FOUND:
                 raise
 
     def upload_file(
@@ -335,10 +308,10 @@ class ImsClient:
         """Stream `size` bytes of `fileobj` to the image with a Content-Length, one buffer at a time.
 
         on_progress(sent_bytes) is called after each buffer; returning False aborts the upload
-        (ImsError kind "aborted"). MD5 and SHA-512 of exactly the bytes sent are computed in the
+        (CloudError code "aborted"). MD5 and SHA-512 of exactly the bytes sent are computed in the
         same pass.
         """
-        body = _FileBody(fileobj, size, buffer_size, on_progress)
+        body = FileBody(fileobj, size, buffer_size, on_progress)
         try:
             with body.hashing:
                 self._call(
@@ -349,94 +322,18 @@ class ImsClient:
                     headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
                     timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
                 )
-        except ImsError as exc:
+        except CloudError as exc:
             if body.aborted:
-                raise ImsError("The upload was stopped.", kind="aborted", permanent=True) from None
-            if exc.kind == "network" and body.sent < size:
+                raise CloudError("The upload was stopped.", code=ErrorCode.ABORTED, permanent=True) from None
+            if exc.code == "network" and body.sent < size:
                 exc.message = f"The connection to the cloud broke after {human_size(body.sent)} of {human_size(size)}."
             raise
         if body.sent != size:
-            raise ImsError(
+            raise CloudError(
                 "The staged file is shorter than expected: it changed while being sent.",
-                kind="server", permanent=True, hint=HINT_CONTACT_ADMIN,
+                code="server", permanent=True, hint=HINT_CONTACT_ADMIN,
             )
         return SendResult(body.sent, body.hashing.md5.hexdigest(), body.hashing.sha512.hexdigest())
-
-
-class _FileBody:
-    """A request body that reads a fixed-size buffer at a time and never holds the whole file.
-
-    `__len__` lets requests send a Content-Length; iterating yields the buffers.
-    """
-
-    def __init__(self, fileobj, size, buffer_size, on_progress):
-        self.fileobj = fileobj
-        self.size = size
-        self.buffer_size = buffer_size
-        self.on_progress = on_progress
-        self.sent = 0
-        self.aborted = False
-        self.hashing = _Hashing()
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[bytes]:
-        while self.sent < self.size:
-            chunk = self.fileobj.read(min(self.buffer_size, self.size - self.sent))
-            if not chunk:
-                return
-            self.hashing.add(chunk)
-            self.sent += len(chunk)
-            yield chunk
-            if self.on_progress is not None and self.on_progress(self.sent) is False:
-                self.aborted = True
-                raise _Aborted()
-
-
-class _Hashing:
-    """MD5 and SHA-512 of the bytes sent, each computed in a thread of its own beside the sending one.
-
-    Hashing costs more CPU than sending (about 1.4 s per GiB for each): in the sending thread it
-    would halve the speed. hashlib lets go of the GIL while it hashes, so the three threads run
-    on whatever cores are free. At most QUEUED buffers wait for each hash, so memory stays
-    bounded. Use it as a context manager: leaving it waits for the last buffer to be hashed.
-    """
-
-    QUEUED = 8
-
-    def __init__(self):
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.sha512 = hashlib.sha512()
-        self._queues = [queue.Queue(maxsize=self.QUEUED) for _ in range(2)]
-        self._threads = [
-            threading.Thread(target=self._run, args=(hasher, line), name=f"push-{hasher.name}", daemon=True)
-            for hasher, line in zip((self.md5, self.sha512), self._queues)
-        ]
-
-    def __enter__(self):
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        for line in self._queues:
-            line.put(None)
-        for thread in self._threads:
-            thread.join()
-
-    def add(self, chunk: bytes) -> None:
-        for line in self._queues:
-            line.put(chunk)
-
-    @staticmethod
-    def _run(hasher, line: queue.Queue) -> None:
-        while (chunk := line.get()) is not None:
-            hasher.update(chunk)
-
-
-class _Aborted(IOError):
-    """Raised inside the body iterator to stop a PUT; requests turns it into a ConnectionError."""
 
 
 def _image(data: dict) -> Image:
@@ -482,8 +379,8 @@ def start_obs_import(
     reply = client._call("POST", "/v2/cloudimages/action", "asking IMS to import the file from OBS", json=body)
     job_id = (reply.json() or {}).get("job_id")
     if not job_id:
-        raise ImsError("IMS did not say how to follow the import of the file.", kind="server", permanent=False,
-                       hint=HINT_RETRY_LATER, raw=reply.text[:4000])
+        raise CloudError("IMS did not say how to follow the import of the file.", code="server", permanent=False,
+                         hint=HINT_RETRY_LATER, detail=reply.text[:4000])
     return job_id
 
 

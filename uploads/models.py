@@ -1,117 +1,35 @@
 """An upload's life: one row per image file, one state machine, and the events that tell its story.
 
 The row is the source of truth for every upload. Its status changes only through
-`uploads.services`, with guarded updates that check the move against `ALLOWED_MOVES`.
+`uploads.services`, with guarded updates that check the move against `ALLOWED_MOVES`
+(uploads/choices.py, with the statuses, disk formats and error codes).
 """
 
 import hashlib
 import uuid
-from datetime import timezone as dt_timezone
+from datetime import timedelta, timezone as dt_timezone
 
 from django.conf import settings
 from django.db import models
 from django.urls import reverse
+from django.utils import timezone
 
+from uploads.choices import (  # handed on: the app imports these from uploads.models
+    ACTIVE,
+    ALLOWED_MOVES,
+    CANCELLABLE,
+    EXTENSION_FORMATS,
+    FINISHED,
+    RETRYABLE,
+    WAITING_FOR_A_PERSON,
+    WAITING_ON,
+    WORKING,
+    DiskFormat,
+    ErrorCode,
+    Status,
+    can_move,
+)
 from uploads.sizes import human_size
-
-
-class Status(models.TextChoices):
-    RECEIVING = "receiving", "Receiving"  # the browser is sending bytes to staging (tus)
-    RECEIVED = "received", "Received"  # all bytes staged; waiting for a worker to send them
-    CHECKING = "checking", "Checking the file"  # a worker inspects what the file really is
-    CONVERTING = "converting", "Converting"  # into a format IMS takes (qcow2)
-    PUSHING = "pushing", "Sending to IMS"  # a worker streams the file to IMS
-    PROCESSING = "processing", "IMS processing"  # IMS has the bytes and is checking them
-    READY = "ready", "Ready"  # the image is active in IMS
-    FAILED = "failed", "Failed"  # stopped by a fault of the portal or the cloud; Retry may help
-    # The check found the file unsafe, damaged or not what it was said to be: sending it again
-    # cannot help. The staged file is kept for a while, so that a format fix needs no new upload.
-    REFUSED = "refused", "Refused"
-    RECONNECT = "reconnect", "Reconnect needed"  # the cloud sign-in expired or was refused
-    CANCELLED = "cancelled", "Cancelled"  # the owner gave up; staged file and IMS image removed
-
-
-# Every move an upload may make. Anything not listed here is refused by the services.
-ALLOWED_MOVES: dict[str, set[str]] = {
-    Status.RECEIVING: {Status.RECEIVED, Status.CANCELLED, Status.FAILED},
-    Status.RECEIVED: {Status.CHECKING, Status.RECONNECT, Status.CANCELLED, Status.FAILED},
-    # CHECKING/CONVERTING -> RECEIVED: a temporary problem (no room to convert, a dead worker).
-    # CHECKING/CONVERTING -> RECONNECT: the converted file takes longer to send than the token lasts.
-    # CHECKING/CONVERTING -> REFUSED: the file (or what conversion made of it) failed the check.
-    Status.CHECKING: {
-        Status.PUSHING, Status.CONVERTING, Status.FAILED, Status.REFUSED, Status.RECEIVED, Status.RECONNECT,
-        Status.CANCELLED,
-    },
-    Status.CONVERTING: {
-        Status.PUSHING, Status.FAILED, Status.REFUSED, Status.RECEIVED, Status.RECONNECT, Status.CANCELLED,
-    },
-    # PUSHING -> RECEIVED: a transient fault; the push is queued again with backoff.
-    Status.PUSHING: {
-        Status.PROCESSING,
-        Status.RECEIVED,
-        Status.FAILED,
-        Status.RECONNECT,
-        Status.CANCELLED,
-    },
-    Status.PROCESSING: {Status.READY, Status.FAILED, Status.RECONNECT, Status.CANCELLED},
-    Status.FAILED: {Status.RECEIVED, Status.CANCELLED},
-    # REFUSED -> RECEIVED only with another format (the one-click fix), never as a plain Retry.
-    Status.REFUSED: {Status.RECEIVED, Status.CANCELLED},
-    # RECONNECT -> PROCESSING: IMS already has the whole file; only checking on it was cut short.
-    Status.RECONNECT: {Status.RECEIVED, Status.PROCESSING, Status.CANCELLED},
-    Status.READY: set(),
-    Status.CANCELLED: set(),
-}
-
-# Nothing will ever change: no moves lead on.
-FINISHED = {Status.READY, Status.CANCELLED}
-# Nothing changes until a person acts: Retry or Remove, a format fix, or a new cloud sign-in.
-WAITING_FOR_A_PERSON = {Status.FAILED, Status.REFUSED, Status.RECONNECT}
-# Who moves an unfinished upload on next (Upload.waiting_on; the status JSON's `waiting_on`).
-WAITING_ON = {
-    Status.RECEIVING: "browser",
-    Status.RECEIVED: "portal", Status.CHECKING: "portal", Status.CONVERTING: "portal", Status.PUSHING: "portal",
-    Status.PROCESSING: "ims",
-    **{status: "person" for status in WAITING_FOR_A_PERSON},
-}
-# States in which a worker is busy with the upload (and keeps its heartbeat fresh).
-WORKING = {Status.CHECKING, Status.CONVERTING, Status.PUSHING}
-# States in which Retry may help. Not REFUSED: the same file would be refused the same way.
-RETRYABLE = {Status.FAILED, Status.RECONNECT}
-CANCELLABLE = {s for s, moves in ALLOWED_MOVES.items() if Status.CANCELLED in moves}
-
-
-def can_move(old: str, new: str) -> bool:
-    return new in ALLOWED_MOVES.get(old, set())
-
-
-class DiskFormat(models.TextChoices):
-    QCOW2 = "qcow2", "QCOW2"
-    VMDK = "vmdk", "VMDK"
-    VHD = "vhd", "VHD"
-    RAW = "raw", "RAW"
-    VHDX = "vhdx", "VHDX"
-    QED = "qed", "QED"
-    VDI = "vdi", "VDI"
-    QCOW = "qcow", "QCOW"
-    ZVHD2 = "zvhd2", "ZVHD2"
-    ZVHD = "zvhd", "ZVHD"
-
-
-# File name endings people bring, and the format each one means.
-EXTENSION_FORMATS = {
-    ".qcow2": DiskFormat.QCOW2,
-    ".vmdk": DiskFormat.VMDK,
-    ".vhd": DiskFormat.VHD,
-    ".raw": DiskFormat.RAW,
-    ".img": DiskFormat.RAW,
-    ".vhdx": DiskFormat.VHDX,
-    ".qed": DiskFormat.QED,
-    ".vdi": DiskFormat.VDI,
-    ".qcow": DiskFormat.QCOW,
-    ".zvhd2": DiskFormat.ZVHD2,
-    ".zvhd": DiskFormat.ZVHD,
-}
 
 
 class CloudAccount(models.Model):
@@ -129,8 +47,16 @@ class CloudAccount(models.Model):
     expires_at = models.DateTimeField()
     connected_at = models.DateTimeField(auto_now=True)
 
+    # A token this close to its end is not used to start work: it could expire mid-call.
+    USABLE_MARGIN = timedelta(minutes=2)
+
     def __str__(self):
         return f"{self.user_name}@{self.domain_name} / {self.project_name or self.project_id}"
+
+    @property
+    def is_usable(self) -> bool:
+        """The token lasts long enough to start work with (USABLE_MARGIN and more)."""
+        return self.expires_at > timezone.now() + self.USABLE_MARGIN
 
 
 class Upload(models.Model):
@@ -159,7 +85,7 @@ class Upload(models.Model):
     staged_deleted_at = models.DateTimeField(null=True, blank=True)
     receive_expires_at = models.DateTimeField(null=True, blank=True)
 
-    # What the file really is (uploads.inspect), and what is sent: the staged file, or its
+    # What the file really is (uploads.diskimage), and what is sent: the staged file, or its
     # conversion to qcow2 (another staged file) when IMS does not take the detected format.
     detected_format = models.CharField(max_length=8, blank=True)
     virtual_size = models.BigIntegerField(null=True, blank=True)
@@ -217,6 +143,24 @@ class Upload(models.Model):
     def is_finished(self) -> bool:
         """Nothing will ever change: the live status need not be asked again."""
         return self.status in FINISHED
+
+    @property
+    def is_active(self) -> bool:
+        """Someone is busy with it right now: the browser, a worker or IMS (the page's bar moves)."""
+        return self.status in ACTIVE
+
+    @property
+    def receive_deadline(self):
+        """When an unfinished upload expires: TUS_UPLOAD_EXPIRY_SECONDS after it was created. Rows
+        from before this rule may carry a later receive_expires_at (each PATCH pushed it back): the
+        creation time caps it."""
+        cap = self.created_at + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
+        return min(self.receive_expires_at or cap, cap)
+
+    @property
+    def is_expired(self) -> bool:
+        """Still receiving, but its time to finish ran out (staging_cleanup then ends it)."""
+        return self.status == Status.RECEIVING and self.receive_deadline <= timezone.now()
 
     @property
     def waits_for_a_person(self) -> bool:

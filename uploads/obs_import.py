@@ -14,7 +14,7 @@ import time
 from django.conf import settings
 
 from uploads import ims, staging
-from uploads.ims import ImsClient, ImsError
+from uploads.ims import CloudError, ImsClient
 from uploads.models import Status, Upload
 
 IMPORTING = "importing"  # ims_status while the job runs: the pages say "IMS is importing the file from OBS"
@@ -35,9 +35,9 @@ def applies(upload: Upload) -> bool:
 
 def import_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
     """Have IMS import the staged object and wait for its job; True when IMS made the image
-    (its id is saved), False when the upload was cancelled or taken over meanwhile. ImsError
+    (its id is saved), False when the upload was cancelled or taken over meanwhile. CloudError
     when IMS refuses or the job fails."""
-    from uploads.services import _note, _save  # services calls this module: import at call time
+    from uploads.services.state import note as _note, save as _save  # the push calls this module
 
     bucket, key = staging.object_location(upload.converted_name or upload.staged_name)
     if upload.ims_image_id and not upload.ims_job_id:  # an earlier attempt's image: one upload, one image
@@ -72,25 +72,25 @@ def _wait_for_job(upload: Upload, client: ImsClient, attempt: int) -> ims.Import
         if not Upload.objects.filter(pk=upload.pk, status=Status.PUSHING, attempt=attempt).exists():
             return None  # cancelled or taken over: the job's image is deleted by whoever did that
         if time.monotonic() > deadline:
-            raise ImsError("IMS is taking too long to import the file from OBS.", kind="server", permanent=False,
-                           hint=ims.HINT_RETRY_LATER, raw=str(job.raw))
+            raise CloudError("IMS is taking too long to import the file from OBS.", code="server", permanent=False,
+                             hint=ims.HINT_RETRY_LATER, detail=str(job.raw))
         time.sleep(settings.IMS_IMPORT_POLL_SECONDS)
 
 
 def _forget_job(upload: Upload, attempt: int) -> None:
-    from uploads.services import _save
+    from uploads.services.state import save as _save
 
     _save(upload, attempt, ims_job_id="")
 
 
-def _job_failed(job: ims.ImportJob) -> ImsError:
+def _job_failed(job: ims.ImportJob) -> CloudError:
     reason = job.fail_reason or job.error_code or "no reason given"
     if any(word in reason.lower() for word in NO_ACCESS_WORDS):
-        return ImsError(
+        return CloudError(
             "IMS may not read the file from the portal's OBS bucket.",
-            kind="forbidden", permanent=True, code=job.error_code, raw=str(job.raw),
+            code="forbidden", permanent=True, detail=f"{job.error_code} {job.raw}",
             hint="An administrator has to authorize IMS to access OBS once (in the console), "
             "and the bucket must be in the same region as IMS; then press Retry.",
         )
-    return ImsError(f"IMS could not import the file from OBS: {reason}.", kind="server", permanent=False,
-                    code=job.error_code, hint=ims.HINT_RETRY_LATER, raw=str(job.raw))
+    return CloudError(f"IMS could not import the file from OBS: {reason}.", code="server", permanent=False,
+                      hint=ims.HINT_RETRY_LATER, detail=f"{job.error_code} {job.raw}")

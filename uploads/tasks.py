@@ -1,13 +1,21 @@
 """Celery tasks: thin. Each takes an upload id (never a token), calls a service, and decides
-about retrying. The database row guards every step, so a lost or repeated message is harmless."""
+about retrying. The database row guards every step, so a lost or repeated message is harmless.
+
+Services queue these tasks (uploads.services.dispatch imports this module), so each task imports
+the services when it runs: the two modules never import each other at load time.
+
+Beat runs exactly once per deployment (one `celery beat` process). Its tasks (poll_due_uploads,
+reconcile_uploads, clean_staging) are nevertheless safe to run twice at the same moment: due polls
+are leased with a guarded update, a push is claimed by one worker only, and each clean-up is a
+guarded move (tests/test_fairness.py keeps them so)."""
 
 from celery import shared_task
-
-from uploads import services
 
 
 @shared_task(bind=True, max_retries=None)
 def push_upload(self, upload_id: int) -> None:
+    from uploads import services
+
     outcome = services.upload_push(upload_id=upload_id)
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
@@ -15,12 +23,16 @@ def push_upload(self, upload_id: int) -> None:
 
 @shared_task
 def poll_upload(upload_id: int) -> None:
+    from uploads import services
+
     services.upload_poll(upload_id=upload_id)
 
 
 @shared_task
 def poll_due_uploads() -> None:
     """Beat: queue a poll for every upload whose next check of IMS is due."""
+    from uploads import services
+
     for upload_id in services.uploads_due_for_poll():
         poll_upload.delay(upload_id)
 
@@ -28,6 +40,8 @@ def poll_due_uploads() -> None:
 @shared_task
 def reconcile_uploads() -> None:
     """Beat: an upload whose push message got lost, or whose worker died, is queued again."""
+    from uploads import services
+
     for upload_id in services.uploads_to_reconcile():
         push_upload.delay(upload_id)
 
@@ -35,9 +49,13 @@ def reconcile_uploads() -> None:
 @shared_task
 def clean_staging() -> None:
     """Beat: delete staged copies no upload needs any more."""
+    from uploads import services
+
     services.staging_cleanup()
 
 
 @shared_task
 def discard_upload(upload_id: int) -> None:
+    from uploads import services
+
     services.upload_discard(upload_id=upload_id)

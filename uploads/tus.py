@@ -18,9 +18,9 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.http import http_date
 
-from uploads import request_body, services, staging
+from uploads import limits, request_body, services, staging
 from uploads.forms import UploadMetadataForm
-from uploads.models import Status, Upload
+from uploads.models import ErrorCode, Status, Upload
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,termination,expiration,checksum"
@@ -81,7 +81,7 @@ class BadHeader(ValueError):
     """A header the server parses holds something else than it must; the message says what."""
 
 
-# More digits than any size the portal takes (128 GB has 12): refused before int() sees them.
+# More digits than any size the portal takes (UPLOAD_MAX_BYTES has 12): refused before int() sees them.
 MAX_DIGITS = 15
 
 
@@ -93,7 +93,7 @@ def parse_count(name: str, value: str) -> int:
     if not value.isascii() or not value.isdigit():
         raise BadHeader(f"{name} must be a whole number of bytes written with the digits 0-9 only.")
     if len(value) > MAX_DIGITS:
-        raise BadHeader(f"{name} is larger than any file the portal takes (under 128 GB).")
+        raise BadHeader(f"{name} is larger than any file the portal takes (under {limits.max_file_size()}).")
     return int(value)
 
 
@@ -137,7 +137,7 @@ def _create(request: HttpRequest) -> HttpResponse:
     if length is None:
         return _response(400, "Upload-Length is required (deferred lengths are not supported).")
     if length > settings.UPLOAD_MAX_BYTES:
-        return _response(413, "The file is 128 GB or larger; IMS takes only smaller images.")
+        return _response(413, limits.too_large())
     account = getattr(request.user, "cloud_account", None)
     if not services.cloud_account_usable(account):
         return _response(
@@ -195,7 +195,7 @@ def _resource(request: HttpRequest, uid) -> HttpResponse:
     upload = Upload.objects.filter(uid=uid, owner=request.user).first()
     if upload is None:
         return _response(404, "No such upload.")
-    if request.method in {"HEAD", "PATCH"} and services.upload_is_expired(upload):
+    if request.method in {"HEAD", "PATCH"} and upload.is_expired:
         services.upload_expire(upload=upload)
         return _response(410, "This upload expired; upload the file again.")
     if request.method == "HEAD":
@@ -214,7 +214,7 @@ def _resource(request: HttpRequest, uid) -> HttpResponse:
 
 
 def _head(upload: Upload) -> HttpResponse:
-    if upload.status == Status.CANCELLED or (upload.status == Status.FAILED and upload.error_code == "expired"):
+    if upload.status == Status.CANCELLED or (upload.status == Status.FAILED and upload.error_code == ErrorCode.EXPIRED):
         return _response(410, "This upload was cancelled or expired.")
     return _response(
         200,

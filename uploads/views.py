@@ -12,9 +12,9 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
 
-from uploads import services, status_access
+from uploads import fairness, limits, services, status_access
 from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, UploadMetadataForm
-from uploads.ims import ImsError
+from uploads.ims import CloudError
 from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
 
 
@@ -25,7 +25,7 @@ def cloud_account_context(request: HttpRequest) -> dict:
     account = CloudAccount.objects.filter(user=request.user).first()
     return {
         "cloud_account": account,
-        "cloud_connected": services.cloud_account_usable(account),
+        "cloud_connected": account is not None and account.is_usable,
         "waiting_for_reconnect": Upload.objects.filter(owner=request.user, status=Status.RECONNECT).count(),
     }
 
@@ -75,12 +75,12 @@ def upload_page(request):
             "disk_formats": DiskFormat.choices,
             "extension_formats": {ext: fmt.value for ext, fmt in EXTENSION_FORMATS.items()},
             "limits": _upload_limits(),
-            "words": UPLOAD_PAGE_WORDS,
+            "words": {**UPLOAD_PAGE_WORDS, **limits.page_words()},
         },
     )
 
 
-# My uploads shows this many a page: with 1,100 uploads on one page it was 3.9 MB of HTML.
+# My uploads shows this many a page: one page of every upload grows with each upload made, without end.
 MY_UPLOADS_PER_PAGE = 25
 IN_PROGRESS = [Status.RECEIVING, Status.RECEIVED, Status.CHECKING, Status.CONVERTING, Status.PUSHING,
                Status.PROCESSING]
@@ -88,12 +88,12 @@ IN_PROGRESS = [Status.RECEIVING, Status.RECEIVED, Status.CHECKING, Status.CONVER
 # also takes any stopped state not named here, so that every upload is counted in one of them.
 UPLOAD_GROUPS = {
     "in_progress": ("In progress", Q(status__in=IN_PROGRESS)),
-    "ready": ("Ready", Q(status=Status.READY)),
-    "failed": ("Failed", ~Q(status__in=[*IN_PROGRESS, Status.READY, Status.REFUSED, Status.RECONNECT,
+    "ready": (Status.READY.label, Q(status=Status.READY)),
+    "failed": (Status.FAILED.label, ~Q(status__in=[*IN_PROGRESS, Status.READY, Status.REFUSED, Status.RECONNECT,
                                          Status.CANCELLED])),
-    "refused": ("Refused", Q(status=Status.REFUSED)),  # not a failure: the check refused the file
-    "reconnect": ("Reconnect needed", Q(status=Status.RECONNECT)),
-    "cancelled": ("Cancelled", Q(status=Status.CANCELLED)),
+    "refused": (Status.REFUSED.label, Q(status=Status.REFUSED)),  # not a failure: the check refused the file
+    "reconnect": (Status.RECONNECT.label, Q(status=Status.RECONNECT)),
+    "cancelled": (Status.CANCELLED.label, Q(status=Status.CANCELLED)),
 }
 
 
@@ -136,7 +136,8 @@ def status_json(upload: Upload) -> dict:
 
     What it is: `id` (the upload's uid), `name`, `status` (a models.Status value) and
     `status_label` (its words), `detail` (one line that says where it stands, as the page
-    writes it). Sizes in bytes: `size` (the file), `received_bytes`, `send_size` (what is sent:
+    writes it; "Waiting to send: 3 uploads ahead of yours" while every push slot it may use is
+    taken, see uploads/fairness.py). Sizes in bytes: `size` (the file), `received_bytes`, `send_size` (what is sent:
     the file or its QCOW2 conversion), `sent_bytes`, `send_rate` (bytes/s), `eta_seconds` (or
     null), `progress_percent` (of the current phase), `convert_percent`. What the check found:
     `detected_format`, `send_format`, `virtual_size` (or null), `min_disk` (GB). IMS:
@@ -146,7 +147,7 @@ def status_json(upload: Upload) -> dict:
     timeline lines (progress.js then fetches them).
     Why it stopped and what to do: `error_message`, `error_hint` (plain words; empty while all
     is well); `stopped` is true for failed and refused uploads (the page shows an error, not a
-    warning).
+    warning); `active` is true while the browser, a worker or IMS moves it on (the bar moves).
 
     Whether to ask again:
     - `final`: true when nothing will ever change (ready, cancelled): stop asking.
@@ -161,13 +162,18 @@ def status_json(upload: Upload) -> dict:
     first); `primary_action` is the one marked primary, or null. `suggested_format`,
     `can_retry` and `can_cancel` say the same for older clients.
     """
-    actions = upload.actions()
+    return {**_status_progress(upload), **_status_results(upload), **_status_next_steps(upload)}
+
+
+def _status_progress(upload: Upload) -> dict:
+    """status_json: what the upload is and how far along."""
     return {
         "id": str(upload.uid),
         "name": upload.name,
         "status": upload.status,
         "status_label": upload.get_status_display(),
-        "detail": upload.phase_detail,
+        # While every push slot it may use is taken: "Waiting to send: 3 uploads ahead of yours".
+        "detail": fairness.waiting_text(upload) or upload.phase_detail,
         "size": upload.size,
         "received_bytes": upload.received_bytes,
         "sent_bytes": upload.sent_bytes,
@@ -176,6 +182,13 @@ def status_json(upload: Upload) -> dict:
         "progress_percent": upload.progress_percent,
         "send_size": upload.send_size or upload.size,
         "convert_percent": upload.convert_percent,
+        "active": upload.is_active,
+    }
+
+
+def _status_results(upload: Upload) -> dict:
+    """status_json: what the check and IMS found, and why it stopped."""
+    return {
         "detected_format": upload.detected_format,
         "send_format": upload.send_format,
         "virtual_size": upload.virtual_size,
@@ -192,6 +205,13 @@ def status_json(upload: Upload) -> dict:
         "error_message": upload.error_message,
         "error_hint": upload.error_hint,
         "stopped": upload.is_stopped,
+    }
+
+
+def _status_next_steps(upload: Upload) -> dict:
+    """status_json: whether to ask again, and what a person can do."""
+    actions = upload.actions()
+    return {
         "final": upload.is_finished,
         "needs_action": upload.waits_for_a_person,
         "finished": upload.is_finished or upload.waits_for_a_person,
@@ -224,46 +244,53 @@ def _back(request, upload: Upload):
     return redirect(upload if request.POST.get("next") == "detail" else "my_uploads")
 
 
-@login_required
-@require_POST
-def upload_retry(request, uid):
+def _act_on_upload(request, uid, action, done):
+    """A button on one of the owner's uploads: `action(upload, by)` calls the service, and
+    `done(upload, result)` says what happened; a ServiceError's words are shown instead."""
     upload = _own_upload(request, uid)
     try:
-        services.upload_retry(upload=upload, by=request.user.get_username())
+        result = action(upload, request.user.get_username())
     except services.ServiceError as exc:
         messages.error(request, str(exc))
     else:
-        messages.success(request, f"“{upload.name}” will be sent again.")
+        messages.success(request, done(upload, result))
     return _back(request, upload)
+
+
+@login_required
+@require_POST
+def upload_retry(request, uid):
+    return _act_on_upload(
+        request, uid,
+        lambda upload, by: services.upload_retry(upload=upload, by=by),
+        lambda upload, _: f"“{upload.name}” will be sent again.",
+    )
 
 
 @login_required
 @require_POST
 def upload_use_format(request, uid):
-    upload = _own_upload(request, uid)
-    try:
-        services.upload_use_format(upload=upload, disk_format=request.POST.get("disk_format", ""),
-                                   by=request.user.get_username())
-    except services.ServiceError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"“{upload.name}” will be sent as {upload.disk_format.upper()}.")
-    return _back(request, upload)
+    return _act_on_upload(
+        request, uid,
+        lambda upload, by: services.upload_use_format(
+            upload=upload, disk_format=request.POST.get("disk_format", ""), by=by),
+        lambda upload, _: f"“{upload.name}” will be sent as {upload.disk_format.upper()}.",
+    )
 
 
 @login_required
 @require_POST
 def upload_cancel(request, uid):
-    upload = _own_upload(request, uid)
-    verb = "removed" if upload.is_stopped else "cancelled"
-    try:
-        deletes = services.upload_cancel(upload=upload, by=request.user.get_username())
-    except services.ServiceError as exc:
-        messages.error(request, str(exc))
-    else:
-        done = f"the portal deletes {deletes}." if deletes else "the portal kept nothing of it."
-        messages.success(request, f"“{upload.name}” was {verb}: {done}")
-    return _back(request, upload)
+    def cancel(upload, by):
+        verb = "removed" if upload.is_stopped else "cancelled"  # as it was before the cancel
+        return verb, services.upload_cancel(upload=upload, by=by)
+
+    def done(upload, result):
+        verb, deletes = result
+        what = f"the portal deletes {deletes}." if deletes else "the portal kept nothing of it."
+        return f"“{upload.name}” was {verb}: {what}"
+
+    return _act_on_upload(request, uid, cancel, done)
 
 
 def _safe_next(request: HttpRequest) -> str:
@@ -289,7 +316,7 @@ def cloud_account(request):
     if request.method == "POST" and form.is_valid():
         try:
             services.cloud_account_connect(user=request.user, **form.cleaned_data)
-        except ImsError as exc:
+        except CloudError as exc:
             form.add_error(None, f"{exc.message} {exc.hint}".strip())
         else:
             messages.success(request, "Your cloud account is connected.")

@@ -16,7 +16,6 @@
   var WAITING_POLL_MS = 15000 // failed / refused / reconnect: only a person moves these on
   var HIDDEN_POLL_MS = 10000
   var MAX_BACKOFF_MS = 60000
-  var ACTIVE = { receiving: true, checking: true, converting: true, pushing: true, processing: true }
   // The part of the status block that shows each kind of action (status_block.html).
   var SLOTS = { use_format: 'use_format', retry: 'retry', reconnect: 'reconnect', remove: 'stop', cancel: 'stop' }
   var SLOT_NAMES = ['use_format', 'retry', 'reconnect', 'stop']
@@ -58,7 +57,7 @@
     var bar = part(block, 'bar')
     bar.value = s.progress_percent
     setText(bar, s.progress_percent + '%')
-    part(block, 'bar-wrap').classList.toggle('bar--active', !!ACTIVE[s.status])
+    part(block, 'bar-wrap').classList.toggle('bar--active', !!s.active)
 
     show(part(block, 'ready'), s.status === 'ready' && !!s.ims_image_id)
     setText(part(block, 'image-id'), s.ims_image_id || '')
@@ -130,6 +129,25 @@
     this.message = message
   }
 
+  // How long until the next question: a person must act first, or nobody is looking.
+  function delayFor (s) {
+    if (s.needs_action) return WAITING_POLL_MS
+    return document.hidden ? HIDDEN_POLL_MS : POLL_MS
+  }
+
+  // The status JSON from `url`; StopPolling when asking again cannot help.
+  function fetchStatus (url) {
+    return window.fetch(url, { headers: { Accept: 'application/json' }, credentials: 'same-origin', cache: 'no-store' })
+      .then(function (response) {
+        if (response.redirected || response.status === 401 || response.status === 403) {
+          throw new StopPolling('You are signed out, so this page stopped updating. Reload it to sign in again.')
+        }
+        if (response.status === 404) throw new StopPolling('This upload no longer exists.')
+        if (!response.ok) throw new Error('HTTP ' + response.status)
+        return response.json()
+      })
+  }
+
   function watch (block, startDelay) {
     var url = block.dataset.statusUrl
     var current = block.querySelector('.status').dataset.status
@@ -142,22 +160,9 @@
       timer = window.setTimeout(poll, ms)
     }
 
-    function delayFor (s) {
-      if (s.needs_action) return WAITING_POLL_MS
-      return document.hidden ? HIDDEN_POLL_MS : POLL_MS
-    }
-
     function poll () {
       timer = null
-      window.fetch(url, { headers: { Accept: 'application/json' }, credentials: 'same-origin', cache: 'no-store' })
-        .then(function (response) {
-          if (response.redirected || response.status === 401 || response.status === 403) {
-            throw new StopPolling('You are signed out, so this page stopped updating. Reload it to sign in again.')
-          }
-          if (response.status === 404) throw new StopPolling('This upload no longer exists.')
-          if (!response.ok) throw new Error('HTTP ' + response.status)
-          return response.json()
-        })
+      fetchStatus(url)
         .then(function (s) {
           failures = 0
           setStale(block, '')

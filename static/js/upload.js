@@ -55,7 +55,7 @@
 
   function imageNameFor (fileName) {
     var dot = fileName.lastIndexOf('.')
-    return (dot > 0 ? fileName.slice(0, dot) : fileName).slice(0, 255) || 'image'
+    return (dot > 0 ? fileName.slice(0, dot) : fileName).slice(0, limits.image_name.max_length) || 'image'
   }
 
   function uidOf (url) {
@@ -148,7 +148,7 @@
       return 'The connection to the portal was lost. Check your network, then press Retry: the upload continues where it stopped.'
     }
     if (status === 403) return SIGNED_OUT
-    if (status === 413) return 'The file is 128 GB or larger; IMS takes only smaller images.'
+    if (status === 413) return words.too_large
     return 'The portal could not take this file just now (error ' + status + '). Press Retry; if it keeps happening, tell your portal administrator.'
   }
 
@@ -368,8 +368,8 @@
     locale: {
       strings: {
         youCanOnlyUploadFileTypes: 'This is not a disk image file the portal knows. Choose a file ending in %{types}.',
-        exceedsSize: '“%{file}” is 128 GB or larger; IMS takes only smaller images.',
-        inferiorSize: 'This file is empty: choose the disk image file itself.',
+        exceedsSize: words.too_large_file,
+        inferiorSize: words.empty_file,
         noDuplicates: '“%{fileName}” is already in the list.',
         failedToUpload: '“%{file}” could not be uploaded',
         dashboardTitle: 'Disk image uploader',
@@ -403,7 +403,7 @@
     fileManagerSelectionType: 'files',
     singleFileFullScreen: false,
     autoOpen: 'metaEditor',
-    note: 'Disk images smaller than 128 GB each. Check the details of each file in the list below.',
+    note: words.size_note,
     metaFields: metaFields
   })
 

@@ -1,0 +1,104 @@
+"""Checking the staged file before it is sent: what it really is, and converting it when
+IMS does not take its format."""
+
+import hashlib
+import time
+
+from django.conf import settings
+
+from uploads import diskimage, qemu, staging
+from uploads.models import Status, Upload
+from uploads.services.state import PROGRESS_WRITE_SECONDS, move, note, save
+from uploads.sizes import human_size
+
+
+class Stopped(Exception):
+    """The upload was cancelled (or taken over) while this worker was busy with it."""
+
+
+def check_file(upload: Upload, attempt: int) -> None:
+    """Inspect the staged file; convert it when IMS does not take its format. Afterwards the
+    upload knows what to send: `send_format` and `send_size` of the staged or converted file."""
+    with staging.local_copy(upload.staged_name) as source:  # object staging: a scratch copy
+        _check_local_file(upload, attempt, source)
+
+
+def _check_local_file(upload: Upload, attempt: int, source: str) -> None:
+    result = diskimage.inspect_file(source, declared_format=upload.disk_format)
+    save(upload, attempt, detected_format=result.detected_format or "", virtual_size=result.virtual_size,
+         inspection=_inspection_record(result))
+    if result.problem:
+        raise result.problem  # the file may not be sent as it is: the push refuses it
+    note(upload, f"Checked the file: {_describe(result)}", _checks_text(result))
+    needed_gb = result.suggested_min_disk_gb or 0
+    if needed_gb > upload.min_disk:
+        note(upload, _min_disk_raised(upload.min_disk, needed_gb, result.virtual_size))
+        save(upload, attempt, min_disk=needed_gb)
+    if result.needs_conversion(settings.IMS_DISK_FORMATS):
+        _convert(upload, attempt, result, source)
+        save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name))
+    else:
+        staging.delete(upload.converted_name)
+        save(upload, attempt, send_format=result.upload_format(settings.IMS_DISK_FORMATS), send_size=upload.size,
+             converted_name="")
+
+
+def _convert(upload: Upload, attempt: int, result: diskimage.Inspection, source: str) -> None:
+    label = diskimage.LABELS[result.detected_format]
+    if not move(upload, Status.CONVERTING,
+                f"Converting the {label} file to QCOW2: IMS does not take {label} files directly",
+                on_attempt=attempt, convert_percent=0):
+        raise Stopped()
+    # The file as uploaded is never sent: its SHA-512 is taken here, for the owner to compare.
+    with staging.open_for_reading(upload.staged_name) as staged:
+        save(upload, attempt, staged_sha512=hashlib.file_digest(staged, "sha512").hexdigest())
+    name = staging.name_for(upload.uid, "qcow2")
+    staging.delete(name)  # what an earlier, interrupted attempt left
+    save(upload, attempt, converted_name=name)
+    last_write = 0.0
+
+    def progress(percent: float) -> None:
+        nonlocal last_write
+        if time.monotonic() - last_write >= PROGRESS_WRITE_SECONDS:
+            last_write = time.monotonic()
+            if not Upload.objects.filter(pk=upload.pk, status=Status.CONVERTING, attempt=attempt).update(
+                convert_percent=int(percent)
+            ):
+                raise Stopped()  # cancelled or taken over: convert_to_qcow2 stops qemu-img
+
+    with staging.local_output(name) as target:  # object staging: stored when qemu-img is done
+        qemu.convert_to_qcow2(
+            source, target, src_format=result.detected_format, virtual_size=result.virtual_size,
+            on_progress=progress,
+        )
+        converted = diskimage.inspect_file(target, declared_format="qcow2")
+        if converted.problem:  # qemu-img wrote something unexpected: never send it
+            raise converted.problem
+    note(upload, f"Converted to QCOW2 ({human_size(staging.size(name))})")
+
+
+def _inspection_record(result: diskimage.Inspection) -> dict:
+    record = {"checks": result.checks, "actual_size": result.actual_size}
+    if result.problem:
+        record["problem"] = {"code": result.problem.code, "detail": result.problem.detail,
+                             "suggested_format": result.problem.suggested_format}
+    return record
+
+
+def _describe(result: diskimage.Inspection) -> str:
+    text = f"a {diskimage.LABELS.get(result.detected_format, result.detected_format)} disk"
+    if result.virtual_size:
+        text += f" of {human_size(result.virtual_size)}"
+    return text
+
+
+def _min_disk_raised(old_gb: int, new_gb: int, virtual_size: int) -> str:
+    """What happened to min_disk, in words: IMS counts it in whole GB, 1 at the least."""
+    text = f"Min disk raised to {new_gb} GB" + (f" from {old_gb} GB" if old_gb else "")
+    if virtual_size < 1024**3:
+        return f"{text}, the smallest the cloud takes: the disk inside the file is {human_size(virtual_size)}"
+    return f"{text} to hold the disk inside the file ({human_size(virtual_size)})"
+
+
+def _checks_text(result: diskimage.Inspection) -> str:
+    return "\n".join(f"{name}: {outcome}" for name, outcome in result.checks.items())

@@ -1,0 +1,196 @@
+"""Receiving a file over tus: creating the upload (within the owner's limits), appending
+chunks, and expiring an upload that was never finished."""
+
+import hashlib
+import logging
+import time
+from datetime import timedelta
+from typing import BinaryIO
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.db.models import Count, QuerySet, Sum
+from django.urls import reverse
+from django.utils import timezone
+
+from uploads import staging
+from uploads.models import FINISHED, ErrorCode, Status, Upload
+from uploads.services import dispatch
+from uploads.services.state import ServiceError, delete_staged, duration, move, note
+from uploads.sizes import human_size
+
+log = logging.getLogger(__name__)
+
+# While a PATCH streams, the bytes received are written to the row at most this often, so that
+# My uploads moves during a 50 MB chunk; at the end of the chunk they are written in any case.
+RECEIVE_PROGRESS_SECONDS = 1.0
+
+
+class UploadLimitReached(ServiceError):
+    """The owner already holds as many unfinished uploads (or bytes) as one person may."""
+
+
+class StagingNoRoom(ServiceError):
+    """The staging disk has too little free space for the declared size plus the reserve."""
+
+
+class OffsetConflict(Exception):
+    """The chunk does not start where the staged bytes end (or the upload stopped receiving)."""
+
+    def __init__(self, received_bytes: int):
+        super().__init__(received_bytes)
+        self.received_bytes = received_bytes
+
+
+class ChecksumMismatch(Exception):
+    """The chunk's bytes do not match the checksum the client sent with them."""
+
+
+class UploadStopped(Exception):
+    """The upload stopped receiving (cancelled, expired) while this chunk was on its way."""
+
+
+def upload_create(*, owner, size: int, filename: str, name: str, disk_format: str, os_version: str = "",
+                  min_disk: int = 0, min_ram: int = 0, tags: list[str] | None = None) -> Upload:
+    """A new upload and its empty staged file, if the owner's limits and the staging disk allow
+    (UploadLimitReached, StagingNoRoom). It expires TUS_UPLOAD_EXPIRY_SECONDS from now."""
+    _check_staging_room(size)
+    upload = Upload(
+        owner=owner,
+        size=size,
+        filename=filename,
+        name=name,
+        disk_format=disk_format,
+        os_version=os_version,
+        min_disk=min_disk,
+        min_ram=min_ram,
+        tags=tags or [],
+        receive_expires_at=timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS),
+    )
+    upload.staged_name = staging.name_for(upload.uid)
+    with transaction.atomic():
+        # The owner's row, locked until this commits: two creations at once are counted one
+        # after the other, so that they cannot both slip past the limits.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
+        _check_owner_limits(owner, size)
+        staging.create(upload.staged_name, size)
+        upload.save()
+        note(upload, f"Upload started: {filename} ({human_size(size)})")
+    return upload
+
+
+def _check_staging_room(size: int) -> None:
+    free = staging.free_bytes()
+    if free < size + settings.STAGING_FREE_RESERVE_BYTES:
+        log.warning("staging: refused a new upload of %s bytes, %s bytes free", size, free)
+        raise StagingNoRoom(
+            f"The portal's staging disk does not have room for this file ({human_size(size)}) "
+            "just now. Nothing was uploaded: try again later, and if it keeps happening, tell your "
+            "portal administrator."
+        )
+
+
+def _unfinished_uploads(owner) -> QuerySet:
+    """The owner's uploads that still hold a staged file and are not done with (neither ready
+    nor cancelled): failed, refused or waiting ones count, because their bytes stay on disk."""
+    return Upload.objects.filter(owner=owner, staged_deleted_at__isnull=True).exclude(status__in=FINISHED)
+
+
+def _check_owner_limits(owner, size: int) -> None:
+    held = _unfinished_uploads(owner).aggregate(count=Count("pk"), size=Sum("size"))
+    what_to_do = f"Finish or cancel some of them on My uploads ({reverse('my_uploads')}), then add this file again."
+    most = settings.UPLOAD_MAX_UNFINISHED_PER_USER
+    if held["count"] >= most:
+        raise UploadLimitReached(
+            f"You already have {held['count']} unfinished uploads (in progress, stopped or waiting for "
+            f"you), and {most} is the most one person may have at once. {what_to_do}"
+        )
+    most_bytes = settings.UPLOAD_MAX_UNFINISHED_BYTES_PER_USER
+    held_bytes = held["size"] or 0
+    if held_bytes + size > most_bytes:
+        raise UploadLimitReached(
+            f"Your unfinished uploads already take {human_size(held_bytes)}; with this file "
+            f"({human_size(size)}) they would pass {human_size(most_bytes)}, the most one person "
+            f"may have at once. {what_to_do}"
+        )
+
+
+def upload_expire(*, upload: Upload) -> None:
+    """An unfinished upload whose time ran out: free its staging space."""
+    allowed = duration(timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS))
+    if move(
+        upload,
+        Status.FAILED,
+        "The unfinished upload expired",
+        error_message=f"This upload was not finished within {allowed} of its start, so it has expired.",
+        error_hint="Upload the file again.",
+        error_code=ErrorCode.EXPIRED,
+    ):
+        delete_staged(upload, "Deleted the staged copy of the unfinished upload")
+
+
+def upload_receive(
+    *, upload: Upload, offset: int, stream: BinaryIO, length: int, checksum: tuple[str, bytes] | None = None
+) -> int:
+    """Append one tus chunk at `offset`; returns the new offset. The last byte starts the push.
+
+    The offset is checked again once the staged file is locked, so that two requests racing
+    with the same offset can never both write. With `checksum` (algorithm, digest) a chunk whose
+    bytes do not match is not kept (ChecksumMismatch), and so no progress is recorded before its
+    end. A writer silent for REQUEST_IDLE_TIMEOUT_SECONDS is taken over by the next PATCH
+    (staging.TakenOver then ends the silent one). The row is only ever moved forward, and only
+    while it is receiving (UploadStopped otherwise: a cancel during the chunk wins).
+    """
+    try:
+        writer = staging.locked_for_writing(upload.staged_name, settings.REQUEST_IDLE_TIMEOUT_SECONDS)
+        with writer as staged:
+            status, received = Upload.objects.values_list("status", "received_bytes").get(pk=upload.pk)
+            if status != Status.RECEIVING:
+                raise UploadStopped()
+            if received != offset:
+                raise OffsetConflict(received)
+            new_offset = offset + _write_chunk(upload, staged, offset, stream, length, checksum)
+            if not staged.record(lambda: record_received(upload, new_offset)):
+                raise UploadStopped()
+    except FileNotFoundError:  # the staged file was deleted: cancelled or expired meanwhile
+        raise UploadStopped() from None
+    if new_offset == upload.size and move(upload, Status.RECEIVED, "All bytes received"):
+        dispatch.enqueue_push(upload.pk)
+    return new_offset
+
+
+def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: BinaryIO, length: int,
+                 checksum: tuple[str, bytes] | None) -> int:
+    """Write the chunk; returns how many bytes of it were kept."""
+    hasher = hashlib.new(checksum[0]) if checksum else None
+    last_record = time.monotonic()
+
+    def progress(written: int) -> None:
+        nonlocal last_record
+        if time.monotonic() - last_record >= RECEIVE_PROGRESS_SECONDS:
+            last_record = time.monotonic()
+            if not staged.record(lambda: record_received(upload, offset + written)):
+                raise UploadStopped()
+
+    try:
+        written = staging.write_at(staged, offset, stream, length, hasher, None if checksum else progress)
+    except staging.StagingFull as full:
+        if not checksum:  # what was written before the disk filled up is kept
+            staged.record(lambda: record_received(upload, offset + full.written))
+        raise
+    if checksum and hasher.digest() != checksum[1]:
+        staged.truncate(offset)
+        raise ChecksumMismatch()
+    return written
+
+
+def record_received(upload: Upload, received: int) -> bool:
+    """Write the bytes received, forward only and only while receiving; False when the row
+    stopped receiving (a cancel or expiry won). The expiry stays where creation put it: bytes
+    that trickle in do not push it back."""
+    rows = Upload.objects.filter(pk=upload.pk, status=Status.RECEIVING, received_bytes__lte=received)
+    if not rows.update(received_bytes=received):
+        return False
+    upload.received_bytes = received
+    return True
