@@ -113,8 +113,12 @@ class SwiftStore:
                 [str(self.venv / "bin" / program), str(self.folder / f"{kind}.conf")],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        for kind in which:
-            self._wait_healthy(kind)
+        try:
+            for kind in which:
+                self._wait_healthy(kind)
+        except RuntimeError:
+            self.stop()  # none left running when one cannot start
+            raise
 
     def _wait_healthy(self, kind: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
