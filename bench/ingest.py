@@ -232,7 +232,7 @@ def check_and_remove(server: Server, upload_url: str, source: Path, node_store: 
             (node_store / f"{uid}.json").unlink(missing_ok=True)
         return
     upload = Upload.objects.get(uid=uid)
-    staged = Path(staging.storage().path(upload.staged_name))
+    staged = Path(staging.path(upload.staged_name))
     try:
         if upload.status != Status.RECEIVED or upload.received_bytes != size:
             raise RuntimeError(f"after the upload the row is {upload.status} with {upload.received_bytes} bytes")

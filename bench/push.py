@@ -189,7 +189,7 @@ def portal_push(worker_pid: int, owner, client, source: Path, size: int) -> tupl
     )
     # The staged file is a hard link to the test file: every byte is there (as after the last
     # tus PATCH) without copying gigabytes, and curl and the worker read the same cached inode.
-    staged = Path(staging.storage().path(upload.staged_name))
+    staged = Path(staging.path(upload.staged_name))
     staged.unlink()
     os.link(source, staged)
     Upload.objects.filter(pk=upload.pk).update(received_bytes=size)

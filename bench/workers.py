@@ -118,7 +118,7 @@ def received_upload(owner, source: Path, index: int):
     size = source.stat().st_size
     upload = services.upload_create(owner=owner, size=size, filename=f"push-{index}.raw",
                                     name=f"bench-workers-{index}", disk_format="raw")
-    staged = Path(staging.storage().path(upload.staged_name))
+    staged = Path(staging.path(upload.staged_name))
     staged.unlink()
     os.link(source, staged)
     Upload.objects.filter(pk=upload.pk).update(received_bytes=size)

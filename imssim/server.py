@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from imssim import obs_import
+
 DEMO_DOMAIN = "demo-domain"
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-cloud-pw"
@@ -249,6 +251,9 @@ class Faults:
     # The image is stored (active after processing) before the 204 is sent this much later:
     # a client that dies in that window never hears that its PUT succeeded.
     put_reply_delay_seconds: float = 0.0
+    # That many import-from-OBS jobs FAIL with this reason (IMS's words when it may not read OBS).
+    fail_imports: int = 0
+    import_fail_reason: str = obs_import.NO_ACCESS
 
 
 def _is_count(value) -> bool:
@@ -269,6 +274,8 @@ FAULT_CHECKS = {
     "put_reply_delay_seconds": _is_seconds,
     "processing_seconds": _is_seconds,
     "expire_tokens": lambda v: isinstance(v, bool),
+    "fail_imports": _is_count,
+    "import_fail_reason": lambda v: isinstance(v, str) and bool(v),
 }
 
 
@@ -346,6 +353,9 @@ class Simulator:
         self._tokens: dict[str, TokenRecord] = {}
         self._images: dict[str, ImageRecord] = {}
         self._faults = Faults()
+        self._jobs: dict[str, dict] = {}
+        # The S3-compatible store the import from OBS reads (set_obs); None: no OBS access.
+        self.obs: dict | None = None
         self._log: list[dict] = []
         self._connections: set[socket.socket] = set()
         self._server: _Server | None = None
@@ -535,9 +545,23 @@ class Simulator:
             for image_id in self._images:
                 self.image_path(image_id).unlink(missing_ok=True)
             self._images.clear()
+            self._jobs.clear()
             self._log.clear()
             self._faults = Faults()
             self.processing_seconds = self._initial_processing
+
+    # ---- import from OBS (imssim/obs_import.py) ----
+    def set_obs(self, *, endpoint_url: str, access_key: str, secret_key: str, region: str = "") -> None:
+        """Where the import from OBS reads objects (IMS's own access to OBS)."""
+        self.obs = {"endpoint_url": endpoint_url, "access_key": access_key, "secret_key": secret_key,
+                    "region": region or None}
+
+    def get_job(self, account: Account, job_id: str) -> dict:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job["owner"] != account.project_id:
+                raise ims_error(404, "IMS.0171", "The job does not exist.")
+            return obs_import.job_body(job)
 
     def images(self) -> list[dict]:
         with self._lock:
@@ -733,6 +757,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path.startswith("/v3/"):
             raise keystone_error(404, "Not Found", "The resource could not be found.")
         parts = path.split("/")[1:]
+        if path == "/v2/cloudimages/action" or (parts[:1] == ["v1"] and "job" in path):
+            return self._route_import(method, parts)
         if parts[:2] == ["v2", "images"] and (len(parts) <= 3 or parts[3:] == ["file"]):
             return self._route_ims(method, parts)
         raise ims_error(404, "APIGW.0101",
@@ -750,6 +776,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not is_uuid(parts[2]):
             raise not_found()
         return action(account, parts[2])
+
+    def _route_import(self, method: str, parts: list[str]):
+        """POST /v2/cloudimages/action; GET /v1/{project_id}/jobs/{job_id} or /v1/cloudimages/job/{job_id}."""
+        account = self.sim.account_for_token(self.headers.get("X-Auth-Token"))
+        if parts == ["v2", "cloudimages", "action"] and method == "POST":
+            bucket, key, _, fields = obs_import.validate(self._read_json(malformed), ims_error, malformed)
+            job = obs_import.start_job(self.sim, account, bucket, key, fields, now_stamp)
+            return self._reply(200, {"job_id": job["job_id"]})
+        own_project = len(parts) == 4 and parts[2] == "jobs" and parts[1] == account.project_id
+        if method == "GET" and (own_project or parts[1:3] == ["cloudimages", "job"]) and len(parts) == 4:
+            return self._reply(200, self.sim.get_job(account, parts[3]))
+        raise ims_error(404, "APIGW.0101", "The API does not exist or has not been published in the environment.")
 
     def _route_sim(self, method: str, parts: list[str]):
         body = self._read_json(sim_bad_request) if method == "POST" else None

@@ -190,12 +190,51 @@ STATICFILES_DIRS = [
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
-    # Where uploaded bytes wait between the browser and IMS (a folder on local disk).
+    # Where uploaded bytes wait between the browser and IMS: a folder on local disk, or
+    # S3-compatible object storage (OBS) when STAGING_S3_BUCKET is set (uploads/staging/).
     "staging": {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
         "OPTIONS": {"location": os.environ.get("STAGING_DIR") or str(BASE_DIR / "var" / "staging")},
     },
 }
+if os.environ.get("STAGING_S3_BUCKET"):
+    from botocore.config import Config as _BotoConfig
+
+    STORAGES["staging"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": os.environ["STAGING_S3_BUCKET"],
+            "location": os.environ.get("STAGING_S3_PREFIX", "staging/"),
+            "endpoint_url": os.environ.get("STAGING_S3_ENDPOINT_URL") or None,
+            "region_name": os.environ.get("STAGING_S3_REGION") or None,
+            "access_key": os.environ.get("STAGING_S3_ACCESS_KEY") or None,
+            "secret_key": os.environ.get("STAGING_S3_SECRET_KEY") or None,
+            "addressing_style": os.environ.get("STAGING_S3_ADDRESSING_STYLE", "path"),
+            "signature_version": "s3v4",
+            "file_overwrite": True,
+            # S3-compatible stores (OBS, Swift) do not all know the CRC checksum headers newer
+            # boto3 sends by default; a short connect timeout makes an unreachable store a
+            # quick, clear error rather than a hanging request.
+            "client_config": _BotoConfig(
+                request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                connect_timeout=5, read_timeout=60, retries={"max_attempts": 2, "mode": "standard"},
+            ),
+        },
+    }
+# Object staging: the part size of the multipart upload a tus upload becomes (at least 5 MiB;
+# 64 MiB lets 128 GB fit in 2,048 parts, under S3's 10,000), and the local folder where the
+# worker copies an object for qemu-img (conversion) and where a PATCH spools one part.
+STAGING_S3_PART_SIZE = int(os.environ.get("STAGING_S3_PART_SIZE", 64 * 1024**2))
+# The most parts the store takes in one object: 10,000 for S3 and OBS (Swift's s3api: 1,000
+# unless its max_upload_part_num is raised). Parts grow when a file would need more.
+STAGING_S3_MAX_PARTS = int(os.environ.get("STAGING_S3_MAX_PARTS", 10_000))
+STAGING_SCRATCH_DIR = os.environ.get("STAGING_SCRATCH_DIR") or str(BASE_DIR / "var" / "scratch")
+# Send images staged in OBS by IMS's import from OBS (POST /v2/cloudimages/action) instead of
+# streaming them through the worker; only with object staging on OBS in the IMS's region.
+IMS_IMPORT_FROM_OBS = os.environ.get("IMS_IMPORT_FROM_OBS", "0") == "1"
+# How often the worker asks IMS about an import job, and how long it waits for one at most.
+IMS_IMPORT_POLL_SECONDS = float(os.environ.get("IMS_IMPORT_POLL_SECONDS", 5))
+IMS_IMPORT_TIMEOUT_SECONDS = float(os.environ.get("IMS_IMPORT_TIMEOUT_SECONDS", 6 * 3600))
 WHITENOISE_USE_FINDERS = DEBUG
 
 # Uploads: the limits of IMS and of the tus server.

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_NAME, DEMO_USER, Simulator
 from tests.openstack_fixture import openstack_peers  # noqa: F401  (a session fixture)
+from tests.s3_fixture import object_staging, staging_backend, swift_store  # noqa: F401  (object staging)
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRF_SECRET = "a" * 32  # any 32-letter secret works as the csrftoken cookie and header

@@ -12,7 +12,11 @@ import pytest
 from uploads import qemu, services
 from uploads.models import Status, Upload
 
-pytestmark = pytest.mark.skipif(not Path("/usr/bin/qemu-img").exists(), reason="needs qemu-img (qemu-utils)")
+# Each test runs with local staging and with object staging (tests/s3_fixture.py).
+pytestmark = [
+    pytest.mark.skipif(not Path("/usr/bin/qemu-img").exists(), reason="needs qemu-img (qemu-utils)"),
+    pytest.mark.usefixtures("staging_backend"),
+]
 
 
 def qemu_img(*args):

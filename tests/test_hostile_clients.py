@@ -1,6 +1,6 @@
 """Clients that send bad headers, stall their bodies, or hold connections open (issue 14, 3/5/7/12).
 
-The unit tests drive uploads/tus.py, uploads/request_body.py and uploads/staging.py directly;
+The unit tests drive uploads/tus.py, uploads/request_body.py and uploads/staging/ directly;
 the last test runs the real gunicorn (gunicorn.conf.py, portal/gunicorn_worker.py) against 200
 stalled connections.
 """
@@ -298,14 +298,14 @@ def test_a_second_writer_gets_423_with_retry_after(tus_client):
 def test_a_writer_of_a_process_that_died_is_no_obstacle(alice, staging_dir):
     """A writer's lock goes with its process: the next PATCH need not wait for the idle timeout."""
     upload = new_upload(alice, 10)
-    (staging_dir / (upload.staged_name + staging.WRITER_SUFFIX)).write_bytes(b"7")  # and its lock is gone
+    (staging_dir / (upload.staged_name + staging.local.WRITER_SUFFIX)).write_bytes(b"7")  # and its lock is gone
     assert services.upload_receive(upload=upload, offset=0, stream=Body([b"x" * 10]), length=10) == 10
 
 
 def test_deleting_a_staged_file_deletes_its_writer_file(alice, staging_dir):
     upload = new_upload(alice, 10)
     services.upload_receive(upload=upload, offset=0, stream=Body([b"x" * 4]), length=4)
-    assert (staging_dir / (upload.staged_name + staging.WRITER_SUFFIX)).exists()
+    assert (staging_dir / (upload.staged_name + staging.local.WRITER_SUFFIX)).exists()
     staging.delete(upload.staged_name)
     assert list(staging_dir.iterdir()) == []
 
@@ -409,7 +409,7 @@ def test_the_sign_in_page_answers_while_200_connections_stall(web, alice, client
         assert more.status_code == 204, more.text
         assert more.headers["Upload-Offset"] == "50000"
         assert Upload.objects.get(pk=upload.pk).received_bytes == 50_000
-        assert staging.storage().open(upload.staged_name).read() == b"s" * 1000 + b"r" * 49_000
+        assert staging.open_for_reading(upload.staged_name).read() == b"s" * 1000 + b"r" * 49_000
     finally:
         for sock in stalled:
             sock.close()

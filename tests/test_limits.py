@@ -117,12 +117,12 @@ def test_two_creations_at_once_cannot_both_slip_past_the_limit(alice, settings, 
     both_counted = threading.Barrier(2, timeout=2)
     real_create = staging.create
 
-    def create_after_the_other_counted(name):
+    def create_after_the_other_counted(name, size):
         try:
             both_counted.wait()
         except threading.BrokenBarrierError:
             pass  # the other is waiting for our lock: it has not counted
-        real_create(name)
+        real_create(name, size)
 
     monkeypatch.setattr(staging, "create", create_after_the_other_counted)
     outcomes = []

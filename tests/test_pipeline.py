@@ -12,6 +12,9 @@ from uploads import services
 from uploads.ims import ImsClient
 from uploads.models import Status, Upload
 
+# Each test runs with local staging and with object staging (tests/s3_fixture.py).
+pytestmark = pytest.mark.usefixtures("staging_backend")
+
 
 def received_upload(owner, data: bytes, *, disk_format="raw", name="web-server") -> Upload:
     upload = services.upload_create(
@@ -413,10 +416,12 @@ def test_the_reconciler_finds_pushes_whose_worker_died(alice_connected):
     assert services.uploads_to_reconcile() == [dead.pk]
 
 
-def test_staging_cleanup_deletes_only_what_no_upload_needs(alice_connected, sim, staging_dir, settings):
+def test_staging_cleanup_deletes_only_what_no_upload_needs(alice_connected, sim, settings):
     from datetime import timedelta
 
     from django.utils import timezone
+
+    from uploads import staging
 
     settings.STAGING_RETENTION_HOURS = 24
     old_ready = received_upload(alice_connected, DATA, name="old-ready")
@@ -431,7 +436,7 @@ def test_staging_cleanup_deletes_only_what_no_upload_needs(alice_connected, sim,
     Upload.objects.filter(pk=expired.pk).update(receive_expires_at=timezone.now() - timedelta(seconds=1))
 
     assert services.staging_cleanup() == 2
-    kept = {u.name for u in Upload.objects.all() if (staging_dir / u.staged_name).exists()}
+    kept = {u.name for u in Upload.objects.all() if staging.exists(u.staged_name)}
     assert kept == {"new-ready", "failed", "waiting"}
     old_ready.refresh_from_db()
     assert old_ready.staged_deleted_at is not None

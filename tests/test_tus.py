@@ -10,6 +10,9 @@ from django.utils import timezone
 from uploads import services
 from uploads.models import Status, Upload
 
+# Each test runs with local staging and with object staging (tests/s3_fixture.py).
+pytestmark = pytest.mark.usefixtures("staging_backend")
+
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTETS = "application/offset+octet-stream"
 
@@ -221,7 +224,7 @@ def test_a_second_writer_at_the_same_time_is_told_to_wait(tus_client):
     assert Upload.objects.get().received_bytes == 0
 
 
-def test_a_full_staging_disk_is_refused_and_the_upload_stays_resumable(tus_client, monkeypatch):
+def test_a_full_staging_disk_is_refused_and_the_upload_stays_resumable(tus_client, monkeypatch, staging_dir):
     import errno
 
     from uploads import staging
@@ -232,7 +235,7 @@ def test_a_full_staging_disk_is_refused_and_the_upload_stays_resumable(tus_clien
     def disk_full(staged, chunk):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(staging, "_write_all", disk_full)
+    monkeypatch.setattr(staging.local, "_write_all", disk_full)
     response = patch(tus_client, url, b"world", 5)
     assert response.status_code == 507
     assert "staging disk is full" in response.content.decode()

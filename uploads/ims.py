@@ -361,3 +361,52 @@ def _image(data: dict) -> Image:
         os_hash_value=data.get("os_hash_value"),
         raw=data,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# IMS's import from OBS: IMS reads the file from object storage itself (uploads/obs_import.py).
+
+
+@dataclass
+class ImportJob:
+    """An IMS job (`GET /v1/{project_id}/jobs/{job_id}`): INIT, RUNNING, SUCCESS or FAIL."""
+
+    id: str
+    status: str
+    image_id: str = ""
+    fail_reason: str = ""
+    error_code: str = ""
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+def start_obs_import(
+    client: ImsClient, *, name: str, bucket: str, key: str, min_disk: int, os_version: str = "",
+    min_ram: int = 0, tags: list[str] | None = None,
+) -> str:
+    """`POST /v2/cloudimages/action`: register the object `bucket:key` as a new image; returns
+    the job id to follow."""
+    body = {"name": name, "image_url": f"{bucket}:{key}", "min_disk": min_disk, "is_config": False}
+    if os_version:
+        body["os_version"] = os_version
+    if min_ram:
+        body["min_ram"] = min_ram
+    if tags:
+        body["image_tags"] = [dict(zip(("key", "value"), tag.split("=", 1) + [""])) for tag in tags]
+    reply = client._call("POST", "/v2/cloudimages/action", "asking IMS to import the file from OBS", json=body)
+    job_id = (reply.json() or {}).get("job_id")
+    if not job_id:
+        raise CloudError("IMS did not say how to follow the import of the file.", code="server", permanent=False,
+                         hint=HINT_RETRY_LATER, detail=reply.text[:4000])
+    return job_id
+
+
+def get_import_job(client: ImsClient, project_id: str, job_id: str) -> ImportJob:
+    data = client._call("GET", f"/v1/{project_id}/jobs/{job_id}", "checking the import from OBS").json()
+    return ImportJob(
+        id=data.get("job_id") or job_id,
+        status=data.get("status", ""),
+        image_id=(data.get("entities") or {}).get("image_id") or "",
+        fail_reason=data.get("fail_reason") or "",
+        error_code=data.get("error_code") or "",
+        raw=data,
+    )

@@ -115,6 +115,8 @@ class Upload(models.Model):
     # IMS's view of the image.
     ims_image_id = models.CharField(max_length=64, blank=True, db_index=True)
     ims_status = models.CharField(max_length=32, blank=True)
+    # IMS's import from OBS (uploads/obs_import.py): the job that makes the image.
+    ims_job_id = models.CharField(max_length=64, blank=True)
     next_poll_at = models.DateTimeField(null=True, blank=True, db_index=True)
     poll_count = models.PositiveIntegerField(default=0)
 
@@ -283,6 +285,8 @@ class Upload(models.Model):
                 return "Waiting to be sent to IMS"
             at = self.retry_at.astimezone(dt_timezone.utc).strftime("%H:%M")
             return f"Waiting to be sent again (attempt {self.attempt + 1}) at {at} UTC"
+        if s == Status.PUSHING and self.ims_status == "importing":
+            return "IMS is importing the file from OBS"
         if s == Status.PUSHING:
             parts = [f"{human_size(self.sent_bytes)} of {human_size(self.send_size or self.size)} sent"]
             if self.send_rate >= 1:
@@ -388,3 +392,25 @@ class UploadEvent(models.Model):
     @property
     def to_label(self) -> str:
         return status_label(self.to_status)
+
+
+class StagedMultipart(models.Model):
+    """A staged file still being received into object storage as an S3 multipart upload
+    (uploads/staging/s3.py): the parts stored so far, and the bytes that do not yet fill a part,
+    kept in a small object of their own, so that the next PATCH may land on any web process.
+    The row goes when the multipart upload is completed or aborted."""
+
+    name = models.CharField(max_length=255, unique=True)
+    size = models.BigIntegerField()  # the whole file, as declared
+    multipart_id = models.CharField(max_length=1024)
+    parts = models.JSONField(default=list)  # [[number, size, etag], ...] in order
+    pending_key = models.CharField(max_length=1024, blank=True)  # the incomplete part's object
+    pending_size = models.BigIntegerField(default=0)
+    # The writer that may write (each request takes the next number) and its last sign of life;
+    # None when no request is writing.
+    generation = models.PositiveIntegerField(default=0)
+    active_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name

@@ -170,6 +170,8 @@ def _create(request: HttpRequest) -> HttpResponse:
         return _response(403, str(exc))
     except services.StagingNoRoom as exc:
         return _response(507, str(exc))
+    except staging.StagingUnavailable as exc:  # object storage unreachable, or refusing the keys
+        return _response(503, exc.message, Retry_After=str(STAGING_RETRY_SECONDS))
     location = request.build_absolute_uri(reverse("tus_resource", args=[upload.uid]))
     return _response(201, Location=location, Upload_Offset="0", **_expires(upload))
 
@@ -269,11 +271,15 @@ def _patch(request: HttpRequest, upload: Upload) -> HttpResponse:
             "The portal's staging disk is full. Your upload is kept and can resume later; "
             "an administrator has to free space.",
         )
+    except staging.StagingUnavailable as exc:  # what arrived before is kept: the client resumes
+        return _response(503, exc.message, Retry_After=str(STAGING_RETRY_SECONDS))
     finally:
         RECEIVING_THREADS.release()
     return _response(204, Upload_Offset=str(new_offset), **_expires(upload))
 
 
+# When a client whose chunk met unreachable object storage should try again.
+STAGING_RETRY_SECONDS = 5
 # The request threads of this process that may stream upload chunks (each may wait on its client
 # for up to the idle timeout); the others stay free for pages and status requests.
 RECEIVING_THREADS = threading.BoundedSemaphore(settings.UPLOAD_RECEIVING_THREADS)

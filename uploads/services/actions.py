@@ -96,6 +96,7 @@ def staging_cleanup() -> int:
     # owner with a usable sign-in can have it deleted.
     signed_in = Q(owner__cloud_account__expires_at__gt=now + cloud.TOKEN_MARGIN)
     lost_discards = Upload.objects.filter(signed_in, status=Status.CANCELLED).exclude(ims_image_id="")
+    count += staging.abort_orphans(started_before)  # object staging: multipart uploads no row owns
     for upload_id in lost_discards.values_list("pk", flat=True):
         upload_discard(upload_id=upload_id)
     return count

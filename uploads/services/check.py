@@ -19,9 +19,12 @@ class Stopped(Exception):
 def check_file(upload: Upload, attempt: int) -> None:
     """Inspect the staged file; convert it when IMS does not take its format. Afterwards the
     upload knows what to send: `send_format` and `send_size` of the staged or converted file."""
-    result = diskimage.inspect_file(
-        staging.path(upload.staged_name), declared_format=upload.disk_format
-    )
+    with staging.local_copy(upload.staged_name) as source:  # object staging: a scratch copy
+        _check_local_file(upload, attempt, source)
+
+
+def _check_local_file(upload: Upload, attempt: int, source: str) -> None:
+    result = diskimage.inspect_file(source, declared_format=upload.disk_format)
     save(upload, attempt, detected_format=result.detected_format or "", virtual_size=result.virtual_size,
          inspection=_inspection_record(result))
     if result.problem:
@@ -32,7 +35,7 @@ def check_file(upload: Upload, attempt: int) -> None:
         note(upload, _min_disk_raised(upload.min_disk, needed_gb, result.virtual_size))
         save(upload, attempt, min_disk=needed_gb)
     if result.needs_conversion(settings.IMS_DISK_FORMATS):
-        _convert(upload, attempt, result)
+        _convert(upload, attempt, result, source)
         save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name))
     else:
         staging.delete(upload.converted_name)
@@ -40,7 +43,7 @@ def check_file(upload: Upload, attempt: int) -> None:
              converted_name="")
 
 
-def _convert(upload: Upload, attempt: int, result: diskimage.Inspection) -> None:
+def _convert(upload: Upload, attempt: int, result: diskimage.Inspection, source: str) -> None:
     label = diskimage.LABELS[result.detected_format]
     if not move(upload, Status.CONVERTING,
                 f"Converting the {label} file to QCOW2: IMS does not take {label} files directly",
@@ -63,13 +66,14 @@ def _convert(upload: Upload, attempt: int, result: diskimage.Inspection) -> None
             ):
                 raise Stopped()  # cancelled or taken over: convert_to_qcow2 stops qemu-img
 
-    qemu.convert_to_qcow2(
-        staging.path(upload.staged_name), staging.path(name), src_format=result.detected_format,
-        virtual_size=result.virtual_size, on_progress=progress,
-    )
-    converted = diskimage.inspect_file(staging.path(name), declared_format="qcow2")
-    if converted.problem:  # qemu-img wrote something unexpected: never send it
-        raise converted.problem
+    with staging.local_output(name) as target:  # object staging: stored when qemu-img is done
+        qemu.convert_to_qcow2(
+            source, target, src_format=result.detected_format, virtual_size=result.virtual_size,
+            on_progress=progress,
+        )
+        converted = diskimage.inspect_file(target, declared_format="qcow2")
+        if converted.problem:  # qemu-img wrote something unexpected: never send it
+            raise converted.problem
     note(upload, f"Converted to QCOW2 ({human_size(staging.size(name))})")
 
 

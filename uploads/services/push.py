@@ -14,7 +14,7 @@ from django.db.models import Q
 from django.utils import timezone
 from celery.exceptions import SoftTimeLimitExceeded
 
-from uploads import diskimage, fairness, staging
+from uploads import diskimage, fairness, obs_import, staging
 from uploads.errors import PortalError, Problem, StagedFileMissing
 from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, ImsClient
 from uploads.models import WORKING, ErrorCode, Status, Upload
@@ -151,11 +151,18 @@ def _check_and_send(upload: Upload, token: cloud.OwnerToken, client: ImsClient, 
         if why_not:
             _wait_for_reconnect(upload, why_not, on_attempt=attempt)
             return False
-    if not move(upload, Status.PUSHING, "Sending to IMS", on_attempt=attempt, push_started_at=timezone.now()):
+    by_import = obs_import.applies(upload)  # IMS reads the object from OBS itself
+    if not move(upload, Status.PUSHING, obs_import.MESSAGE if by_import else "Sending to IMS", on_attempt=attempt,
+                push_started_at=timezone.now(), **({"ims_status": obs_import.IMPORTING} if by_import else {})):
         return False  # cancelled meanwhile
+    if by_import:
+        return obs_import.import_image(upload, client, attempt)  # False: cancelled meanwhile
     if not images.prepare_image(upload, client, attempt):
         _send_file(upload, client, attempt)
     return True
+
+
+NO_SCRATCH_ROOM = "The server has no room just now for the working copy it needs to check this file."
 
 
 def _push_error(upload: Upload, exc: Exception) -> PortalError:
@@ -163,6 +170,12 @@ def _push_error(upload: Upload, exc: Exception) -> PortalError:
     anything unexpected (a bug, an outage of our own) in words of their own."""
     if isinstance(exc, PortalError):
         return exc
+    if isinstance(exc, staging.StagingUnavailable):  # object storage away, or refusing the keys: try again
+        return PortalError(exc.message, hint=exc.for_admin or HINT_CONTACT_ADMIN, code="staging_unavailable",
+                           detail=exc.for_admin)
+    if isinstance(exc, staging.ScratchNoRoom):
+        return PortalError(NO_SCRATCH_ROOM, hint=HINT_CONTACT_ADMIN, code="no_scratch_room",
+                           detail="STAGING_SCRATCH_DIR is full")
     if isinstance(exc, SoftTimeLimitExceeded):
         return PortalError(
             "Sending this file took too long: the link to the cloud is slower than the portal supports.",

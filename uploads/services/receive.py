@@ -74,7 +74,7 @@ def upload_create(*, owner, size: int, filename: str, name: str, disk_format: st
         # after the other, so that they cannot both slip past the limits.
         get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
         _check_owner_limits(owner, size)
-        staging.create(upload.staged_name)
+        staging.create(upload.staged_name, size)
         upload.save()
         note(upload, f"Upload started: {filename} ({human_size(size)})")
     return upload

@@ -1,4 +1,4 @@
-"""Where uploaded bytes wait between the browser and IMS: the storage named "staging".
+"""Staging in a local folder (the storage "staging" is a FileSystemStorage).
 
 Files get server-made names (never the user's file name) and are written in place at an offset,
 one fixed-size buffer at a time, so that a chunk of any size never sits in memory.
@@ -17,6 +17,8 @@ from typing import BinaryIO
 
 from django.core.files.storage import storages
 
+from uploads.staging.errors import StagingBusy, StagingFull, TakenOver
+
 BUFFER_SIZE = 1024 * 1024
 # The file beside a staged file that names the request writing into it (see Writer).
 WRITER_SUFFIX = ".writer"
@@ -31,35 +33,8 @@ TURN_WAIT_SECONDS = 10
 _ONE_WRITER = threading.Lock()
 
 
-class StagingBusy(Exception):
-    """Another request is writing to the same staged file right now; `retry_after` seconds from
-    now it will have been silent for long enough to be taken over (if it is still silent)."""
-
-    def __init__(self, name: str, retry_after: float = 1):
-        super().__init__(name)
-        self.retry_after = max(1, int(retry_after + 0.999))
-
-
-class StagingFull(Exception):
-    """The staging disk has no room left for the bytes being written; `written` bytes were
-    written before it filled up."""
-
-    def __init__(self, name: str, written: int = 0):
-        super().__init__(name)
-        self.written = written
-
-
-class TakenOver(Exception):
-    """Another request took this staged file over (this writer had been silent for too long):
-    this one must neither write nor record anything more."""
-
-
 def storage():
     return storages["staging"]
-
-
-def name_for(upload_uid, suffix: str = "img") -> str:
-    return f"{upload_uid}.{suffix}"
 
 
 def path(name: str) -> str:
@@ -74,7 +49,7 @@ def free_bytes() -> int:
     return shutil.disk_usage(folder).free
 
 
-def create(name: str) -> None:
+def create(name: str, size: int) -> None:
     """Make an empty staged file (and the staging folder when it is missing)."""
     staged = path(name)
     os.makedirs(os.path.dirname(staged), exist_ok=True)
@@ -282,3 +257,22 @@ def delete(name: str) -> None:
     if name:
         storage().delete(name)
         _unlink(writer_path(name))
+
+
+@contextmanager
+def local_copy(name: str) -> Iterator[str]:
+    """The staged file itself: it is already on a local disk."""
+    if not exists(name):
+        raise FileNotFoundError(name)
+    yield path(name)
+
+
+@contextmanager
+def local_output(name: str) -> Iterator[str]:
+    """Where a local program (qemu-img) writes a new staged file: in place."""
+    yield path(name)
+
+
+def abort_orphans(older_than) -> int:
+    """Nothing to do: a local file that no upload names is never made."""
+    return 0

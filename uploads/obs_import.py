@@ -1,0 +1,96 @@
+"""The other way of sending a file to IMS: its import from OBS (IMS_IMPORT_FROM_OBS).
+
+With staging in OBS, IMS reads the staged object itself: `POST /v2/cloudimages/action` with
+`image_url` = `bucket:object` registers it, and `GET /v1/{project_id}/jobs/{job_id}` follows
+the job until IMS names the image (or says why not). No byte passes through the worker; the
+image is then checked as after a PUT (uploads/services.py, upload_poll).
+
+Called from one place in the push (services.upload_push), instead of creating the image and
+PUTting the file.
+"""
+
+import time
+
+from django.conf import settings
+
+from uploads import ims, staging
+from uploads.ims import CloudError, ImsClient
+from uploads.models import Status, Upload
+
+IMPORTING = "importing"  # ims_status while the job runs: the pages say "IMS is importing the file from OBS"
+MESSAGE = "IMS is importing the file from OBS"
+# IMS names the staged object by its extension; the portal's names say the format only for these.
+EXTENSION_FORMATS = {".img": "raw", ".qcow2": "qcow2"}
+NO_ACCESS_WORDS = ("access", "authoriz", "permission", "forbidden", "denied")
+
+
+def applies(upload: Upload) -> bool:
+    """Import from OBS when it is switched on, staging is object storage, and the object's name
+    tells IMS the format the file is sent as."""
+    if not (settings.IMS_IMPORT_FROM_OBS and staging.is_object_storage()):
+        return False
+    name = upload.converted_name or upload.staged_name
+    return any(name.endswith(ext) and fmt == upload.send_format for ext, fmt in EXTENSION_FORMATS.items())
+
+
+def import_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
+    """Have IMS import the staged object and wait for its job; True when IMS made the image
+    (its id is saved), False when the upload was cancelled or taken over meanwhile. CloudError
+    when IMS refuses or the job fails."""
+    from uploads.services.state import note as _note, save as _save  # the push calls this module
+
+    bucket, key = staging.object_location(upload.converted_name or upload.staged_name)
+    if upload.ims_image_id and not upload.ims_job_id:  # an earlier attempt's image: one upload, one image
+        client.delete_image(upload.ims_image_id)
+        _note(upload, f"Deleted IMS image {upload.ims_image_id} of an earlier attempt before importing again")
+        _save(upload, attempt, ims_image_id="")
+    if not upload.ims_job_id:
+        job_id = ims.start_obs_import(
+            client, name=upload.name, bucket=bucket, key=key, min_disk=max(upload.min_disk, 1),
+            os_version=upload.os_version, min_ram=upload.min_ram, tags=upload.tags,
+        )
+        _save(upload, attempt, ims_job_id=job_id, ims_status=IMPORTING)
+        _note(upload, f"{MESSAGE} (job {job_id})")
+    job = _wait_for_job(upload, client, attempt)
+    if job is None:
+        return False
+    _save(upload, attempt, ims_image_id=job.image_id, ims_job_id="")
+    _note(upload, f"IMS imported the file from OBS as image {job.image_id}", detail=str(job.raw))
+    return True
+
+
+def _wait_for_job(upload: Upload, client: ImsClient, attempt: int) -> ims.ImportJob | None:
+    project_id = upload.owner.cloud_account.project_id
+    deadline = time.monotonic() + settings.IMS_IMPORT_TIMEOUT_SECONDS
+    while True:
+        job = ims.get_import_job(client, project_id, upload.ims_job_id)
+        if job.status == "SUCCESS":
+            return job
+        if job.status == "FAIL":
+            _forget_job(upload, attempt)
+            raise _job_failed(job)
+        if not Upload.objects.filter(pk=upload.pk, status=Status.PUSHING, attempt=attempt).exists():
+            return None  # cancelled or taken over: the job's image is deleted by whoever did that
+        if time.monotonic() > deadline:
+            raise CloudError("IMS is taking too long to import the file from OBS.", code="server", permanent=False,
+                             hint=ims.HINT_RETRY_LATER, detail=str(job.raw))
+        time.sleep(settings.IMS_IMPORT_POLL_SECONDS)
+
+
+def _forget_job(upload: Upload, attempt: int) -> None:
+    from uploads.services.state import save as _save
+
+    _save(upload, attempt, ims_job_id="")
+
+
+def _job_failed(job: ims.ImportJob) -> CloudError:
+    reason = job.fail_reason or job.error_code or "no reason given"
+    if any(word in reason.lower() for word in NO_ACCESS_WORDS):
+        return CloudError(
+            "IMS may not read the file from the portal's OBS bucket.",
+            code="forbidden", permanent=True, detail=f"{job.error_code} {job.raw}",
+            hint="An administrator has to authorize IMS to access OBS once (in the console), "
+            "and the bucket must be in the same region as IMS; then press Retry.",
+        )
+    return CloudError(f"IMS could not import the file from OBS: {reason}.", code="server", permanent=False,
+                      hint=ims.HINT_RETRY_LATER, detail=f"{job.error_code} {job.raw}")
