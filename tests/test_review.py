@@ -174,6 +174,19 @@ def test_a_file_replaced_since_its_check_is_not_approved(review_on, alice_connec
     assert unchanged(upload) and task_queue == []
 
 
+def test_an_object_rewritten_since_its_check_is_not_approved(
+    review_on, object_staging, alice_connected, carol, sim, task_queue
+):
+    upload = awaiting_upload(alice_connected)
+    task_queue.clear()
+    tampered = DATA[:1000] + b"tampered" + DATA[1008:]  # same size, other bytes
+    object_staging.client().put_object(Bucket=object_staging.bucket,
+                                       Key=object_staging.prefix + upload.staged_name, Body=tampered)
+    with pytest.raises(review.ReviewError, match="changed after it was checked"):
+        review.upload_approve(upload=upload, by=carol)
+    assert unchanged(upload) and task_queue == []
+
+
 def test_a_file_changed_after_approval_is_checked_again_and_awaits_review_again(
     review_on, alice_connected, carol, sim, task_queue
 ):

@@ -11,7 +11,6 @@ decision is one guarded move, so of two reviewers deciding at once one wins and 
 told who decided first; each is a timeline line with who, when and why.
 """
 
-import os
 from datetime import timezone as dt_timezone
 
 from django.conf import settings
@@ -46,17 +45,9 @@ def review_needed(upload: Upload) -> bool:
 
 
 def fingerprint(upload: Upload) -> dict:
-    """What the files the check saw look like now: size, modification time and inode of the
-    staged file and of its conversion. Any write or replacement changes one of them."""
-    found = {}
-    for name in filter(None, [upload.staged_name, upload.converted_name]):
-        try:
-            stat = os.stat(staging.path(name))
-        except FileNotFoundError:
-            found[name] = None
-        else:
-            found[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-    return found
+    """What the files the check saw look like now (staging.version of the staged file and of its
+    conversion): any write or replacement changes it, in a folder or in object storage."""
+    return {name: staging.version(name) for name in filter(None, [upload.staged_name, upload.converted_name])}
 
 
 def approved_and_unchanged(upload: Upload) -> bool:

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('uploads', '0007_refused'),
+        ('uploads', '0008_staged_multipart'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

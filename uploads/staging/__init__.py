@@ -21,7 +21,7 @@ __all__ = [
     "ScratchNoRoom", "StagingBusy", "StagingFull", "StagingUnavailable", "TakenOver", "Writer", "abort_orphans",
     "create",
     "delete", "exists", "free_bytes", "is_object_storage", "local_copy", "local_output", "locked_for_writing",
-    "name_for", "object_location", "open_for_reading", "path", "size", "write_at",
+    "name_for", "object_location", "open_for_reading", "path", "size", "version", "write_at",
 ]
 
 
@@ -69,6 +69,12 @@ def size(name: str) -> int | None:
 
 def exists(name: str) -> bool:
     return size(name) is not None
+
+
+def version(name: str) -> list | None:
+    """What changes whenever the staged file is written or replaced (None when it is gone): a
+    file's size, modification time and inode; an object's size and ETag."""
+    return _backend().version(name)
 
 
 def open_for_reading(name: str):

@@ -245,6 +245,14 @@ def size(name: str) -> int | None:
         return None
 
 
+def version(name: str) -> list | None:
+    try:
+        stat = os.stat(path(name))
+    except FileNotFoundError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
 def exists(name: str) -> bool:
     return size(name) is not None
 

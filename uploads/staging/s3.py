@@ -380,6 +380,17 @@ def size(name: str) -> int | None:
         return None if row is None else sum(size for _, size, _ in row.parts) + row.pending_size
 
 
+def version(name: str) -> list | None:
+    """A completed object's size and ETag (a new write makes a new ETag); None while it is gone
+    or still being received."""
+    try:
+        with s3_errors(name):
+            head = client().head_object(Bucket=bucket(), Key=key(name))
+    except FileNotFoundError:
+        return None
+    return [head["ContentLength"], head["ETag"]]
+
+
 class ObjectReader(io.RawIOBase):
     """One streaming GET of an object (or of a range of it), read in the caller's buffers."""
 
