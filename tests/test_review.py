@@ -479,10 +479,11 @@ def test_the_review_page_offers_retry_and_cancel_that_fit_the_state(
     upload = awaiting_upload(alice_connected)
     client.force_login(carol)
     page = client.get(f"/review/{upload.uid}/").content.decode()
-    assert f"/review/{upload.uid}/cancel" in page and f"/review/{upload.uid}/retry" not in page
+    # Awaiting review, a reviewer's no is a rejection with its reason, not a cancel.
+    assert f"/review/{upload.uid}/cancel" not in page and f"/review/{upload.uid}/retry" not in page
     Upload.objects.filter(pk=upload.pk).update(status=Status.FAILED, error_message="IMS was away")
     page = client.get(f"/review/{upload.uid}/").content.decode()
-    assert f"/review/{upload.uid}/retry" in page and "Remove" in page
+    assert f"/review/{upload.uid}/retry" in page and f"/review/{upload.uid}/cancel" in page and "Remove" in page
     client.post(f"/review/{upload.uid}/retry")
     assert Upload.objects.get(pk=upload.pk).status == Status.RECEIVED
     assert "Retry requested by carol" in timeline(upload)
@@ -523,3 +524,43 @@ def test_deleting_an_image_needs_the_owners_sign_in(review_on, alice_connected, 
     with pytest.raises(review.ReviewError, match="sign-in of alice has expired"):
         review.upload_delete_image(upload=upload, by=carol)
     assert Upload.objects.get(pk=upload.pk).ims_image_id == upload.ims_image_id and len(sim.images()) == 1
+
+
+def test_a_reviewer_cannot_cancel_an_upload_awaiting_review_past_the_reason(
+    review_on, alice_connected, carol, sim, client, task_queue
+):
+    upload = awaiting_upload(alice_connected)
+    client.force_login(carol)
+    response = client.post(f"/review/{upload.uid}/cancel", follow=True)
+    assert "reject it with a reason instead" in response.content.decode()
+    assert unchanged(upload) and Upload.objects.get(pk=upload.pk).status == Status.AWAITING_REVIEW
+
+
+def test_approving_while_the_staged_file_cannot_be_read_says_so_and_changes_nothing(
+    review_on, alice_connected, carol, sim, client, monkeypatch, task_queue
+):
+    upload = awaiting_upload(alice_connected)
+    task_queue.clear()
+
+    def unavailable(name):
+        raise staging.StagingUnavailable("The object storage does not answer.")
+
+    monkeypatch.setattr(staging, "version", unavailable)
+    client.force_login(carol)
+    response = client.post("/review/decide", {"uid": str(upload.uid), "decision": "approve"}, follow=True)
+    assert response.status_code == 200
+    assert "cannot be read just now" in response.content.decode()
+    assert unchanged(upload) and task_queue == []
+
+
+def test_the_review_page_says_when_ims_imports_the_file_from_obs(
+    review_on, alice_connected, carol, sim, client, monkeypatch, task_queue
+):
+    from uploads import obs_import
+
+    upload = awaiting_upload(alice_connected)
+    client.force_login(carol)
+    assert "The exact body of POST /v2/images" in client.get(f"/review/{upload.uid}/").content.decode()
+    monkeypatch.setattr(obs_import, "applies", lambda upload: True)
+    page = client.get(f"/review/{upload.uid}/").content.decode()
+    assert "POST /v2/cloudimages/action" in page and "The exact body of POST /v2/images" not in page

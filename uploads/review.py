@@ -119,7 +119,14 @@ def upload_approve(*, upload: Upload, by) -> None:
     _check_may_decide(upload, by)
     if upload.status != Status.AWAITING_REVIEW:
         raise _not_awaiting(upload)
-    if fingerprint(upload) != upload.checked_file:
+    try:
+        unchanged = fingerprint(upload) == upload.checked_file
+    except staging.StagingUnavailable:
+        raise ReviewError(
+            _("The staged file of “%(name)s” cannot be read just now, so it could not be compared with the "
+              "file that was checked. It was not approved: try again in a few minutes.") % {"name": upload.name}
+        ) from None
+    if not unchanged:
         raise ReviewError(
             _("The file of “%(name)s” changed after it was checked, so it is not the file you reviewed. It was "
               "not approved: reject it and ask %(owner)s to upload the file again.")

@@ -12,7 +12,7 @@ from django.urls import reverse
 from django.utils.translation import gettext as _, ngettext
 from django.views.decorators.http import require_POST
 
-from uploads import review, services
+from uploads import obs_import, review, services
 from uploads import ims
 from uploads.models import Status, Upload
 
@@ -46,6 +46,7 @@ def review_page(request, uid):
     return render(request, "uploads/review_page.html", {
         "upload": upload,
         "events": upload.events.all(),
+        "obs_import": obs_import.applies(upload),
         "ims_body": json.dumps(ims_request_body(upload), indent=2, ensure_ascii=False),
         "checks": (upload.inspection or {}).get("checks", {}),
         "may_decide": upload.status == Status.AWAITING_REVIEW and upload.owner_id != request.user.pk,
@@ -122,6 +123,10 @@ def review_retry(request, uid):
 @require_POST
 def review_cancel(request, uid):
     upload = get_object_or_404(Upload, uid=uid)
+    if upload.status == Status.AWAITING_REVIEW:  # a reviewer's no is a rejection, with its reason
+        messages.error(request, _("“%(name)s” awaits review: reject it with a reason instead, so that its owner "
+                                  "knows what to fix. Nothing was changed.") % {"name": upload.name})
+        return redirect("review_page", uid=upload.uid)
     try:
         deletes = services.upload_cancel(upload=upload, by=request.user.get_username())
     except services.ServiceError as exc:
