@@ -20,17 +20,41 @@
   var SLOTS = { use_format: 'use_format', retry: 'retry', reconnect: 'reconnect', upload_again: 'upload_again', remove: 'stop', cancel: 'stop' }
   var SLOT_NAMES = ['use_format', 'retry', 'reconnect', 'upload_again', 'stop']
 
+  // Django's JavaScript catalogue, when the page loads it; the English words otherwise.
+  var gettext = window.gettext || function (text) { return text }
+  var interpolate = window.interpolate || function (format, values) {
+    return format.replace(/%\((\w+)\)s/g, function (match, key) { return String(values[key]) })
+  }
+
   // ---- the page --------------------------------------------------------------------------
 
-  var announcer = document.createElement('div')
-  announcer.className = 'visually-hidden'
-  announcer.setAttribute('aria-live', 'polite')
-  document.body.appendChild(announcer)
+  /* Each status block has a polite live region (data-live="announce"); what is put there is
+     read out. It gets the status when it changes (with the reason, when the upload stopped)
+     and, on an upload's own page, how far it is in quarters: never every percent, which would
+     talk over everything else every two seconds. */
+  var QUARTER = 25
 
-  function announce (text) {
-    announcer.textContent = ''
+  function announce (block, text) {
+    var region = part(block, 'announce')
+    if (!region) return
+    region.textContent = ''
     // A fresh text node after a tick makes screen readers read it even when it repeats.
-    window.setTimeout(function () { announcer.textContent = text }, 50)
+    window.setTimeout(function () { region.textContent = text }, 50)
+  }
+
+  function statusWords (s) {
+    var words = interpolate(gettext('%(name)s: %(status)s.'), { name: s.name, status: s.status_label }, true)
+    return s.error_message ? words + ' ' + s.error_message : words
+  }
+
+  function quarterOf (s) {
+    return s.active ? Math.floor(s.progress_percent / QUARTER) : 0
+  }
+
+  function progressWords (s) {
+    // The percent sign goes with the number: interpolate() knows no %% for a plain one.
+    return interpolate(gettext('%(name)s: %(status)s, %(percent)s.'),
+      { name: s.name, status: s.status_label, percent: quarterOf(s) * QUARTER + '%' }, true)
   }
 
   function setText (el, text) {
@@ -151,6 +175,7 @@
   function watch (block, startDelay) {
     var url = block.dataset.statusUrl
     var current = block.querySelector('.status').dataset.status
+    var quarter = null // the last quarter of progress announced (an upload's own page only)
     var detailsVersion = block.dataset.detailsVersion
     var failures = 0
     var timer = null
@@ -167,8 +192,14 @@
           failures = 0
           setStale(block, '')
           if (s.status !== current) {
-            announce('“' + s.name + '”: ' + s.status_label)
+            announce(block, statusWords(s))
             current = s.status
+            quarter = quarterOf(s)
+          } else if (block.dataset.detailPage && quarter !== null && quarterOf(s) > quarter && quarterOf(s) < 4) {
+            quarter = quarterOf(s)
+            announce(block, progressWords(s))
+          } else if (quarter === null) {
+            quarter = quarterOf(s) // where it stood when the page opened: nothing to say yet
           }
           render(block, s)
           if (block.dataset.detailPage && s.details_version !== detailsVersion) {
@@ -242,7 +273,7 @@
     var label = button.textContent
     copyText(code.textContent.trim()).then(function () {
       button.textContent = 'Copied'
-      announce('Image id copied')
+      announce(button.closest('[data-upload]'), gettext('Image id copied'))
     }, function () {
       button.textContent = 'Select and copy by hand'
       window.getSelection().selectAllChildren(code)

@@ -30,6 +30,13 @@
   var Dashboard = window.Uppy.Dashboard
   var Tus = window.Uppy.Tus
 
+  // Django's JavaScript catalogue, when the page loads it; the English words otherwise.
+  var gettext = window.gettext || function (text) { return text }
+  var ngettext = window.ngettext || function (one, other, count) { return count === 1 ? one : other }
+  var interpolate = window.interpolate || function (format, values) {
+    return format.replace(/%\((\w+)\)s/g, function (match, key) { return String(values[key]) })
+  }
+
   var MiB = 1024 * 1024
   var SENT_META = ['filename', 'filetype', 'image_name', 'disk_format', 'os_version', 'min_disk', 'min_ram', 'tags']
   var ZERO_UUID = '00000000-0000-0000-0000-000000000000'
@@ -107,7 +114,36 @@
     })
   }
 
+  /* What a screen reader hears (#upload-announcer, polite): each file's steps, not Uppy's status
+     bar, which changes many times a second. Started, every quarter sent, in the portal; what
+     comes within a second is said at once. Problems go to #upload-problems (role=alert). */
+  var announcer = document.getElementById('upload-announcer')
+  var QUARTER = 25
+  var quarterSaid = new Map() // file id -> the last quarter said
+  var toSay = []
+  var sayTimer = null
+
+  function announce (text) {
+    toSay.push(text)
+    if (sayTimer) return
+    sayTimer = window.setTimeout(function () {
+      sayTimer = null
+      announcer.textContent = toSay.join(' ')
+      toSay = []
+    }, 1000)
+  }
+
+  function announceProgress (file, progress) {
+    if (!file || !progress.bytesTotal) return
+    var quarter = Math.floor(progress.bytesUploaded / progress.bytesTotal * 100 / QUARTER)
+    if (quarter < 1 || quarter > 3 || quarter <= (quarterSaid.get(file.id) || 0)) return
+    quarterSaid.set(file.id, quarter)
+    // The percent sign goes with the number: interpolate() knows no %% for a plain one.
+    announce(interpolate(gettext('%(file)s: %(percent)s sent.'), { file: file.name, percent: quarter * QUARTER + '%' }, true))
+  }
+
   function showDone (file, uid) {
+    announce(interpolate(gettext('%(file)s: in the portal.'), { file: file.name }, true))
     var item = document.createElement('li')
     if (uid) {
       var link = document.createElement('a')
@@ -449,9 +485,16 @@
     showProblem('refused:' + (name || error.message), error.message, name)
   })
 
-  uppy.on('upload', function () {
+  uppy.on('upload', function (uploadID, files) {
     clearRestrictionProblems()
+    var count = (files || []).length
+    if (count) {
+      files.forEach(function (file) { quarterSaid.delete(file.id) })
+      announce(interpolate(ngettext('Sending %(count)s file to the portal.', 'Sending %(count)s files to the portal.', count),
+        { count: count }, true))
+    }
   })
+  uppy.on('upload-progress', announceProgress)
 
   // True when the server refused the details of a file (400 to the creation request, before any
   // byte was sent): then the details can still be changed and the upload tried again.
