@@ -29,9 +29,11 @@ FOCUSED = """() => {
     const name = (el.getAttribute('aria-label') || el.labels?.[0]?.textContent || el.textContent || el.value || '')
         .replace(/\\s+/g, ' ').trim().slice(0, 60)
     const where = el.tagName.toLowerCase() + (el.id ? '#' + el.id : el.classList[0] ? '.' + el.classList[0] : '')
+    // The portal's ring (portal.css :focus-visible): a solid outline of 2 px or more, not transparent.
     const style = getComputedStyle(el)
-    const ring = style.outlineStyle !== 'none' && parseFloat(style.outlineWidth) >= 2
-    return {where, name, visible: ring || style.boxShadow !== 'none', matches: el.matches(':focus-visible')}
+    const ring = el.matches(':focus-visible') && style.outlineStyle === 'solid' &&
+        parseFloat(style.outlineWidth) >= 2 && !/rgba\(.*, 0\)$|transparent/.test(style.outlineColor)
+    return {where, name, visible: ring, outline: `${style.outlineStyle} ${style.outlineWidth} ${style.outlineColor}`}
 }"""
 
 
