@@ -443,6 +443,11 @@
     metaFields: metaFields
   })
 
+  // Uppy names its inline Dashboard ("Disk image uploader") but gives it no role, so the name
+  // is not said (axe: aria-prohibited-attr). As a region it is a landmark one can jump to.
+  var dashboardRoot = root.querySelector('.uppy-Dashboard')
+  if (dashboardRoot && !dashboardRoot.getAttribute('role')) dashboardRoot.setAttribute('role', 'region')
+
   uppy.use(Tus, {
     endpoint: root.dataset.endpoint,
     chunkSize: 50 * MiB,
@@ -665,7 +670,8 @@
   function openEditor (fileId, button) {
     editedFrom = button
     uppy.getPlugin('Dashboard').toggleFileCard(true, fileId)
-    root.scrollIntoView({ block: 'start', behavior: 'smooth' })
+    var still = window.matchMedia && window.matchMedia('(prefers-reduced-motion: reduce)').matches
+    root.scrollIntoView({ block: 'start', behavior: still ? 'auto' : 'smooth' })
   }
 
   uppy.on('dashboard:file-edit-complete', function () {
