@@ -160,3 +160,35 @@ def test_the_check_names_each_problem_with_its_rule_place_and_help(live_server, 
     assert "- button-name (critical): Buttons must have discernible text <https://dequeuniversity.com/rules/axe/" in report
     assert "at #nameless:" in report
     assert "- image-alt (critical)" in report and "at #wordless:" in report
+
+
+def test_pages_that_say_what_went_wrong_are_accessible(scene, live_server, browser_page, tmp_path):  # noqa: F811
+    visitors = Visitors(browser_page, live_server)
+    nobody = visitors.page_for(None)
+    nobody.goto(f"{live_server.url}/accounts/login/")
+    nobody.fill("#id_username", "alice")
+    nobody.fill("#id_password", "not her password")
+    nobody.click("button[type=submit]")
+    expect(nobody.locator(".alert--error")).to_be_visible()
+    assert_accessible(nobody, context="the sign-in page, a wrong password")
+
+    dave = visitors.page_for("dave")
+    dave.goto(f"{live_server.url}/cloud/")
+    dave.get_by_role("button", name="Connect", exact=True).click()
+    expect(dave.locator("[aria-invalid=true]").first).to_be_visible()
+    assert_accessible(dave, context="the cloud account page, fields left empty")
+
+    carol = visitors.page_for("carol")
+    carol.goto(f"{live_server.url}/review/")
+    carol.get_by_label("Select web-frontend-v3").check()
+    carol.get_by_role("button", name="Reject selected").click()
+    expect(carol.locator(".message--error")).to_contain_text("Write why")
+    assert_accessible(carol, context="the review queue, a reject without a reason")
+
+    bob = visitors.page_for("bob")
+    bob.goto(f"{live_server.url}/upload/")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a disk image")
+    bob.locator(".uppy-Dashboard-input").first.set_input_files(str(notes))
+    expect(bob.locator("#upload-problems")).to_contain_text("notes.txt")
+    assert_accessible(bob, context="the upload page, a file that is no disk image")
