@@ -15,7 +15,7 @@ from playwright.sync_api import expect
 from tests.conftest import connect_cloud, make_image, wait_for
 from tests.scene import MiB, pushed, qcow2_image, received
 from tests.test_browser import browser_page  # noqa: F401  (a fixture)
-from tests.test_browser_pages import sign_in
+from tests.test_browser_pages import Visitors, scene, sign_in  # noqa: F401  (scene: a fixture)
 from tests.test_browser_upload import throttle
 from uploads import services
 from uploads.models import Status, Upload
@@ -32,7 +32,7 @@ FOCUSED = """() => {
     // The portal's ring (portal.css :focus-visible): a solid outline of 2 px or more, not transparent.
     const style = getComputedStyle(el)
     const ring = el.matches(':focus-visible') && style.outlineStyle === 'solid' &&
-        parseFloat(style.outlineWidth) >= 2 && !/rgba\(.*, 0\)$|transparent/.test(style.outlineColor)
+        parseFloat(style.outlineWidth) >= 2 && !/rgba\\(.*, 0\\)$|transparent/.test(style.outlineColor)
     return {where, name, visible: ring, outline: `${style.outlineStyle} ${style.outlineWidth} ${style.outlineColor}`}
 }"""
 
@@ -269,3 +269,53 @@ def test_the_upload_page_announces_each_file_s_steps_not_every_percent(page, liv
         assert len(percents) <= 3, said
     assert said.count("% sent.") <= 6, said
     assert "rocky-9-base.raw: 50% sent." in said, said
+
+
+# The controls Tab should stop at, in document order: visible, enabled, not taken out of the
+# order (tabindex -1), no positive tabindex anywhere (which would jump the order).
+TAB_STOPS = """() => {
+    const selector = 'a[href], button, input:not([type=hidden]), select, textarea, summary, [tabindex]'
+    const positive = [...document.querySelectorAll('[tabindex]')].filter(el => el.tabIndex > 0)
+    const stops = [...document.querySelectorAll(selector)].filter(el =>
+        el.tabIndex >= 0 && !el.disabled && el.checkVisibility({visibilityProperty: true}) &&
+        !el.closest('[inert], details:not([open]) > :not(summary)'))
+    return {positive: positive.map(el => el.outerHTML.slice(0, 80)), count: stops.length,
+            stops: stops.map(el => el.outerHTML.slice(0, 80))}
+}"""
+KEYBOARD_PAGES = [  # (who, path) of tests/scene.py's portal
+    ("alice", "/uploads/"),
+    ("alice", "/uploads/{ready}/"),
+    ("alice", "/uploads/{rejected}/"),
+    ("carol", "/review/"),
+    ("carol", "/review/{awaiting}/"),
+    ("bob", "/upload/"),
+]
+
+
+def test_tab_reaches_every_control_in_order_with_a_visible_focus_and_nothing_traps_it(
+        scene, live_server, browser_page):  # noqa: F811
+    visitors = Visitors(browser_page, live_server)
+    uids = {what: upload.uid for what, upload in scene.uploads.items()}
+    for who, path in KEYBOARD_PAGES:
+        page = visitors.page_for(who)
+        page.goto(live_server.url + path.format(**uids))
+        page.locator("main").wait_for()
+        expected = page.evaluate(TAB_STOPS)
+        assert expected["positive"] == [], f"{path}: a positive tabindex jumps the order: {expected['positive']}"
+        # Tab once round the whole page: every stop shows the ring, then the focus leaves the
+        # page (to the browser) and comes back to the first control, the skip link.
+        page.keyboard.press("Tab")
+        first = focused(page)
+        assert first["name"] == "Skip to content", (path, first)
+        stops = [first]
+        for _ in range(expected["count"] + 5):
+            page.keyboard.press("Tab")
+            now = focused(page)
+            if now["where"] == "body" or now == first:
+                break
+            assert now["visible"], f"{path}: no visible focus on {now}"
+            stops.append(now)
+        else:
+            raise AssertionError(f"{path}: the focus never left the page; it went {stops}")
+        assert len(stops) == expected["count"], (path, [s["where"] + " " + s["name"] for s in stops],
+                                                 expected["stops"])
