@@ -192,3 +192,23 @@ def test_pages_that_say_what_went_wrong_are_accessible(scene, live_server, brows
     bob.locator(".uppy-Dashboard-input").first.set_input_files(str(notes))
     expect(bob.locator("#upload-problems")).to_contain_text("notes.txt")
     assert_accessible(bob, context="the upload page, a file that is no disk image")
+
+
+def test_pages_on_a_phone_have_no_serious_or_critical_accessibility_problem(scene, live_server, browser_page):  # noqa: F811
+    phone = browser_page.context.browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True,
+                                                     has_touch=True).new_page()
+    phone.set_default_timeout(20_000)
+    uids = {what: upload.uid for what, upload in scene.uploads.items()}
+    problems = []
+    for who, entries in [("alice", [p for p in PAGES if p.who == "alice"]),
+                         ("carol", [p for p in PAGES if p.who == "carol"][:2])]:
+        phone.context.clear_cookies()
+        sign_in(phone, live_server, who)
+        for entry in entries:
+            phone.goto(live_server.url + entry.path.format(**uids))
+            phone.locator(entry.wait_for).first.wait_for()
+            try:
+                assert_accessible(phone, context=f"{entry.context}, 360 px wide")
+            except AssertionError as problem:
+                problems.append(str(problem))
+    assert not problems, "\n\n".join(problems)
