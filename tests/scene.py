@@ -58,12 +58,14 @@ class Scene:
 
 def make_scene(django_user_model, sim, settings, folder: Path) -> Scene:
     users = {name: django_user_model.objects.create_user(name, f"{name}@example.com", f"{name}-pw-1234")
-             for name in ("alice", "bob", "carol", "dave")}
-    users["alice"].first_name, users["alice"].last_name = "Alice", "Wagner"
-    users["alice"].save()
+             for name in ("alice", "bob", "carol", "dave", "erik")}
+    for name, full in [("alice", "Alice Wagner"), ("carol", "Carol Schmidt"), ("erik", "Erik Lund")]:
+        users[name].first_name, users[name].last_name = full.split()
+        users[name].save()
     users["carol"].user_permissions.add(Permission.objects.get(codename="review_upload"))
-    for name in ("alice", "bob", "carol"):
+    for name in ("alice", "bob", "carol", "erik"):
         connect_cloud(users[name])
+    erik = users.pop("erik")  # only in the review queue
     scene = Scene(**users)
     alice, carol = users["alice"], users["carol"]
     up = scene.uploads
@@ -96,6 +98,8 @@ def make_scene(django_user_model, sim, settings, folder: Path) -> Scene:
                                      name="reporting-db", disk_format="qcow2", min_disk=80, min_ram=8192))
     review.upload_reject(upload=up["rejected"], by=carol,
                          reason="Install cloud-init first, please: servers made from it cannot get their SSH keys.")
+    up["eriks"] = pushed(received(erik, qcow2_image(folder / "postgres-16-appliance.qcow2", virtual="50G", data_mib=14),
+                                  name="postgres-16-appliance", disk_format="qcow2", min_disk=50, min_ram=4096))
     up["carols"] = pushed(received(carol, qcow2_image(folder / "monitoring-agent.qcow2", virtual="10G", data_mib=6),
                                    name="monitoring-agent", disk_format="qcow2"))
     up["awaiting"] = pushed(received(alice, qcow2_image(folder / "web-frontend-v3.qcow2", data_mib=20),
@@ -113,6 +117,6 @@ def make_scene(django_user_model, sim, settings, folder: Path) -> Scene:
         upload.refresh_from_db()
     expected = {"failed": Status.FAILED, "ready": Status.READY, "refused": Status.REFUSED,
                 "processing": Status.PROCESSING, "rejected": Status.REJECTED, "carols": Status.AWAITING_REVIEW,
-                "awaiting": Status.AWAITING_REVIEW, "receiving": Status.RECEIVING}
+                "awaiting": Status.AWAITING_REVIEW, "eriks": Status.AWAITING_REVIEW, "receiving": Status.RECEIVING}
     assert {k: u.status for k, u in up.items()} == expected
     return scene
