@@ -7,6 +7,7 @@ import unicodedata
 
 from django import forms
 from django.conf import settings
+from django.utils.translation import gettext_lazy as _
 
 from uploads import limits
 from uploads.models import EXTENSION_FORMATS, DiskFormat, NotificationSettings
@@ -193,6 +194,8 @@ class UploadMetadataForm(forms.Form):
 class NotificationSettingsForm(forms.ModelForm):
     """The profile page: which e-mails a person wants, and in which language. Only reviewers
     have the switch for mails about uploads awaiting review."""
+
+    language = forms.ChoiceField(label=_("Language of the e-mails"), choices=lambda: settings.LANGUAGES)
 
     class Meta:
         model = NotificationSettings

@@ -433,9 +433,9 @@ class NotificationSettings(models.Model):
         _("E-mail me when uploads await my review"), default=True,
         help_text=_("At most one mail every 15 minutes, listing every upload that waits; never for your own."),
     )
-    language = models.CharField(
-        _("Language of the e-mails"), max_length=8, choices=settings.LANGUAGES, default="en",
-    )
+    # One of settings.LANGUAGES (the profile's form offers those), so that adding a language
+    # needs no migration.
+    language = models.CharField(_("Language of the e-mails"), max_length=8, default="en")
     # The last review mail: sent_at is the moment it was claimed (the uploads that moved to
     # Awaiting review after that are still news); claimed_at is set while a worker sends one, so
     # that two workers never send the same mail, and expires if that worker died.
@@ -454,7 +454,7 @@ class UploadMail(models.Model):
 
     event = models.OneToOneField(UploadEvent, on_delete=models.CASCADE, related_name="mail")
     upload = models.ForeignKey(Upload, on_delete=models.CASCADE, related_name="mails")
-    kind = models.CharField(max_length=16, choices=Status.choices)
+    kind = models.CharField(max_length=16)  # the status it moved to: ready, failed ...
     claimed_at = models.DateTimeField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
 
