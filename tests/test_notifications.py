@@ -264,6 +264,20 @@ def test_a_redelivered_review_message_sends_once(alice_connected, carol, sim, re
     assert len(mail.outbox) == 1
 
 
+def test_a_long_queue_is_listed_up_to_50_uploads_with_how_many_more(alice, carol):
+    Upload.objects.bulk_create(
+        Upload(owner=alice, name=f"disk {n:02}", filename=f"disk{n}.raw", disk_format="raw", size=1024**3,
+               staged_name=f"s{n}", status=Status.AWAITING_REVIEW)
+        for n in range(52)
+    )
+    tasks.mail_reviewers.delay()
+    [message] = mail.outbox
+    assert message.subject == "52 uploads await your review"
+    assert message.body.count(f"{BASE}/review/") == 51  # 50 uploads and the queue
+    assert "“disk 49”" in message.body and "“disk 50”" not in message.body
+    assert "… and 2 more." in message.body
+
+
 def test_people_without_the_permission_or_an_address_get_no_review_mail(
     alice_connected, bob, django_user_model, sim, review_on, django_capture_on_commit_callbacks
 ):

@@ -25,7 +25,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.core.mail import EmailMultiAlternatives
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Max, Q
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone, translation
@@ -155,26 +155,35 @@ def reviewers():
     )
 
 
-def _has_news(waiting: list[tuple[int, object]], user_id: int, prefs: NotificationSettings | None, now) -> bool:
-    """An upload of someone else moved to Awaiting review since the last mail, and that mail is
-    REVIEW_MAIL_WINDOW old."""
+def _latest_per_owner() -> dict[int, object]:
+    """For each person with uploads awaiting review, when the latest of them began to wait: one
+    row per owner, however long the queue."""
+    return dict(
+        Upload.objects.filter(status=Status.AWAITING_REVIEW).order_by()
+        .values("owner_id").annotate(latest=Max("status_changed_at")).values_list("owner_id", "latest")
+    )
+
+
+def _has_news(latest: dict[int, object], user_id: int, prefs: NotificationSettings | None, now) -> bool:
+    """An upload of someone else began to await review since this reviewer's last mail, and that
+    mail is REVIEW_MAIL_WINDOW old."""
     last = prefs.review_mail_sent_at if prefs else None
     if last and last > now - REVIEW_MAIL_WINDOW:
         return False
-    return any(owner_id != user_id and (last is None or since > last) for owner_id, since in waiting)
+    return any(owner_id != user_id and (last is None or since > last) for owner_id, since in latest.items())
 
 
 def reviewers_to_mail() -> list[int]:
     """The reviewers who are due a mail about waiting uploads now (for `mail_reviewers`)."""
-    waiting = list(Upload.objects.filter(status=Status.AWAITING_REVIEW).values_list("owner_id", "status_changed_at"))
-    if not waiting:
+    latest = _latest_per_owner()
+    if not latest:
         return []
     now = timezone.now()
     prefs = {p.user_id: p for p in NotificationSettings.objects.filter(user__in=reviewers())}
     return [
         user_id for user_id in reviewers().values_list("pk", flat=True)
         if (user_id not in prefs or prefs[user_id].mail_review_requests)
-        and _has_news(waiting, user_id, prefs.get(user_id), now)
+        and _has_news(latest, user_id, prefs.get(user_id), now)
     ]
 
 
@@ -188,12 +197,9 @@ def review_mail_send(*, user_id: int) -> bool:
     if user is None:
         return False
     prefs = preferences(user)
-    now = timezone.now()
-    waiting = list(review.review_queue().exclude(owner=user))
-    if not prefs.mail_review_requests or not _has_news(
-        [(u.owner_id, u.status_changed_at) for u in waiting], user.pk, prefs, now
-    ):
+    if not prefs.mail_review_requests or not _has_news(_latest_per_owner(), user.pk, prefs, timezone.now()):
         return False
+    now = timezone.now()
     # The claim: only if nobody else claimed, or sent one, since this row was read.
     claimed = NotificationSettings.objects.filter(
         Q(review_mail_claimed_at__isnull=True) | Q(review_mail_claimed_at__lt=now - timedelta(seconds=CLAIM_SECONDS)),
@@ -201,27 +207,28 @@ def review_mail_send(*, user_id: int) -> bool:
     ).update(review_mail_claimed_at=now)
     if not claimed:
         return False
+    release = NotificationSettings.objects.filter(pk=prefs.pk, review_mail_claimed_at=now)
+    queue = review.review_queue().exclude(owner=user)
+    count, waiting = queue.count(), list(queue[:REVIEW_MAIL_MOST])  # the queue page has them all
+    if not waiting:  # decided on in the meantime: nothing to tell
+        release.update(review_mail_claimed_at=None)
+        return False
     try:
         _send(
             to=user.email, language=prefs.language, template="review_waiting",
             subject=lambda: ngettext(
-                "“%(name)s” awaits your review", "%(count)s uploads await your review", len(waiting)
-            ) % {"name": waiting[0].name, "count": len(waiting)},
+                "“%(name)s” awaits your review", "%(count)s uploads await your review", count
+            ) % {"name": waiting[0].name, "count": count},
             context={
-                "user": user, "count": len(waiting), "more": max(0, len(waiting) - REVIEW_MAIL_MOST),
-                "uploads": [
-                    {"upload": u, "url": absolute_url(reverse("review_page", args=[u.uid]))}
-                    for u in waiting[:REVIEW_MAIL_MOST]
-                ],
+                "user": user, "count": count, "more": count - len(waiting),
+                "uploads": [{"upload": u, "url": absolute_url(reverse("review_page", args=[u.uid]))} for u in waiting],
                 "queue_url": absolute_url(reverse("review_queue")),
             },
         )
     except MAIL_ERRORS as exc:
-        NotificationSettings.objects.filter(pk=prefs.pk, review_mail_claimed_at=now).update(review_mail_claimed_at=None)
+        release.update(review_mail_claimed_at=None)
         log.warning("the review mail to user %s was not sent: %s", user.pk, exc)
         raise
-    NotificationSettings.objects.filter(pk=prefs.pk, review_mail_claimed_at=now).update(
-        review_mail_sent_at=now, review_mail_claimed_at=None,
-    )
-    log.info("review mail sent to user %s: %s uploads waiting", user.pk, len(waiting))
+    release.update(review_mail_sent_at=now, review_mail_claimed_at=None)
+    log.info("review mail sent to user %s: %s uploads waiting", user.pk, count)
     return True
