@@ -370,6 +370,8 @@ CELERY_BEAT_SCHEDULE = {
     "clean-staging": {"task": "uploads.tasks.clean_staging", "schedule": 3600.0},
     # Reviewers whose 15 minutes since their last mail have passed hear of uploads still waiting.
     "review-mails": {"task": "uploads.tasks.mail_reviewers", "schedule": 60.0},
+    # An owner's mail whose message was lost (Redis away when the upload ended) is queued again.
+    "lost-mails": {"task": "uploads.tasks.mail_lost_outcomes", "schedule": 120.0},
 }
 
 LOGGING = {

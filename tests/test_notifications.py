@@ -172,6 +172,26 @@ def test_a_mail_another_worker_is_sending_is_left_to_it_until_that_worker_is_pre
     assert notifications.upload_mail_send(event_id=event.pk) is True and len(mail.outbox) == 1
 
 
+def test_beat_queues_again_the_mail_whose_message_was_lost(alice_connected, sim):
+    upload = received_upload(alice_connected, DATA)
+    services.upload_push(upload_id=upload.pk)  # Ready; its message "lost": no commit hooks run
+    assert notifications.outcome_mails_lost() == []  # young: its message may still come
+    later = timezone.now() + notifications.LOST_MAIL_AFTER + timedelta(seconds=1)
+    event = UploadEvent.objects.get(upload=upload, to_status=Status.READY)
+    assert notifications.outcome_mails_lost(now=later) == [event.pk]
+    Upload.objects.filter(pk=upload.pk).update(status_changed_at=timezone.now() - notifications.LOST_MAIL_AFTER * 2)
+    tasks.mail_lost_outcomes.delay()
+    assert len(mail.outbox) == 1
+    tasks.mail_lost_outcomes.delay()
+    assert len(mail.outbox) == 1  # sent: found no more
+    # Nor one whose owner turned such mails off, nor one an hour old.
+    NotificationSettings.objects.filter(user=alice_connected).update(mail_upload_outcomes=False)
+    UploadMail.objects.all().delete()
+    assert notifications.outcome_mails_lost(now=later) == []
+    NotificationSettings.objects.filter(user=alice_connected).update(mail_upload_outcomes=True)
+    assert notifications.outcome_mails_lost(now=later + notifications.LOST_MAIL_WITHIN) == []
+
+
 def closed_port() -> int:
     """A loopback port nobody listens on: connecting is refused at once."""
     with socket.socket() as s:

@@ -7,6 +7,8 @@
   everything waiting but their own uploads (four eyes). A move to Awaiting review and beat (every
   minute, for the windows that closed since) queue `mail_reviewers`, which queues one
   `mail_reviewer` per reviewer with news; `review_mail_send` sends it.
+- A message is only a nudge: beat queues again the owner's mails whose message was lost
+  (`outcome_mails_lost`), and the reviewers' come from the database alone.
 
 Mails are sent by Celery tasks, never in a request, and touch no upload: a mail server that is away
 delays a mail (the task retries a few times), never an upload. Each mail is claimed with a guarded
@@ -25,7 +27,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.core.mail import EmailMultiAlternatives
 from django.db import transaction
-from django.db.models import Max, Q
+from django.db.models import F, Max, Q
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone, translation
@@ -44,6 +46,9 @@ REVIEW_MAIL_WINDOW = timedelta(minutes=15)
 CLAIM_SECONDS = 5 * 60
 # What a mail server's trouble looks like; the task retries these (uploads/tasks.py).
 MAIL_ERRORS = (smtplib.SMTPException, OSError)
+# An outcome's mail whose message was lost is queued again by beat after LOST_MAIL_AFTER, for at
+# most LOST_MAIL_WITHIN (mails about older moves would be news no more).
+LOST_MAIL_AFTER, LOST_MAIL_WITHIN = timedelta(minutes=2), timedelta(hours=1)
 # The longest list of waiting uploads one review mail carries; the queue page has them all.
 REVIEW_MAIL_MOST = 50
 
@@ -138,6 +143,24 @@ def upload_mail_send(*, event_id: int) -> bool:
     UploadMail.objects.filter(pk=mail.pk, claimed_at=now).update(sent_at=timezone.now())
     log.info("upload %s: %s mail sent to its owner (user %s)", upload.pk, event.to_status, owner.pk)
     return True
+
+
+def outcome_mails_lost(*, now=None) -> list[int]:
+    """Outcomes of the last LOST_MAIL_WITHIN whose mail task never ran (its message was lost, say
+    with Redis) and whose owner wants mail: the events to queue again (beat, `mail_lost_outcomes`).
+    Those younger than LOST_MAIL_AFTER are left to their message. One the server kept refusing has
+    its UploadMail row and stays given up."""
+    now = now or timezone.now()
+    return list(
+        UploadEvent.objects.filter(
+            upload__status__in=OUTCOMES, to_status=F("upload__status"), mail__isnull=True,
+            upload__status_changed_at__gte=now - LOST_MAIL_WITHIN, upload__status_changed_at__lt=now - LOST_MAIL_AFTER,
+            upload__owner__is_active=True,
+        )
+        .exclude(upload__owner__email="")
+        .exclude(upload__owner__notification_settings__mail_upload_outcomes=False)
+        .values_list("pk", flat=True)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,6 +77,15 @@ def mail_upload_event(event_id: int) -> None:
 
 
 @shared_task
+def mail_lost_outcomes() -> None:
+    """Beat: queue again the owner's mails whose message got lost."""
+    from uploads import notifications
+
+    for event_id in notifications.outcome_mails_lost():
+        mail_upload_event.delay(event_id)
+
+
+@shared_task
 def mail_reviewers() -> None:
     """After a move to Awaiting review, and from beat: one task per reviewer who is due a mail."""
     from uploads import notifications
