@@ -135,6 +135,20 @@ def test_the_owner_is_mailed_the_reason_when_a_reviewer_rejects(
     assert f"{BASE}/upload/" in message.body  # upload a fixed file
 
 
+def test_the_reviewers_request_only_queues_the_mail_which_a_task_sends(
+    alice_connected, carol, client, sim, review_on, django_capture_on_commit_callbacks
+):
+    upload = pushed(alice_connected, committed=django_capture_on_commit_callbacks)
+    mail.outbox.clear()
+    client.force_login(carol)
+    with django_capture_on_commit_callbacks() as queued:
+        response = client.post("/review/decide", {"decision": "reject", "uid": str(upload.uid), "reason": "No."})
+    assert response.status_code == 302 and Upload.objects.get(pk=upload.pk).status == Status.REJECTED
+    assert mail.outbox == [] and len(queued) == 1  # the request sent nothing: it queued a task
+    queued[0]()  # the commit's hook sends the task (run here, eagerly)
+    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
+
+
 def test_a_second_failure_after_a_retry_mails_again(alice_connected, sim, django_capture_on_commit_callbacks, task_queue):
     sim.set_faults(expire_tokens=True)
     upload = pushed(alice_connected, committed=django_capture_on_commit_callbacks)

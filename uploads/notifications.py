@@ -44,7 +44,7 @@ OUTCOMES = {Status.READY, Status.FAILED, Status.REFUSED, Status.REJECTED, Status
 REVIEW_MAIL_WINDOW = timedelta(minutes=15)
 # A claim older than this belongs to a worker that died while sending: another may take it over.
 CLAIM_SECONDS = 5 * 60
-# What a mail server's trouble looks like; the task retries these (uploads/tasks.py).
+# What a mail server's trouble looks like: the claim is released, and the task retries (uploads/tasks.py).
 MAIL_ERRORS = (smtplib.SMTPException, OSError)
 # An outcome's mail whose message was lost is queued again by beat after LOST_MAIL_AFTER, for at
 # most LOST_MAIL_WITHIN (mails about older moves would be news no more).
@@ -57,9 +57,9 @@ REVIEW_MAIL_MOST = 50
 # Queueing: after the move is committed, never in its way
 
 
-def upload_moved(upload_id: int, to: str, event_id: int) -> None:
+def upload_moved(to: str, event_id: int) -> None:
     """The hook state.move calls after every move: queue the mails it calls for, once committed.
-    robust: with Redis away the mail is lost, not the move."""
+    robust: with Redis away the message is lost, never the move (beat queues the mail again)."""
     if to in OUTCOMES:
         transaction.on_commit(lambda: tasks.mail_upload_event.delay(event_id), robust=True)
     elif to == Status.AWAITING_REVIEW:

@@ -72,7 +72,7 @@ def move(
             upload_id=upload.pk, from_status=old, to_status=to, message=message, detail=detail
         )
         # Mails about the move (ready, failed ..., awaiting review) are queued for when it is committed.
-        notifications.upload_moved(upload.pk, to, event.pk)
+        notifications.upload_moved(to, event.pk)
     for key, value in fields.items():
         setattr(upload, key, value)
     log.info("upload %s: %s -> %s: %s", upload.pk, old, to, message)
