@@ -7,13 +7,14 @@ from django.core.paginator import Paginator
 from django.db.models import Count, Q
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.translation import gettext as _
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
 
-from uploads import fairness, limits, review, services, status_access
-from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, UploadMetadataForm
+from uploads import fairness, limits, notifications, review, services, status_access
+from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, NotificationSettingsForm, UploadMetadataForm
 from uploads.ims import CloudError
 from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
 
@@ -336,3 +337,16 @@ def cloud_disconnect(request):
     services.cloud_account_disconnect(user=request.user)
     messages.success(request, "Your cloud account was disconnected and its token deleted.")
     return redirect("cloud_account")
+
+
+@login_required
+def profile(request):
+    """Which e-mails the person gets (uploads/notifications.py) and in which language."""
+    form = NotificationSettingsForm(
+        request.POST or None, instance=notifications.preferences(request.user), reviewer=review.is_reviewer(request.user)
+    )
+    if request.method == "POST" and form.is_valid():
+        form.save()
+        messages.success(request, _("Your e-mail settings are saved."))
+        return redirect("profile")
+    return render(request, "uploads/profile.html", {"form": form})
