@@ -289,6 +289,7 @@ KEYBOARD_PAGES = [  # (who, path) of tests/scene.py's portal
     ("carol", "/review/"),
     ("carol", "/review/{awaiting}/"),
     ("bob", "/upload/"),
+    ("alice", "/profile/"),
 ]
 
 

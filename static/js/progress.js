@@ -12,6 +12,12 @@
 (function () {
   'use strict'
 
+  // Django's JavaScript catalogue (/jsi18n/, loaded first by base.html); without it, English.
+  var gettext = window.gettext || function (text) { return text }
+  var interpolate = window.interpolate || function (text, values) {
+    return text.replace(/%\(\w+\)s/g, function (match) { return values[match.slice(2, -2)] })
+  }
+
   var POLL_MS = 2000
   var WAITING_POLL_MS = 15000 // failed / refused / reconnect / awaiting review: only a person moves these on
   var HIDDEN_POLL_MS = 10000
@@ -20,25 +26,29 @@
   var SLOTS = { use_format: 'use_format', retry: 'retry', reconnect: 'reconnect', upload_again: 'upload_again', remove: 'stop', cancel: 'stop' }
   var SLOT_NAMES = ['use_format', 'retry', 'reconnect', 'upload_again', 'stop']
 
-  // Django's JavaScript catalogue, when the page loads it; the English words otherwise.
-  var gettext = window.gettext || function (text) { return text }
-  var interpolate = window.interpolate || function (format, values) {
-    return format.replace(/%\((\w+)\)s/g, function (match, key) { return String(values[key]) })
-  }
-
   // ---- the page --------------------------------------------------------------------------
 
-  /* Each status block has a polite live region (data-live="announce"); what is put there is
-     read out. It gets the status when it changes (with the reason, when the upload stopped)
-     and, on an upload's own page, how far it is in quarters: never every percent, which would
-     talk over everything else every two seconds. */
+  var announcer = document.createElement('div')
+  announcer.className = 'visually-hidden'
+  announcer.setAttribute('aria-live', 'polite')
+  document.body.appendChild(announcer)
+
+  function announce (text) {
+    announcer.textContent = ''
+    // A fresh text node after a tick makes screen readers read it even when it repeats.
+    window.setTimeout(function () { announcer.textContent = text }, 50)
+  }
+
+  /* Each status block has a polite live region of its own (data-live="announce", in the page
+     from the start, so screen readers follow it). It gets the status when it changes (with the
+     reason, when the upload stopped) and, on an upload's own page, how far it is in quarters:
+     never every percent, which would talk over everything else every two seconds. */
   var QUARTER = 25
 
-  function announce (block, text) {
+  function announceIn (block, text) {
     var region = part(block, 'announce')
     if (!region) return
     region.textContent = ''
-    // A fresh text node after a tick makes screen readers read it even when it repeats.
     window.setTimeout(function () { region.textContent = text }, 50)
   }
 
@@ -192,12 +202,12 @@
           failures = 0
           setStale(block, '')
           if (s.status !== current) {
-            announce(block, statusWords(s))
+            announceIn(block, statusWords(s))
             current = s.status
             quarter = quarterOf(s)
           } else if (block.dataset.detailPage && quarter !== null && quarterOf(s) > quarter && quarterOf(s) < 4) {
             quarter = quarterOf(s)
-            announce(block, progressWords(s))
+            announceIn(block, progressWords(s))
           } else if (quarter === null) {
             quarter = quarterOf(s) // where it stood when the page opened: nothing to say yet
           }
@@ -273,7 +283,7 @@
     var label = button.textContent
     copyText(code.textContent.trim()).then(function () {
       button.textContent = 'Copied'
-      announce(button.closest('[data-upload]'), gettext('Image id copied'))
+      announce('Image id copied')
     }, function () {
       button.textContent = 'Select and copy by hand'
       window.getSelection().selectAllChildren(code)

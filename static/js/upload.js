@@ -14,6 +14,14 @@
   var root = document.getElementById('uploader')
   if (!root) return
 
+  // Words in the person's language: Django's JavaScript catalogue (/jsi18n/, loaded first by
+  // base.html) defines gettext, ngettext and interpolate; without it the English stands.
+  var gettext = window.gettext || function (text) { return text }
+  var ngettext = window.ngettext || function (one, many, n) { return n === 1 ? one : many }
+  var interpolate = window.interpolate || function (text, values, named) {
+    return text.replace(/%\(\w+\)s/g, function (match) { return values[match.slice(2, -2)] })
+  }
+
   var problemsBox = document.getElementById('upload-problems')
   var problemList = problemsBox.querySelector('.problem-list')
   var doneBox = document.getElementById('upload-done')
@@ -29,13 +37,6 @@
   var Uppy = window.Uppy.Uppy
   var Dashboard = window.Uppy.Dashboard
   var Tus = window.Uppy.Tus
-
-  // Django's JavaScript catalogue, when the page loads it; the English words otherwise.
-  var gettext = window.gettext || function (text) { return text }
-  var ngettext = window.ngettext || function (one, other, count) { return count === 1 ? one : other }
-  var interpolate = window.interpolate || function (format, values) {
-    return format.replace(/%\((\w+)\)s/g, function (match, key) { return String(values[key]) })
-  }
 
   var MiB = 1024 * 1024
   var SENT_META = ['filename', 'filetype', 'image_name', 'disk_format', 'os_version', 'min_disk', 'min_ram', 'tags']
