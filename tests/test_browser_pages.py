@@ -47,7 +47,7 @@ PAGES = [
     Page("an upload's page, ready", "alice", "/uploads/{ready}/", "detail-ready.png"),
     Page("the cloud account page, connected", "alice", "/cloud/", "cloud-account.png"),
     Page("the cloud account page, not connected", "dave", "/cloud/"),
-    Page("the profile page", "alice", "/profile/", "profile.png"),
+    Page("the profile page of a reviewer", "carol", "/profile/", "profile.png"),
     Page("the review queue", "carol", "/review/", "review-queue.png"),
     Page("the review page, awaiting review", "carol", "/review/{awaiting}/", "review-page.png"),
     Page("the review page, ready", "carol", "/review/{ready}/"),
