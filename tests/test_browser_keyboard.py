@@ -179,28 +179,44 @@ def test_a_reviewer_approves_and_rejects_by_keyboard_alone(browser_page, live_se
     page.keyboard.press("Tab")
     expect_focused(page.get_by_role("link", name="Skip to content"))
 
-    # Reject the second from its review page, with a reason.
+    # Reject the second from the queue: tick it, write the reason, past Approve to Reject.
     page.keyboard.press("Enter")
-    tab_to(page, page.get_by_role("link", name="reporting-db"))
-    page.keyboard.press("Enter")
-    page.wait_for_url(f"{live_server.url}/review/{second.uid}/")
-    page.keyboard.press("Tab")
-    page.keyboard.press("Enter")
+    tab_to(page, page.get_by_label("Select reporting-db"))
+    page.keyboard.press("Space")
     reason = page.get_by_label("Reason (needed to reject; the owner reads it)")
     tab_to(page, reason)
     page.keyboard.type("Install cloud-init first, please.")
     page.keyboard.press("Tab")
-    expect_focused(page.get_by_role("button", name="Approve and send to IMS"))
+    expect_focused(page.get_by_role("button", name="Approve selected"))
     page.keyboard.press("Tab")
-    expect_focused(page.get_by_role("button", name="Reject"))
+    expect_focused(page.get_by_role("button", name="Reject selected"))
     page.keyboard.press("Enter")
     expect(page.get_by_text("Rejected 1 upload")).to_be_visible()
     second.refresh_from_db()
     assert (second.status, second.review_reason) == (Status.REJECTED, "Install cloud-init first, please.")
 
-    # The JSON sent to IMS scrolls, so it takes the focus (arrow keys scroll it).
-    page.goto(f"{live_server.url}/review/{third.uid}/")
-    tab_to(page, page.locator("[data-ims-body]"))
+    # Reject the third from its review page.
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    tab_to(page, page.get_by_role("link", name="gitlab-runner"))
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{live_server.url}/review/{third.uid}/")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    tab_to(page, page.get_by_label("Reason (needed to reject; the owner reads it)"))
+    page.keyboard.type("Use the 2024 base image.")
+    page.keyboard.press("Tab")
+    expect_focused(page.get_by_role("button", name="Approve and send to IMS"))
+    page.keyboard.press("Tab")
+    expect_focused(page.get_by_role("button", name="Reject"))
+    # The JSON sent to IMS scrolls, so it takes the focus (arrow keys scroll it) after the buttons.
+    page.keyboard.press("Tab")
+    expect_focused(page.locator("[data-ims-body]"))
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Enter")
+    expect(page.get_by_text("Rejected 1 upload")).to_be_visible()
+    third.refresh_from_db()
+    assert (third.status, third.review_reason) == (Status.REJECTED, "Use the 2024 base image.")
 
 
 def test_an_upload_s_own_page_announces_each_state_and_its_progress_in_quarters(page, live_server, alice, sim,

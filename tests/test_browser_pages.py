@@ -4,7 +4,7 @@ critical problem on any of them (tests/accessibility.py).
 
 `make screenshots` runs this file with UPDATE_SCREENSHOTS=1: the pages marked with a file name
 below are the README's pictures (docs/screenshots/), taken of tests/scene.py's realistic uploads.
-A new page is one more line in PAGES.
+A new page is one more line in PAGES (a page in German: language="de", the browser's language).
 """
 
 import re
@@ -29,6 +29,7 @@ class Page:
     path: str  # "{ready}" and the like: the uid of that upload of the scene
     picture: str = ""  # docs/screenshots/<picture> under `make screenshots`
     wait_for: str = "main"  # a selector that is there once the page is drawn
+    language: str = ""  # the browser's language ("de"), when not English
 
 
 PAGES = [
@@ -65,20 +66,24 @@ def sign_in(page, live_server, name: str):
 
 
 class Visitors:
-    """One browser context (a session of its own) per person, signed in on first use."""
+    """One browser context (a session of its own) per person and language, signed in on first use."""
 
     def __init__(self, page, live_server):
         self.first, self.live_server, self.pages = page, live_server, {}
 
-    def page_for(self, who):
-        if who not in self.pages:
-            page = self.first if not self.pages else self.first.context.browser.new_context(
-                viewport={"width": 1280, "height": 900}).new_page()
+    def page_for(self, who, language: str = ""):
+        if (who, language) not in self.pages:
+            if not self.pages and not language:
+                page = self.first
+            else:
+                options = {"locale": language} if language else {}
+                page = self.first.context.browser.new_context(viewport={"width": 1280, "height": 900},
+                                                              **options).new_page()
             page.set_default_timeout(20_000)
             if who:
                 sign_in(page, self.live_server, who)
-            self.pages[who] = page
-        return self.pages[who]
+            self.pages[who, language] = page
+        return self.pages[who, language]
 
 
 @pytest.fixture
@@ -93,7 +98,7 @@ def test_every_page_has_no_serious_or_critical_accessibility_problem(scene, live
     uids = {what: upload.uid for what, upload in scene.uploads.items()}
     problems = []
     for entry in PAGES:
-        page = visitors.page_for(entry.who)
+        page = visitors.page_for(entry.who, entry.language)
         page.goto(live_server.url + entry.path.format(**uids))
         page.locator(entry.wait_for).first.wait_for()
         try:
