@@ -88,10 +88,11 @@ def test_an_upload_from_choosing_the_file_to_my_uploads_by_keyboard_alone(page, 
         page.keyboard.press("Enter")
     chooser.value.set_files(str(image))
 
-    # The details of the file open by themselves, filled in from the file name.
+    # The details of the file open by themselves, filled in from the file name, with the focus
+    # in the first field.
     name = page.locator("#uppy-Dashboard-FileCard-input-image_name")
     expect(name).to_have_value("ubuntu-24.04-server")
-    tab_to(page, name)
+    expect_focused(name)
     page.keyboard.press("Control+A")
     page.keyboard.type("ubuntu-web-2024")
     page.keyboard.press("Tab")
@@ -107,6 +108,7 @@ def test_an_upload_from_choosing_the_file_to_my_uploads_by_keyboard_alone(page, 
     page.keyboard.press("Enter")
     row = page.locator("#file-details tbody tr")
     expect(row.locator(".file-table__name")).to_have_text("ubuntu-web-2024")
+    expect(page.locator(".uppy-Dashboard :focus")).to_have_count(1)  # back in the file list, not lost
 
     # Upload: Space presses it as well as a click would.
     upload_button = page.locator(".uppy-StatusBar-actionBtn--upload")
