@@ -1,8 +1,9 @@
 """What a person clicks, in a real browser: Debian's chromium driven by Playwright, against the
 live portal, a real Celery worker and Redis, and the IMS simulator.
 
-`make screenshots` runs this with UPDATE_SCREENSHOTS=1 to refresh docs/screenshots/ (shown in the
-README); otherwise the screenshots go to the test's temporary folder.
+screenshot() keeps a picture in the test's temporary folder; with UPDATE_SCREENSHOTS=1 it also
+copies it to docs/screenshots/. `make screenshots` sets that for tests/test_browser_pages.py only,
+which takes the README's pictures of every page from realistic uploads (tests/scene.py).
 """
 
 import os
