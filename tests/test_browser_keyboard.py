@@ -12,6 +12,7 @@ import pytest
 from django.contrib.auth.models import Permission
 from playwright.sync_api import expect
 
+from tests.accessibility import assert_accessible
 from tests.conftest import connect_cloud, make_image, wait_for
 from tests.scene import MiB, pushed, qcow2_image, received
 from tests.test_browser import browser_page  # noqa: F401  (a fixture)
@@ -249,6 +250,7 @@ def test_an_upload_s_own_page_announces_each_state_and_its_progress_in_quarters(
     assert 1 <= len(progress) <= 3 and len(progress) == len(set(progress)), said
     assert set(progress) <= {f"debian-12-genericcloud: Sending to IMS, {n}%." for n in (25, 50, 75)}, said
     assert len(polls) > len(said), (polls, said)
+    assert_accessible(page, context="an upload's page after it turned Ready live")
 
 
 def record_announcements(page, selector: str):
