@@ -311,7 +311,7 @@
       if (res.status === 404) return { over: true, gone: true, text: words.removed, again: true }
       if (!res.ok) return null
       return res.json().then(function (upload) {
-        if (upload.status === 'receiving') return { over: false }
+        if (upload.status === 'receiving' || upload.status === 'sending_early') return { over: false }
         if (upload.status === 'cancelled') return { over: true, gone: true, text: words.cancelled, again: true }
         if (upload.status === 'failed') {
           return { over: true, text: (words.failed + ' ' + (upload.error_message || '')).trim(), again: true }
