@@ -8,6 +8,7 @@ from django.db.models import Count, Q
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.translation import gettext_lazy
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
@@ -51,6 +52,8 @@ UPLOAD_PAGE_WORDS = {
     "applied": "{fields}: set for each file in the list ({count}).",
     "nothing_to_apply": "Fill in at least one of the fields above, then press Apply to all files.",
     "no_files": "Add files first; then these details go to each of them.",
+    # A file sent on to IMS while the browser still sends it (services/early_push.py).
+    "sent_to_ims": gettext_lazy("{percent}% sent on to IMS"),
 }
 
 
