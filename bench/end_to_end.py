@@ -49,11 +49,13 @@ from bench.common import (  # noqa: E402
     say,
     settle_disk,
     start_process,
+    tree_cpu_seconds,
     stop_process,
     use_portal_in_this_process,
     wait_for,
     wait_for_quiet,
     warm_cache,
+    OthersLoad,
     workdir,
 )
 from bench.push import WORKER_ARGV, glance_target  # noqa: E402
@@ -225,24 +227,38 @@ def main() -> int:
         warm_cache(source)
         curl_put(target, client, header_file, source)  # untimed: Glance's first PUT
         times = {"curl": [], "paced": [], "unpaced": []}
+        cpu_figures = {}
         for run in range(args.runs):
             order = ["curl", "paced", "unpaced"] if run % 2 == 0 else ["unpaced", "paced", "curl"]
             for way in order:
                 settle_disk()
                 wait_for_quiet(longest=10, below=0.3)
                 if way == "curl":
-                    seconds = curl_put(target, client, header_file, source)
+                    with OthersLoad() as others:
+                        seconds = curl_put(target, client, header_file, source)
                     times["curl"].append(seconds)
-                    say(f"curl -T: {seconds:.2f} s ({size / MIB / seconds:.0f} MiB/s)")
+                    say(f"curl -T: {seconds:.2f} s ({size / MIB / seconds:.0f} MiB/s); "
+                        f"others used {others.cores:.2f} cores")
                 else:
                     rate = args.rate_mib * MIB if way == "paced" else None
-                    whole, tail, how = tus_to_ready(tus_url, headers, source, client, rate)
+                    cpu = [tree_cpu_seconds(process.pid) for process in portal]
+                    with OthersLoad() as others:
+                        whole, tail, how = tus_to_ready(tus_url, headers, source, client, rate)
+                    ingest_cpu, worker_cpu = (tree_cpu_seconds(p.pid) - c for p, c in zip(portal, cpu))
                     times[way].append(tail if way == "paced" else whole)
-                    say(f"{way}: first byte -> ready {whole:.2f} s, last byte -> ready {tail:.2f} s ({how})")
+                    cpu_figures.setdefault(way, []).append((ingest_cpu, worker_cpu))
+                    say(f"{way}: first byte -> ready {whole:.2f} s, last byte -> ready {tail:.2f} s ({how}); "
+                        f"CPU {ingest_cpu:.1f} s ingest, {worker_cpu:.1f} s worker; "
+                        f"others used {others.cores:.2f} cores")
         curl = min(times["curl"])
         figures.update(curl_s=f"{curl:.2f}", paced_tail_s=f"{min(times['paced']):.2f}",
                        paced_tail_vs_curl=f"{min(times['paced']) / curl:.3f}",
                        unpaced_s=f"{min(times['unpaced']):.2f}", unpaced_vs_curl=f"{min(times['unpaced']) / curl:.2f}")
+        gib = size / GIB
+        worker_cpu = [worker for runs in cpu_figures.values() for _, worker in runs]
+        ingest_cpu = [ingest for runs in cpu_figures.values() for ingest, _ in runs]
+        figures.update(worker_cpu_s_per_gib=f"{min(worker_cpu) / gib:.2f}",
+                       ingest_cpu_s_per_gib=f"{min(ingest_cpu) / gib:.2f}")
         if args.compare_usual:
             for process in portal:
                 stop_process(process)

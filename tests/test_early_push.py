@@ -304,6 +304,8 @@ def test_the_status_json_shows_both_hops_while_sending_early(portal, sim, alice,
     assert "sent to IMS" in status["detail"]
     page = client.get(f"/uploads/{browser.upload.uid}/").content.decode()
     assert 'data-live="send-bar"' in page
+    upload_page = client.get("/upload/").content.decode()  # its script shows the same for each file
+    assert 'id="ims-hop"' in upload_page and "% sent on to IMS" in upload_page
     browser.send_all()
     worker.finish()
     assert Upload.objects.get(pk=browser.upload.pk).status == Status.READY
