@@ -309,3 +309,26 @@ def test_the_status_json_shows_both_hops_while_sending_early(portal, sim, alice,
     browser.send_all()
     worker.finish()
     assert Upload.objects.get(pk=browser.upload.pk).status == Status.READY
+
+
+def test_the_simulator_holds_an_incomplete_put_open_and_never_activates_a_cut_body(sim, alice_connected):
+    """As Glance does: what part of a body arrived is taken at once (the image stays saving), and a
+    body cut before its Content-Length leaves the image queued and empty, never active."""
+    import socket
+    from urllib.parse import urlsplit
+
+    client = services.cloud.ims_client(services.cloud.owner_token(alice_connected.pk).value)
+    image = client.create_image(name="held", disk_format="raw", min_disk=1)
+    url = urlsplit(sim.url)
+    with socket.create_connection((url.hostname, url.port)) as conn:
+        conn.sendall((f"PUT /v2/images/{image.id}/file HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                      f"X-Auth-Token: {client.session.headers['X-Auth-Token']}\r\n"
+                      f"Content-Type: application/octet-stream\r\nContent-Length: {4 * MiB}\r\n\r\n").encode())
+        conn.sendall(b"x" * (3 * MiB + 5))
+        wait_for(lambda: sim.image_path(image.id).exists() and sim.image_path(image.id).stat().st_size == 3 * MiB + 5,
+                 what="the simulator to take every byte that arrived")
+        assert client.get_image(image.id).status == "saving"
+    wait_for(lambda: client.get_image(image.id).status != "saving", what="the cut PUT to end")
+    stored = client.get_image(image.id)
+    assert stored.status == "queued" and not stored.checksum and not stored.size
+    assert not sim.image_path(image.id).exists()
