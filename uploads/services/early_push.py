@@ -111,7 +111,8 @@ def upload_push_early(*, upload_id: int) -> PushOutcome:
 def _claim(upload: Upload, attempt: int) -> bool:
     now = timezone.now()
     return move(
-        upload, Status.SENDING_EARLY, "Sending to IMS while the file arrives", where=Q(attempt=0),
+        upload, Status.SENDING_EARLY, "Sending to IMS while the file arrives",
+        where=Q(attempt=0, received_bytes__gte=HEAD_BYTES),
         attempt=attempt, sent_bytes=0, send_rate=0, heartbeat_at=now, push_started_at=now, retry_at=None,
         **NO_ERROR,
     )
