@@ -522,7 +522,7 @@
 
   /* A QCOW2, RAW or VHD file may be sent on to IMS while the browser still sends it (the status
      JSON's `both_hops`): each such file gets a line with a bar of its own, from the status JSON,
-     until it left that phase. */
+     followed until nothing moves any more (ready, or waiting for a person). */
   var hopBox = document.getElementById('ims-hop')
   var hopList = hopBox.querySelector('ul')
   var hops = new Map() // upload uid -> { bar, text }
@@ -547,7 +547,7 @@
     }
     hop.bar.value = s.send_percent || 0
     hop.text.textContent = s.both_hops ? words.sent_to_ims.replace('{percent}', s.send_percent || 0) : s.status_label
-    hop.done = !s.both_hops
+    hop.done = !!s.finished // ready, or waiting for a person: nothing moves any more
   }
 
   function pollHops () {
