@@ -332,3 +332,25 @@ def test_the_simulator_holds_an_incomplete_put_open_and_never_activates_a_cut_bo
     stored = client.get_image(image.id)
     assert stored.status == "queued" and not stored.checksum and not stored.size
     assert not sim.image_path(image.id).exists()
+
+
+@pytest.mark.parametrize(("disk_format", "qemu_format"), [("raw", None), ("vhd", "vpc")])
+def test_raw_and_dynamic_vhd_files_are_sent_early_too(portal, sim, alice, tmp_path, disk_format, qemu_format):
+    path = qcow2_file(tmp_path, 20)
+    if disk_format == "raw":
+        target = tmp_path / "disk.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path), str(target)], check=True)
+    else:  # a dynamic VHD: its header says so at the start (a fixed one is converted, never sent early)
+        target = tmp_path / "disk.vhd"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", qemu_format, str(path), str(target)], check=True)
+    browser = Browser(alice, target, disk_format)
+    worker = start_early_push(portal, browser)
+    browser.send_to(len(browser.data) // 2)
+    wait_for(lambda: bytes_at_ims(sim, browser.upload) > MiB, what="the early push to send bytes")
+    browser.send_all()
+    worker.finish()
+    upload = Upload.objects.get(pk=browser.upload.pk)
+    assert upload.status == Status.READY, timeline(upload)
+    assert upload.send_format == disk_format and ("push", upload.pk) not in portal
+    [image] = sim.images()
+    assert image["checksum"] == hashlib.md5(browser.data).hexdigest()
