@@ -287,6 +287,14 @@ PUSH_STALE_SECONDS = float(os.environ.get("PUSH_STALE_SECONDS", 120))
 # (At least 1: with 0 nothing would ever be sent.)
 PUSH_CONCURRENCY_PER_USER = max(1, int(os.environ.get("PUSH_CONCURRENCY_PER_USER", 2)))
 PUSH_CONCURRENCY_PER_PROJECT = max(1, int(os.environ.get("PUSH_CONCURRENCY_PER_PROJECT", 4)))
+# Early push (uploads/services/early_push.py): a QCOW2, RAW or VHD file that IMS takes as it is
+# is sent on to IMS while the browser still uploads it, the end of the file held back until the
+# whole file passed the check. When the browser sends nothing for EARLY_PUSH_STALL_SECONDS, the
+# early push is given up (its image deleted) and the file is sent the usual way once it arrived:
+# keep it below the image service's idle timeout for a request body (Glance: client_socket_timeout,
+# 900 s; a load balancer in front of IMS may cut sooner).
+EARLY_PUSH = env_bool("EARLY_PUSH", True)
+EARLY_PUSH_STALL_SECONDS = float(os.environ.get("EARLY_PUSH_STALL_SECONDS", 30))
 # The reconciler runs this often and re-queues received uploads nobody claimed for this long.
 RECONCILE_EVERY_SECONDS = float(os.environ.get("RECONCILE_EVERY_SECONDS", 60))
 RECONCILE_GRACE_SECONDS = float(os.environ.get("RECONCILE_GRACE_SECONDS", 120))
@@ -332,7 +340,10 @@ CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 # ended the worker when Redis went away while a push ran (portal/celery.py says how).
 CELERY_BROKER_TRANSPORT = "portal.celery:RedisTransport" if REDIS_URL.startswith("redis://") else None
 # Pushes (hours long) have a queue of their own, so that polls and clean-ups never wait behind them.
-CELERY_TASK_ROUTES = {"uploads.tasks.push_upload": {"queue": "uploads"}}
+CELERY_TASK_ROUTES = {
+    "uploads.tasks.push_upload": {"queue": "uploads"},
+    "uploads.tasks.early_push_upload": {"queue": "uploads"},
+}
 # How long a push may take. The slowest link to IMS we support is 2 MiB/s (16 Mbit/s): at that
 # rate the largest image IMS takes (UPLOAD_MAX_BYTES, just under 128 GiB) is sent in 65 536 s, about
 # 18.2 hours, which fits in one IAM token (24 hours). The push task also checks the file and may
@@ -346,6 +357,9 @@ PUSH_SOFT_TIME_LIMIT = LONGEST_PUSH_SECONDS + 2 * 3600
 PUSH_TIME_LIMIT = PUSH_SOFT_TIME_LIMIT + 10 * 60
 CELERY_TASK_ANNOTATIONS = {
     "uploads.tasks.push_upload": {"soft_time_limit": PUSH_SOFT_TIME_LIMIT, "time_limit": PUSH_TIME_LIMIT},
+    # An early push lasts as long as the browser upload; past the soft limit it is given up, and
+    # the usual push sends the file once it arrived.
+    "uploads.tasks.early_push_upload": {"soft_time_limit": PUSH_SOFT_TIME_LIMIT, "time_limit": PUSH_TIME_LIMIT},
 }
 CELERY_TASK_TIME_LIMIT = 30 * 60
 # Redis has no acknowledgements of its own: kombu keeps an unacknowledged message aside and hands

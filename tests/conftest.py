@@ -127,6 +127,7 @@ def task_queue(monkeypatch):
     sent = []
     monkeypatch.setattr(services.dispatch, "enqueue_push", lambda upload_id, countdown=None: sent.append(("push", upload_id)))
     monkeypatch.setattr(services.dispatch, "enqueue_discard", lambda upload_id: sent.append(("discard", upload_id)))
+    monkeypatch.setattr(services.dispatch, "enqueue_early_push", lambda upload_id: sent.append(("early", upload_id)))
     return sent
 
 

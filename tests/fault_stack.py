@@ -380,4 +380,5 @@ def faults_stack(fault_stack, transactional_db, settings, monkeypatch):
 
     monkeypatch.setattr(services.dispatch, "enqueue_push", refuse)
     monkeypatch.setattr(services.dispatch, "enqueue_discard", refuse)
+    monkeypatch.setattr(services.dispatch, "enqueue_early_push", refuse)
     return fault_stack

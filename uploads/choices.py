@@ -11,6 +11,9 @@ from uploads.errors import ErrorCode  # handed on with the other words of the ro
 
 class Status(models.TextChoices):
     RECEIVING = "receiving", "Receiving"  # the browser is sending bytes to staging (tus)
+    # The browser is still sending, and a worker already sends the bytes that arrived on to IMS,
+    # holding back the end of the file until the whole file passed the check (services/early_push.py).
+    SENDING_EARLY = "sending_early", _("Receiving and sending to IMS")
     RECEIVED = "received", "Received"  # all bytes staged; waiting for a worker to send them
     CHECKING = "checking", "Checking the file"  # a worker inspects what the file really is
     CONVERTING = "converting", "Converting"  # into a format IMS takes (qcow2)
@@ -31,7 +34,13 @@ class Status(models.TextChoices):
 
 # Every move an upload may make. Anything not listed here is refused by the services.
 ALLOWED_MOVES: dict[str, set[str]] = {
-    Status.RECEIVING: {Status.RECEIVED, Status.CANCELLED, Status.FAILED},
+    # RECEIVING -> SENDING_EARLY: a worker starts the early push (qcow2, raw, VHD sent as they are).
+    Status.RECEIVING: {Status.RECEIVED, Status.SENDING_EARLY, Status.CANCELLED, Status.FAILED},
+    # SENDING_EARLY -> CHECKING: the last byte arrived; the whole file is checked with the PUT held open.
+    # -> RECEIVING / RECEIVED: the early push was given up (the browser stalled, the worker died, the
+    # file is not what its header said): the normal push runs once every byte is in.
+    # -> FAILED: the unfinished upload expired.
+    Status.SENDING_EARLY: {Status.CHECKING, Status.RECEIVING, Status.RECEIVED, Status.CANCELLED, Status.FAILED},
     Status.RECEIVED: {Status.CHECKING, Status.RECONNECT, Status.CANCELLED, Status.FAILED},
     # CHECKING/CONVERTING -> RECEIVED: a temporary problem (no room to convert, a dead worker).
     # CHECKING/CONVERTING -> RECONNECT: the converted file takes longer to send than the token lasts.
@@ -74,14 +83,16 @@ FINISHED = {Status.READY, Status.CANCELLED}
 WAITING_FOR_A_PERSON = {Status.FAILED, Status.REFUSED, Status.RECONNECT, Status.REJECTED}
 # Who moves an unfinished upload on next (Upload.waiting_on; the status JSON's `waiting_on`).
 WAITING_ON = {
-    Status.RECEIVING: "browser",
+    Status.RECEIVING: "browser", Status.SENDING_EARLY: "browser",
     Status.RECEIVED: "portal", Status.CHECKING: "portal", Status.CONVERTING: "portal", Status.PUSHING: "portal",
     Status.PROCESSING: "ims",
     Status.AWAITING_REVIEW: "reviewer",
     **{status: "person" for status in WAITING_FOR_A_PERSON},
 }
 # States in which a worker is busy with the upload (and keeps its heartbeat fresh).
-WORKING = {Status.CHECKING, Status.CONVERTING, Status.PUSHING}
+WORKING = {Status.SENDING_EARLY, Status.CHECKING, Status.CONVERTING, Status.PUSHING}
+# States in which the browser may still send bytes (tus PATCH), and an unfinished upload expires.
+RECEIVING_STATES = {Status.RECEIVING, Status.SENDING_EARLY}
 # Someone is busy with the upload right now: the browser, a worker or IMS (Upload.is_active).
 # Not RECEIVED: it waits for a worker, maybe until a retry's time has come.
 ACTIVE = {Status.RECEIVING, *WORKING, Status.PROCESSING}

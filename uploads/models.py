@@ -21,6 +21,7 @@ from uploads.choices import (  # handed on: the app imports these from uploads.m
     CANCELLABLE,
     EXTENSION_FORMATS,
     FINISHED,
+    RECEIVING_STATES,
     RETRYABLE,
     WAITING_FOR_A_PERSON,
     WAITING_ON,
@@ -177,7 +178,7 @@ class Upload(models.Model):
     @property
     def is_expired(self) -> bool:
         """Still receiving, but its time to finish ran out (staging_cleanup then ends it)."""
-        return self.status == Status.RECEIVING and self.receive_deadline <= timezone.now()
+        return self.status in RECEIVING_STATES and self.receive_deadline <= timezone.now()
 
     @property
     def waits_for_a_person(self) -> bool:
@@ -261,7 +262,7 @@ class Upload(models.Model):
         """What Cancel or Remove deletes, as it stands now: only what really exists."""
         things = []
         if self.has_staged_copy:
-            things.append("the part received so far" if self.status == Status.RECEIVING else "its copy of the file")
+            things.append("the part received so far" if self.status in RECEIVING_STATES else "its copy of the file")
         if self.ims_image_id:
             things.append("the image it made in IMS")
         return " and ".join(things)
@@ -280,6 +281,10 @@ class Upload(models.Model):
         s = self.status
         if s == Status.RECEIVING:
             return f"{human_size(self.received_bytes)} of {human_size(self.size)} received"
+        if s == Status.SENDING_EARLY:  # both hops at once: browser -> portal, portal -> IMS
+            return str(_("%(received)s of %(size)s received · %(sent)s sent to IMS") % {
+                "received": human_size(self.received_bytes), "size": human_size(self.size),
+                "sent": human_size(self.sent_bytes)})
         if s == Status.RECEIVED:
             if not self.retry_at:
                 return "Waiting to be sent to IMS"
@@ -321,7 +326,7 @@ class Upload(models.Model):
         """How far along the current phase is, 0-100."""
         if not self.size:
             return 0
-        if self.status == Status.RECEIVING:
+        if self.status in RECEIVING_STATES:
             done = self.received_bytes
         elif self.status == Status.CONVERTING:
             return self.convert_percent
@@ -332,6 +337,15 @@ class Upload(models.Model):
         else:
             done = self.received_bytes
         return min(100, int(done * 100 / self.size))
+
+    @property
+    def send_percent(self) -> int:
+        """How much of what goes to IMS was sent, 0-100: the second hop, which moves while the
+        browser still sends when the upload is pushed early (Status.SENDING_EARLY)."""
+        if self.status in {Status.PROCESSING, Status.READY}:
+            return 100
+        total = self.send_size or self.size
+        return min(100, int(self.sent_bytes * 100 / total)) if total else 0
 
     @property
     def eta_seconds(self) -> int | None:

@@ -22,6 +22,17 @@ def push_upload(self, upload_id: int) -> None:
 
 
 @shared_task
+def early_push_upload(upload_id: int) -> None:
+    """Send a receiving upload on to IMS while the browser still sends it. Not retried by itself:
+    when it ends in a temporary fault, the usual push tries again after the backoff."""
+    from uploads import services
+
+    outcome = services.upload_push_early(upload_id=upload_id)
+    if outcome.retry_in is not None:
+        push_upload.apply_async((upload_id,), countdown=outcome.retry_in)
+
+
+@shared_task
 def poll_upload(upload_id: int) -> None:
     from uploads import services
 

@@ -20,7 +20,7 @@ from django.utils.http import http_date
 
 from uploads import limits, request_body, services, staging
 from uploads.forms import UploadMetadataForm
-from uploads.models import ErrorCode, Status, Upload
+from uploads.models import RECEIVING_STATES, ErrorCode, Status, Upload
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,termination,expiration,checksum"
@@ -40,7 +40,7 @@ def _response(status: int, text: str = "", **headers) -> HttpResponse:
 
 
 def _expires(upload: Upload) -> dict:
-    if upload.receive_expires_at is None or upload.status != Status.RECEIVING:
+    if upload.receive_expires_at is None or upload.status not in RECEIVING_STATES:
         return {}
     return {"Upload_Expires": http_date(upload.receive_expires_at.timestamp())}
 
@@ -230,7 +230,7 @@ def _patch(request: HttpRequest, upload: Upload) -> HttpResponse:
     offset = _integer_header(request, "Upload-Offset")
     if offset is None:
         return _response(400, "Upload-Offset is required.")
-    if upload.status != Status.RECEIVING:
+    if upload.status not in RECEIVING_STATES:
         return _response(409, "This upload is not receiving bytes any more.", Upload_Offset=str(upload.received_bytes))
     if offset != upload.received_bytes:
         return _response(409, f"Wrong offset: the server has {upload.received_bytes} bytes.",

@@ -9,6 +9,7 @@ from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.translation import gettext as _
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.translation import gettext_lazy
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
@@ -52,6 +53,8 @@ UPLOAD_PAGE_WORDS = {
     "applied": "{fields}: set for each file in the list ({count}).",
     "nothing_to_apply": "Fill in at least one of the fields above, then press Apply to all files.",
     "no_files": "Add files first; then these details go to each of them.",
+    # A file sent on to IMS while the browser still sends it (services/early_push.py).
+    "sent_to_ims": gettext_lazy("{percent}% sent on to IMS"),
 }
 
 
@@ -85,7 +88,7 @@ def upload_page(request):
 
 # My uploads shows this many a page: one page of every upload grows with each upload made, without end.
 MY_UPLOADS_PER_PAGE = 25
-IN_PROGRESS = [Status.RECEIVING, Status.RECEIVED, Status.CHECKING, Status.CONVERTING, Status.PUSHING,
+IN_PROGRESS = [Status.RECEIVING, Status.SENDING_EARLY, Status.RECEIVED, Status.CHECKING, Status.CONVERTING, Status.PUSHING,
                Status.PROCESSING]
 # The states My uploads can be filtered by (?state=…), in the order of its summary line. "Failed"
 # also takes any stopped state not named here, so that every upload is counted in one of them.
@@ -144,7 +147,10 @@ def status_json(upload: Upload) -> dict:
     writes it; "Waiting to send: 3 uploads ahead of yours" while every push slot it may use is
     taken, see uploads/fairness.py). Sizes in bytes: `size` (the file), `received_bytes`, `send_size` (what is sent:
     the file or its QCOW2 conversion), `sent_bytes`, `send_rate` (bytes/s), `eta_seconds` (or
-    null), `progress_percent` (of the current phase), `convert_percent`. What the check found:
+    null), `progress_percent` (of the current phase), `convert_percent`; `receive_percent` and
+    `send_percent` (browser -> portal and portal -> IMS), and `both_hops`, true while the file is
+    sent on to IMS as it arrives ("sending_early", services/early_push.py): the page then shows
+    both bars. What the check found:
     `detected_format`, `send_format`, `virtual_size` (or null), `min_disk` (GB). IMS:
     `ims_image_id`, `ims_status`, `md5`, `sha512` (of what was sent), `staged_sha512` (of the
     file as uploaded). `attempt`, `retry_at` (ISO time or null), `finished_at` (or null).
@@ -187,6 +193,11 @@ def _status_progress(upload: Upload) -> dict:
         "send_rate": round(upload.send_rate),
         "eta_seconds": upload.eta_seconds,
         "progress_percent": upload.progress_percent,
+        # Both hops, each 0-100: browser -> portal and portal -> IMS. While an upload is sent
+        # early (status "sending_early") both move at once and `both_hops` is true.
+        "receive_percent": int(upload.received_bytes * 100 / upload.size) if upload.size else 0,
+        "send_percent": upload.send_percent,
+        "both_hops": upload.status == Status.SENDING_EARLY,
         "send_size": upload.send_size or upload.size,
         "convert_percent": upload.convert_percent,
         "active": upload.is_active,

@@ -95,7 +95,14 @@
 
     show(part(block, 'ready'), s.status === 'ready' && !!s.ims_image_id)
     setText(part(block, 'image-id'), s.ims_image_id || '')
-    show(part(block, 'receiving-hint'), s.status === 'receiving')
+    show(part(block, 'receiving-hint'), s.status === 'receiving' || s.status === 'sending_early')
+    // Sent on to IMS while the browser still sends it: the second hop's bar.
+    show(part(block, 'hops'), !!s.both_hops)
+    var sendBar = part(block, 'send-bar')
+    if (sendBar) {
+      sendBar.value = s.send_percent || 0
+      setText(sendBar, (s.send_percent || 0) + '%')
+    }
 
     var problem = part(block, 'problem')
     show(problem, !!s.error_message)

@@ -348,7 +348,7 @@
       if (res.status === 404) return { over: true, gone: true, text: words.removed, again: true }
       if (!res.ok) return null
       return res.json().then(function (upload) {
-        if (upload.status === 'receiving') return { over: false }
+        if (upload.status === 'receiving' || upload.status === 'sending_early') return { over: false }
         if (upload.status === 'cancelled') return { over: true, gone: true, text: words.cancelled, again: true }
         if (upload.status === 'failed') {
           return { over: true, text: (words.failed + ' ' + (upload.error_message || '')).trim(), again: true }
@@ -566,6 +566,55 @@
       }
     })
   })
+
+  // ---- the second hop: sent on to IMS while the file still arrives ----------------------
+
+  /* A QCOW2, RAW or VHD file may be sent on to IMS while the browser still sends it (the status
+     JSON's `both_hops`): each such file gets a line with a bar of its own, from the status JSON,
+     followed until nothing moves any more (ready, or waiting for a person). */
+  var hopBox = document.getElementById('ims-hop')
+  var hopList = hopBox.querySelector('ul')
+  var hops = new Map() // upload uid -> { bar, text }
+  var HOP_POLL_MS = 2000
+
+  function showHop (file, uid, s) {
+    var hop = hops.get(uid)
+    if (!hop) {
+      if (!s.both_hops) return
+      var item = document.createElement('li')
+      item.appendChild(document.createTextNode((file.meta.image_name || file.name) + ' '))
+      hop = { bar: document.createElement('progress'), text: document.createElement('span') }
+      hop.bar.max = 100
+      hop.bar.className = 'bar__progress'
+      hop.bar.setAttribute('aria-label', file.meta.image_name || file.name)
+      item.appendChild(hop.bar)
+      item.appendChild(document.createTextNode(' '))
+      item.appendChild(hop.text)
+      hopList.appendChild(item)
+      hops.set(uid, hop)
+      hopBox.hidden = false
+    }
+    hop.bar.value = s.send_percent || 0
+    hop.text.textContent = s.both_hops ? words.sent_to_ims.replace('{percent}', s.send_percent || 0) : s.status_label
+    hop.done = !!s.finished // ready, or waiting for a person: nothing moves any more
+  }
+
+  function pollHops () {
+    uppy.getFiles().forEach(function (file) {
+      var uid = uidOf(file.tus && file.tus.uploadUrl)
+      var hop = hops.get(uid)
+      if (!uid || (hop && hop.done)) return
+      if (!hop && (!file.progress.uploadStarted || file.progress.uploadComplete || file.error)) return
+      fetch(root.dataset.statusUrl.replace(ZERO_UUID, uid), {
+        credentials: 'same-origin', redirect: 'manual', headers: { Accept: 'application/json' }
+      }).then(function (res) {
+        return res.ok ? res.json() : null
+      }).then(function (s) {
+        if (s) showHop(file, uid, s)
+      }).catch(function () {}) // the next round asks again
+    })
+  }
+  window.setInterval(pollHops, HOP_POLL_MS)
 
   // ---- every file's details, in a list of their own -------------------------------------
 

@@ -6,6 +6,8 @@ one module per stage of the pipeline, in the order an upload meets them.
 - cloud: the owner's cloud account, the token a push or a poll uses, and how long a push takes;
 - receive: tus creation (within the owner's limits), chunks, expiry;
 - check: what the staged file really is, converting it when IMS does not take its format;
+- early_push: sending a file on to IMS while the browser still uploads it, its end held back
+  until the whole file passed the check;
 - push: claim, send, heartbeat, take-over of a dead worker, retry or fail;
 - images: the image record in IMS (prepare, compare what it stored, delete);
 - poll: following the image in IMS until it is Ready or failed;
@@ -24,6 +26,7 @@ from uploads.services.cloud import (
     cloud_account_usable,
     expected_send_rate,
 )
+from uploads.services.early_push import upload_push_early
 from uploads.services.poll import uploads_due_for_poll, upload_poll
 from uploads.services.push import MAX_PUSH_ATTEMPTS, upload_push, uploads_to_reconcile
 from uploads.services.receive import (
@@ -61,6 +64,7 @@ __all__ = [
     "upload_expire",
     "upload_poll",
     "upload_push",
+    "upload_push_early",
     "upload_receive",
     "upload_retry",
     "upload_use_format",

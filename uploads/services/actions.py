@@ -8,7 +8,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from uploads import staging
-from uploads.models import RETRYABLE, DiskFormat, Status, Upload
+from uploads.models import RECEIVING_STATES, RETRYABLE, DiskFormat, Status, Upload
 from uploads.services import cloud, dispatch, images
 from uploads.services.receive import upload_expire
 from uploads.services.state import NO_ERROR, ServiceError, delete_staged, move, note
@@ -83,7 +83,7 @@ def staging_cleanup() -> int:
     count = 0
     started_before = now - timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS)
     expired = Q(receive_expires_at__lte=now) | Q(created_at__lte=started_before)  # see Upload.receive_deadline
-    for upload in Upload.objects.filter(expired, status=Status.RECEIVING):
+    for upload in Upload.objects.filter(expired, status__in=RECEIVING_STATES):
         upload_expire(upload=upload)
         count += 1
     kept_until = now - timedelta(hours=settings.STAGING_RETENTION_HOURS)

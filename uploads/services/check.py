@@ -24,6 +24,19 @@ def check_file(upload: Upload, attempt: int) -> None:
 
 
 def _check_local_file(upload: Upload, attempt: int, source: str) -> None:
+    result = inspect_and_record(upload, attempt, source)
+    if result.needs_conversion(settings.IMS_DISK_FORMATS):
+        _convert(upload, attempt, result, source)
+        save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name))
+    else:
+        staging.delete(upload.converted_name)
+        save(upload, attempt, send_format=result.upload_format(settings.IMS_DISK_FORMATS), send_size=upload.size,
+             converted_name="")
+
+
+def inspect_and_record(upload: Upload, attempt: int, source: str) -> diskimage.Inspection:
+    """Inspect the file at `source` and write down what was found (raising min_disk to hold the
+    disk inside); a file that may not be sent as it is raises its Problem."""
     result = diskimage.inspect_file(source, declared_format=upload.disk_format)
     save(upload, attempt, detected_format=result.detected_format or "", virtual_size=result.virtual_size,
          inspection=_inspection_record(result))
@@ -34,13 +47,7 @@ def _check_local_file(upload: Upload, attempt: int, source: str) -> None:
     if needed_gb > upload.min_disk:
         note(upload, _min_disk_raised(upload.min_disk, needed_gb, result.virtual_size))
         save(upload, attempt, min_disk=needed_gb)
-    if result.needs_conversion(settings.IMS_DISK_FORMATS):
-        _convert(upload, attempt, result, source)
-        save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name))
-    else:
-        staging.delete(upload.converted_name)
-        save(upload, attempt, send_format=result.upload_format(settings.IMS_DISK_FORMATS), send_size=upload.size,
-             converted_name="")
+    return result
 
 
 def _convert(upload: Upload, attempt: int, result: diskimage.Inspection, source: str) -> None:

@@ -16,6 +16,11 @@ def enqueue_push(upload_id: int) -> None:
     transaction.on_commit(lambda: tasks.push_upload.delay(upload_id), robust=True)
 
 
+def enqueue_early_push(upload_id: int) -> None:
+    """Send a receiving upload on to IMS while it arrives (services/early_push.py)."""
+    transaction.on_commit(lambda: tasks.early_push_upload.delay(upload_id), robust=True)
+
+
 def enqueue_discard(upload_id: int) -> None:
     transaction.on_commit(lambda: tasks.discard_upload.delay(upload_id), robust=True)
 

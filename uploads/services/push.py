@@ -194,6 +194,11 @@ def _wait_for_reconnect(upload: Upload, why: str, on_attempt: int | None = None)
 
 def _take_over(upload: Upload) -> None:
     """The worker of this push died (no heartbeat): start again, or give up after the last attempt."""
+    if upload.status == Status.SENDING_EARLY:  # sent while the browser still uploads it
+        from uploads.services import early_push  # early_push builds on this module
+
+        early_push.take_over(upload, _abandoned())
+        return
     message = "The worker that was handling this upload stopped"
     if upload.attempt - upload.requeued_at_attempt >= MAX_PUSH_ATTEMPTS:
         error = PortalError("The portal could not finish sending this file.", hint=HINT_CONTACT_ADMIN,

@@ -15,8 +15,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from uploads import staging
-from uploads.models import FINISHED, ErrorCode, Status, Upload
-from uploads.services import dispatch
+from uploads.models import FINISHED, RECEIVING_STATES, ErrorCode, Status, Upload
+from uploads.services import dispatch, early_push
 from uploads.services.state import ServiceError, delete_staged, duration, move, note
 from uploads.sizes import human_size
 
@@ -146,7 +146,7 @@ def upload_receive(
         writer = staging.locked_for_writing(upload.staged_name, settings.REQUEST_IDLE_TIMEOUT_SECONDS)
         with writer as staged:
             status, received = Upload.objects.values_list("status", "received_bytes").get(pk=upload.pk)
-            if status != Status.RECEIVING:
+            if status not in RECEIVING_STATES:
                 raise UploadStopped()
             if received != offset:
                 raise OffsetConflict(received)
@@ -155,9 +155,17 @@ def upload_receive(
                 raise UploadStopped()
     except FileNotFoundError:  # the staged file was deleted: cancelled or expired meanwhile
         raise UploadStopped() from None
-    if new_offset == upload.size and move(upload, Status.RECEIVED, "All bytes received"):
-        dispatch.enqueue_push(upload.pk)
+    if new_offset == upload.size:
+        _all_received(upload)
     return new_offset
+
+
+def _all_received(upload: Upload) -> None:
+    """The last byte is in: queue the push. An early push that holds the row (SENDING_EARLY) sees
+    the last byte itself; one that gave up a moment ago left the row RECEIVING: hence read again."""
+    upload.status = Upload.objects.values_list("status", flat=True).get(pk=upload.pk)
+    if upload.status == Status.RECEIVING and move(upload, Status.RECEIVED, "All bytes received"):
+        dispatch.enqueue_push(upload.pk)
 
 
 def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: BinaryIO, length: int,
@@ -189,8 +197,9 @@ def record_received(upload: Upload, received: int) -> bool:
     """Write the bytes received, forward only and only while receiving; False when the row
     stopped receiving (a cancel or expiry won). The expiry stays where creation put it: bytes
     that trickle in do not push it back."""
-    rows = Upload.objects.filter(pk=upload.pk, status=Status.RECEIVING, received_bytes__lte=received)
+    rows = Upload.objects.filter(pk=upload.pk, status__in=RECEIVING_STATES, received_bytes__lte=received)
     if not rows.update(received_bytes=received):
         return False
-    upload.received_bytes = received
+    before, upload.received_bytes = upload.received_bytes, received
+    early_push.maybe_start(upload, before=before)
     return True
