@@ -5,7 +5,10 @@ by its owner); Cancel also removes a failed or refused upload and its staged fil
 
 from django.contrib import admin, messages
 
-from uploads import services
+from django.utils.text import Truncator
+from django.utils.translation import gettext_lazy as _
+
+from uploads import all_uploads, services
 from uploads.models import CloudAccount, Upload, UploadEvent
 from uploads.sizes import human_size
 
@@ -24,11 +27,13 @@ class UploadEventInline(admin.TabularInline):
 
 @admin.register(Upload)
 class UploadAdmin(admin.ModelAdmin):
-    list_display = (
-        "name", "owner", "filename", "file_size", "disk_format", "status", "progress", "ims_image_id", "created_at",
-    )
-    list_filter = ("status", "owner")
+    # Fits a laptop screen: the file name and the IMS image id are searched, not shown (the
+    # reviewers' All uploads page, uploads/all_uploads.py, is the full list with filters and CSV).
+    list_display = ("name", "owner", "status", "reason", "file_size", "disk_format", "progress", "status_changed_at")
+    list_filter = ("status", "disk_format", ("error_code", admin.AllValuesFieldListFilter), "created_at", "owner")
     search_fields = ("name", "filename", "ims_image_id")
+    list_select_related = ("owner",)
+    list_per_page = 50
     date_hierarchy = "created_at"
     inlines = [UploadEventInline]
     actions = ["retry_uploads", "cancel_uploads"]
@@ -41,9 +46,13 @@ class UploadAdmin(admin.ModelAdmin):
     def file_size(self, upload):
         return human_size(upload.size)
 
-    @admin.display(description="Progress")
+    @admin.display(description=_("Progress"))
     def progress(self, upload):
-        return f"{upload.progress_percent}%"
+        return all_uploads.progress_words(upload)
+
+    @admin.display(description=_("Reason"), ordering="error_code")
+    def reason(self, upload):
+        return Truncator(all_uploads.reason_words(upload)).chars(120) or "—"
 
     def _each(self, request, queryset, service, done: str):
         for upload in queryset:

@@ -378,9 +378,14 @@ class UploadEvent(models.Model):
     message = models.TextField()
     # The raw reply of IMS (status line and body) for admins; never shown to the owner.
     detail = models.TextField(blank=True)
+    # The code the upload stopped with (Upload.error_code) on a move that records one: the
+    # dashboard counts failures and refusals by reason from these, whatever the row says later.
+    error_code = models.CharField(max_length=64, blank=True)
 
     class Meta:
         ordering = ["at", "id"]
+        # The dashboard's counts of moves by day (uploads/dashboard.py).
+        indexes = [models.Index(fields=["to_status", "at"])]
 
     def __str__(self):
         return self.message
