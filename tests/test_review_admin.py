@@ -273,3 +273,69 @@ def test_a_late_decision_says_the_date_and_time_of_the_one_that_won(
         with pytest.raises(review.ReviewError) as raised:
             review.upload_approve(upload=Upload.objects.get(pk=upload.pk), by=dave)
     assert "9. März 2026" in str(raised.value)  # the date in the reader's language
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries: the same few however many uploads there are (no query per row)
+
+
+def many(owners, count: int, start: int = 0) -> None:
+    from uploads.services import state
+
+    for number in range(start, start + count):
+        owner = owners[number % len(owners)]
+        CloudAccount.objects.get_or_create(user=owner, defaults={
+            "domain_name": "d", "user_name": owner.username, "project_name": f"project-{owner.username}",
+            "token_encrypted": "x", "expires_at": NOW})
+        upload = make_upload(owner, f"image-{number:04}", status=[Status.FAILED, Status.READY, Status.PUSHING][number % 3],
+                             error_code="server", error_message="The cloud's image service had a temporary problem.")
+        state.note(upload, "a timeline line")
+
+
+def queries_for(client, url: str, params=None) -> int:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    client.get(url, params)  # session, permissions and the like once
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(url, params)
+        if isinstance(response, StreamingHttpResponse):
+            b"".join(response.streaming_content)
+    return len(captured.captured_queries)
+
+
+@pytest.mark.parametrize("url, params", [
+    ("/review/all/", None),
+    ("/review/all/", {"state": "failed", "q": "image", "owner": "ALICE", "reason": "server"}),
+    ("/review/all/", {"page": "2"}),
+    ("/review/all.csv", None),
+    ("/review/all.csv", {"state": "failed"}),
+])
+def test_all_uploads_and_its_csv_need_the_same_few_queries_however_many_rows(
+    alice, bob, carol_client, django_assert_max_num_queries, url, params
+):
+    params = params and {key: (alice.pk if value == "ALICE" else value) for key, value in params.items()}
+    many([alice, bob], 60)
+    few = queries_for(carol_client, url, params)
+    assert few <= 12
+    many([alice, bob], 140, start=60)
+    with django_assert_max_num_queries(few):
+        response = carol_client.get(url, params)
+        if isinstance(response, StreamingHttpResponse):
+            assert len(b"".join(response.streaming_content).splitlines()) > 60
+
+
+def test_the_review_page_needs_the_same_few_queries_however_long_its_timeline(
+    alice, carol_client, django_assert_max_num_queries
+):
+    from uploads.services import state
+
+    upload = make_upload(alice, "long-story", status=Status.FAILED)
+    for number in range(5):
+        state.note(upload, f"line {number}", detail="HTTP 500")
+    few = queries_for(carol_client, f"/review/{upload.uid}/")
+    assert few <= 12
+    for number in range(200):
+        state.note(upload, f"more {number}", detail="HTTP 500")
+    with django_assert_max_num_queries(few):
+        carol_client.get(f"/review/{upload.uid}/")

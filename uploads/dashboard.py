@@ -13,6 +13,7 @@ and the workers as Celery sees them through the broker.
 """
 
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 
@@ -35,6 +36,8 @@ RUNNING_SHOWN = 20
 WORKER_PING_SECONDS = 1
 # The queues the workers take messages from (settings.CELERY_TASK_ROUTES and Celery's default).
 QUEUES = ("uploads", "celery")
+# user:password@ in a URL an error message may quote.
+_WITHOUT_PASSWORDS = re.compile(r"(\w+://)[^/@\s]*@")
 
 
 def uploads_per_state() -> list[dict]:
@@ -91,8 +94,9 @@ class RunningPush:
     stale: bool  # no heartbeat for PUSH_STALE_SECONDS: its worker may have died
 
 
-def running_pushes(limit: int = RUNNING_SHOWN) -> tuple[list[RunningPush], int]:
-    """The pushes sending now (the longest running first, at most `limit`), and how many there are."""
+def running_pushes(limit: int = RUNNING_SHOWN) -> list[RunningPush]:
+    """The pushes sending now, the longest running first, at most `limit` (uploads_per_state
+    says how many there are)."""
     now = timezone.now()
     rows = Upload.objects.filter(status=Status.PUSHING).select_related("owner").order_by("push_started_at", "pk")
     pushes = []
@@ -104,8 +108,7 @@ def running_pushes(limit: int = RUNNING_SHOWN) -> tuple[list[RunningPush], int]:
             rate=upload.send_rate, heartbeat_age=age,
             stale=age is None or age > settings.PUSH_STALE_SECONDS,
         ))
-    total = len(pushes) if len(pushes) < limit else rows.count()
-    return pushes, total
+    return pushes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,18 +135,17 @@ def workers_report(timeout: float = WORKER_PING_SECONDS) -> WorkersReport:
             queues = {name: _queue_length(connection, name) for name in QUEUES}
             answers = app.control.inspect(timeout=timeout, connection=connection).ping() or {}
     except (OperationalError, OSError, *_connection_errors(app)) as exc:
-        log.warning("dashboard: the broker did not answer: %s: %s", type(exc).__name__, exc)
-        return WorkersReport(broker_ok=False, problem=type(exc).__name__)
+        problem = _WITHOUT_PASSWORDS.sub(r"\1***@", f"{type(exc).__name__}: {exc}")[:300]
+        log.warning("dashboard: the broker did not answer: %s", problem)
+        return WorkersReport(broker_ok=False, problem=problem)
     return WorkersReport(broker_ok=True, workers=sorted(answers), queues=queues)
 
 
 def _queue_length(connection, name: str) -> int:
-    """Messages waiting in a queue (a passive declaration: it creates nothing); a queue the broker
-    does not know yet holds none."""
-    try:
-        return connection.default_channel.queue_declare(queue=name, passive=True).message_count
-    except connection.channel_errors:
-        return 0
+    """Messages waiting in a queue. A declaration answers with the count; on Redis it creates
+    nothing (no key, no binding). Not a passive one: kombu's check that the queue exists misses
+    queues under a global_keyprefix (tests/conftest.py's) and would say 0."""
+    return connection.default_channel.queue_declare(queue=name).message_count
 
 
 def _connection_errors(app) -> tuple:

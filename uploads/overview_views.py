@@ -9,6 +9,7 @@ from django.utils.formats import date_format
 from django.views.decorators.cache import never_cache
 
 from uploads import all_uploads, charts, dashboard
+from uploads.models import Status
 from uploads.review_views import reviewer_only
 from uploads.sizes import human_size
 
@@ -51,17 +52,17 @@ def all_uploads_csv(request):
 def dashboard_page(request):
     per_day = dashboard.bytes_sent_per_day()
     chart = charts.bar_chart([(_day_label(day), sent) for day, sent in per_day], words=human_size)
-    pushes, pushes_total = dashboard.running_pushes()
+    states = dashboard.uploads_per_state()
     return render(request, "uploads/dashboard.html", {
-        "states": dashboard.uploads_per_state(),
+        "states": states,
         "stops": dashboard.stops_by_reason(),
         "stops_days": dashboard.STOPS_DAYS,
         "per_day": per_day,
         "per_day_total": sum(sent for _, sent in per_day),
         "bytes_days": dashboard.BYTES_DAYS,
         "chart": chart,
-        "pushes": pushes,
-        "pushes_total": pushes_total,
+        "pushes": dashboard.running_pushes(),
+        "pushes_total": next(state["count"] for state in states if state["status"] == Status.PUSHING),
         # Without JavaScript the page asks the workers itself when told to (?workers=1).
         "workers": dashboard.workers_report() if request.GET.get("workers") else None,
         "ping_seconds": dashboard.WORKER_PING_SECONDS,
