@@ -5,6 +5,7 @@ by its owner); Cancel also removes a failed or refused upload and its staged fil
 
 from django.contrib import admin, messages
 
+from django.utils.html import format_html
 from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 
@@ -27,9 +28,11 @@ class UploadEventInline(admin.TabularInline):
 
 @admin.register(Upload)
 class UploadAdmin(admin.ModelAdmin):
-    # Fits a laptop screen: the file name and the IMS image id are searched, not shown (the
-    # reviewers' All uploads page, uploads/all_uploads.py, is the full list with filters and CSV).
-    list_display = ("name", "owner", "status", "reason", "file_size", "disk_format", "progress", "status_changed_at")
+    # Fits a laptop screen: the file name under the image name, the IMS image id searched, not shown
+    # (the reviewers' All uploads page, uploads/all_uploads.py, is the full list with filters and CSV).
+    list_display = (
+        "name_and_file", "owner", "status", "reason", "file_size", "disk_format", "progress", "status_changed_at",
+    )
     list_filter = ("status", "disk_format", ("error_code", admin.AllValuesFieldListFilter), "created_at", "owner")
     search_fields = ("name", "filename", "ims_image_id")
     list_select_related = ("owner",)
@@ -41,6 +44,10 @@ class UploadAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # uploads come from the upload page
+
+    @admin.display(description=_("Image and file"), ordering="name")
+    def name_and_file(self, upload):
+        return format_html("{}<br><small>{}</small>", upload.name, upload.filename)
 
     @admin.display(description="Size", ordering="size")
     def file_size(self, upload):

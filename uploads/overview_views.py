@@ -26,8 +26,9 @@ def _filters(request) -> all_uploads.UploadFilterForm:
 def all_uploads_page(request):
     form = _filters(request)
     page = Paginator(all_uploads.filtered(form.values()), ALL_UPLOADS_PER_PAGE).get_page(request.GET.get("page"))
+    states = {value: str(label) for value, label in Status.choices}  # once, not get_status_display per row
     rows = [
-        {"upload": upload, "reason": all_uploads.reason_words(upload),
+        {"upload": upload, "state": states.get(upload.status, upload.status), "reason": all_uploads.reason_words(upload),
          "progress": all_uploads.progress_words(upload), "moving": all_uploads.moving_percent(upload)}
         for upload in page.object_list
     ]
@@ -41,7 +42,7 @@ def all_uploads_page(request):
 @reviewer_only
 def all_uploads_csv(request):
     """Exactly the list the page shows with the same filters (every page of it), streamed."""
-    rows = all_uploads.filtered(_filters(request).values()).iterator(chunk_size=1000)
+    rows = all_uploads.filtered(_filters(request).values())
     response = StreamingHttpResponse(all_uploads.csv_lines(rows), content_type="text/csv; charset=utf-8")
     stamp = timezone.now().strftime("%Y%m%d-%H%M")
     response["Content-Disposition"] = f'attachment; filename="uploads-{stamp}.csv"'
