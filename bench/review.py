@@ -30,9 +30,11 @@ reviewer, `--requests` times per page (after 3 unmeasured ones), and records eac
     .venv/bin/python bench/review.py [--uploads 10000] [--users 50] [--projects 8] [--requests 40]
                                      [--db postgres|sqlite] [--keep]
 
-The last line holds the figures: each page's p95 in ms (`<page>_p95_ms`), `goal_met=N/M` (p95 <
-300 ms), the database, the counts of rows, and others_cores (cores other people's processes used
-while the pages were measured).
+The last line holds the figures: each page's p95 in ms (`<page>_p95_ms`), the CPU each request
+cost the server (`<page>_cpu_ms`: the web pool's process tree plus PostgreSQL's backends for the
+database, per request; it does not grow when others load the machine, the latency does),
+`goal_met=N/M` (p95 < 300 ms), the database, the counts of rows, and others_cores (cores other
+people's processes used while the pages were measured).
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ import http.client
 import random
 import secrets
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -224,6 +229,54 @@ def measure(address: str, headers: dict, path: str, times: int) -> list[float]:
     return latencies
 
 
+class ServerCpu:
+    """CPU used by the web pool's process tree and PostgreSQL's backends for the benchmark's
+    database while it is open: what the pages cost the machine, whatever else runs on it.
+    Sampled every 0.1 s in a thread, since a backend may end (and take its figures with it)
+    before the end: each process counts from its first sample (from 0 if it began meanwhile)
+    to its last."""
+
+    def __init__(self, web_pid: int, pg_name: str | None):
+        self.web_pid, self.pg_name = web_pid, pg_name
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _processes(self) -> list:
+        try:
+            found = [psutil.Process(self.web_pid), *psutil.Process(self.web_pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            found = []
+        if self.pg_name:
+            found += [p for p in psutil.process_iter(["cmdline"]) if f" {self.pg_name} " in " ".join(p.info["cmdline"] or [])]
+        return found
+
+    def sample(self, *, starting: bool = False) -> None:
+        for process in self._processes():
+            try:
+                cpu = sum(process.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                continue
+            self.first.setdefault(process.pid, cpu if starting else 0.0)
+            self.last[process.pid] = cpu
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.sample()
+
+    def __enter__(self) -> "ServerCpu":
+        self.sample(starting=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.seconds = sum(self.last[pid] - self.first[pid] for pid in self.last)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
@@ -274,18 +327,24 @@ def main() -> int:
         say(f"{args.uploads} uploads and {data['events']} timeline lines in {time.monotonic() - started:.0f} s")
         web, address = start_pool("web", env, work / "web.log")
         headers = signed_in_headers(data["reviewer"])
-        figures, met = {}, 0
+        figures, cpu_figures, met = {}, {}, 0
         wait_for_quiet(longest=15)
         with OthersLoad() as others:
             for name, path in pages(data, args).items():
-                latencies = measure(address, headers, path, args.requests)
+                with ServerCpu(web.pid, pg_name) as cpu:
+                    latencies = measure(address, headers, path, args.requests)
+                # Per request, the 3 warm-up requests included (they cost the same).
+                cpu_ms = cpu.seconds * 1000 / (args.requests + 3)
                 p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
                 met += p95 < GOAL_MS
-                say(f"{name:14} {path[:70]:70} p50 {p50:6.0f} ms  p95 {p95:6.0f} ms  max {max(latencies):6.0f} ms")
+                say(f"{name:14} {path[:60]:60} p50 {p50:6.0f} ms  p95 {p95:6.0f} ms  max {max(latencies):6.0f} ms"
+                    f"  server CPU {cpu_ms:5.0f} ms")
                 figures[f"{name}_p95_ms"] = round(p95)
+                cpu_figures[f"{name}_cpu_ms"] = round(cpu_ms)
             workers = measure(address, headers, "/review/dashboard/workers", 5)
             say(f"dashboard_workers (no worker runs: the whole ping timeout) p95 {percentile(workers, 95):.0f} ms")
         figures["dashboard_workers_p95_ms"] = round(percentile(workers, 95))
+        figures.update(cpu_figures)
         figures.update({
             "goal_met": f"{met}/{len(pages(data, args))}", "uploads": args.uploads, "events": data["events"],
             "users": args.users, "db": args.db, "others_cores": f"{others.cores:.2f}",

@@ -171,8 +171,8 @@ LIST_SKIPS = ("inspection", "tags", "checked_file", "owner__cloud_account__token
 
 
 def filtered(values: dict) -> QuerySet:
-    """The uploads the filters let through, newest first, with what each row shows."""
-    rows = Upload.objects.select_related("owner", "owner__cloud_account").defer(*LIST_SKIPS)
+    """The uploads the filters let through, newest first (the index uploads_upload_newest_idx)."""
+    rows = Upload.objects.all()
     if values.get("state"):
         rows = rows.filter(status=values["state"])
     if values.get("owner"):
@@ -189,6 +189,13 @@ def filtered(values: dict) -> QuerySet:
         text = values["q"].strip()
         rows = rows.filter(Q(name__icontains=text) | Q(filename__icontains=text) | Q(ims_image_id__icontains=text))
     return rows.order_by("-created_at", "-pk")
+
+
+def with_details(ids: list[int]) -> list[Upload]:
+    """The uploads of one page, in the order of `ids`, with their owners and cloud accounts. A page
+    is found as ids first (the index alone, however late the page), then only its rows are read."""
+    rows = Upload.objects.select_related("owner", "owner__cloud_account").defer(*LIST_SKIPS).in_bulk(ids)
+    return [rows[pk] for pk in ids if pk in rows]
 
 
 def _start_of(day: date) -> datetime:

@@ -142,10 +142,12 @@ class Upload(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        # The second: the review queue, oldest first (uploads/review.py review_queue).
+        # The second: the review queue, oldest first (uploads/review.py review_queue). The third:
+        # All uploads, newest first, page by page (uploads/all_uploads.py; bench/review.py).
         indexes = [
             models.Index(fields=["status", "next_poll_at"]),
             models.Index(fields=["status", "status_changed_at"]),
+            models.Index(fields=["-created_at", "-id"], name="uploads_upload_newest_idx"),
         ]
         # Admins need it for the admin's Retry and Cancel actions; viewing needs only view_upload.
         permissions = [("review_upload", "Can review, retry and cancel uploads")]

@@ -25,12 +25,13 @@ def _filters(request) -> all_uploads.UploadFilterForm:
 @reviewer_only
 def all_uploads_page(request):
     form = _filters(request)
-    page = Paginator(all_uploads.filtered(form.values()), ALL_UPLOADS_PER_PAGE).get_page(request.GET.get("page"))
+    ids = all_uploads.filtered(form.values()).values_list("pk", flat=True)
+    page = Paginator(ids, ALL_UPLOADS_PER_PAGE).get_page(request.GET.get("page"))
     states = {value: str(label) for value, label in Status.choices}  # once, not get_status_display per row
     rows = [
         {"upload": upload, "state": states.get(upload.status, upload.status), "reason": all_uploads.reason_words(upload),
          "progress": all_uploads.progress_words(upload), "moving": all_uploads.moving_percent(upload)}
-        for upload in page.object_list
+        for upload in all_uploads.with_details(list(page.object_list))
     ]
     query = request.GET.copy()
     query.pop("page", None)
