@@ -28,9 +28,10 @@ def all_uploads_page(request):
     ids = all_uploads.filtered(form.values()).values_list("pk", flat=True)
     page = Paginator(ids, ALL_UPLOADS_PER_PAGE).get_page(request.GET.get("page"))
     states = {value: str(label) for value, label in Status.choices}  # once, not get_status_display per row
+    texts = all_uploads.progress_texts()
     rows = [
         {"upload": upload, "state": states.get(upload.status, upload.status), "reason": all_uploads.reason_words(upload),
-         "progress": all_uploads.progress_words(upload), "moving": all_uploads.moving_percent(upload)}
+         "progress": all_uploads.progress_words(upload, texts), "moving": all_uploads.moving_percent(upload)}
         for upload in all_uploads.with_details(list(page.object_list))
     ]
     query = request.GET.copy()
