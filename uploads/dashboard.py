@@ -7,9 +7,9 @@ and the workers as Celery sees them through the broker.
 - bytes sent to IMS per day (files IMS received in full: the moves from PUSHING to PROCESSING, by
   the day the last byte went);
 - pushes running now, with their speed (the row's progress and heartbeat fields);
-- workers online and queue lengths (`workers_report`: Celery's ping and a passive queue
-  declaration over the broker, with a short timeout; the page asks for them separately, so that
-  it never waits on the broker itself).
+- workers online and queue lengths (`workers_report`: Celery's ping and a queue declaration over
+  the broker, with a short timeout; the page asks for them separately, so that it never waits on
+  the broker itself).
 """
 
 import logging
