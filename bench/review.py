@@ -30,7 +30,8 @@ reviewer, `--requests` times per page (after 3 unmeasured ones), and records eac
     .venv/bin/python bench/review.py [--uploads 10000] [--users 50] [--projects 8] [--requests 40]
                                      [--db postgres|sqlite] [--keep]
 
-The last line holds the figures: each page's p95 in ms (`<page>_p95_ms`), the CPU each request
+The last line holds the figures: each page's p95 in ms (`<page>_p95_ms`; for the CSVs also to the
+first byte, `csv_*_first_byte_p95_ms`, as the download starts), the CPU each request
 cost the server (`<page>_cpu_ms`: the web pool's process tree plus PostgreSQL's backends for the
 database, per request; it does not grow when others load the machine, the latency does),
 `goal_met=N/M` (p95 < 300 ms), the database, the counts of rows, and others_cores (cores other
@@ -208,25 +209,29 @@ def analyze() -> None:
 # Asking for the pages
 
 
-def measure(address: str, headers: dict, path: str, times: int) -> list[float]:
-    """Latencies (ms) of `times` GETs of `path`, one after the other on one keep-alive connection."""
+def measure(address: str, headers: dict, path: str, times: int) -> tuple[list[float], list[float]]:
+    """Latencies (ms) of `times` GETs of `path`, one after the other on one keep-alive connection:
+    to the whole body read, and to its first byte (what a streamed CSV shows first)."""
     host, port = address.split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    latencies = []
+    latencies, first_bytes = [], []
     try:
         for number in range(times + 3):
             started = time.perf_counter()
             connection.request("GET", path, headers=headers)
             response = connection.getresponse()
-            body = response.read()
+            body = response.read(1)
+            first = (time.perf_counter() - started) * 1000
+            body += response.read()
             elapsed = (time.perf_counter() - started) * 1000
             if response.status != 200:
                 raise RuntimeError(f"GET {path}: {response.status} {body[:300]!r}")
             if number >= 3:  # the first ones warm the process's caches
                 latencies.append(elapsed)
+                first_bytes.append(first)
     finally:
         connection.close()
-    return latencies
+    return latencies, first_bytes
 
 
 class ServerCpu:
@@ -332,7 +337,7 @@ def main() -> int:
         with OthersLoad() as others:
             for name, path in pages(data, args).items():
                 with ServerCpu(web.pid, pg_name) as cpu:
-                    latencies = measure(address, headers, path, args.requests)
+                    latencies, first_bytes = measure(address, headers, path, args.requests)
                 # Per request, the 3 warm-up requests included (they cost the same).
                 cpu_ms = cpu.seconds * 1000 / (args.requests + 3)
                 p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
@@ -341,7 +346,9 @@ def main() -> int:
                     f"  server CPU {cpu_ms:5.0f} ms")
                 figures[f"{name}_p95_ms"] = round(p95)
                 cpu_figures[f"{name}_cpu_ms"] = round(cpu_ms)
-            workers = measure(address, headers, "/review/dashboard/workers", 5)
+                if name.startswith("csv"):
+                    figures[f"{name}_first_byte_p95_ms"] = round(percentile(first_bytes, 95))
+            workers, _ = measure(address, headers, "/review/dashboard/workers", 5)
             say(f"dashboard_workers (no worker runs: the whole ping timeout) p95 {percentile(workers, 95):.0f} ms")
         figures["dashboard_workers_p95_ms"] = round(percentile(workers, 95))
         figures.update(cpu_figures)

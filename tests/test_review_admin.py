@@ -1,7 +1,7 @@
-"""All uploads for reviewers: a list that fits a laptop, with the reason an upload stopped and how
-far it got, filters, search, pages, a CSV export of exactly the filtered list (safe to open in a
-spreadsheet); the admin's list for superusers; and a late decision that says on which day the
-other reviewer decided."""
+"""All uploads for reviewers: the reason an upload stopped and how far it got, filters, search,
+pages, a CSV export of exactly the filtered list (safe to open in a spreadsheet); the admin's list
+for superusers; and a late decision that says on which day the other reviewer decided. (That the
+list fits a 1280 px screen is checked in chromium: tests/test_browser_review_admin.py.)"""
 
 import csv
 import io
@@ -188,18 +188,6 @@ def test_pages_of_fifty_keep_the_filters(alice, carol_client):
     assert 'href="?state=failed&amp;page=2"' in page
     second = carol_client.get("/review/all/", {"state": "failed", "page": 2})
     assert len(second.context["rows"]) == 10 and not set(page_uids(first)) & set(page_uids(second))
-
-
-def test_the_list_fits_a_laptop_screen_without_scrolling_sideways(alice, carol_client):
-    make_upload(alice)
-    page = carol_client.get("/review/all/").content.decode()
-    css = (all_uploads.__file__.rsplit("/uploads/", 1)[0] + "/static/css/portal.css")
-    style = open(css).read()
-    assert "table-layout: fixed" in style.split("/* ==== Review admin")[1]
-    widths = [float(line.split("width:")[1].split("%")[0]) for line in style.splitlines()
-              if line.startswith(".all-table__") and "width:" in line]
-    assert len(widths) == 7 and sum(widths) <= 100  # the seven columns share the container's width
-    assert page.count("<col class=") == 7
 
 
 # ---------------------------------------------------------------------------------------------

@@ -291,9 +291,11 @@ CSV_LINES_PER_PIECE = 200
 
 
 def csv_lines(rows: QuerySet) -> Iterator[str]:
-    """The CSV in pieces of CSV_LINES_PER_PIECE lines: a header, then one row per upload."""
+    """The CSV: the header line at once (the download starts before the database is asked), then
+    the rows, one per upload, in pieces of CSV_LINES_PER_PIECE lines."""
     writer = csv.writer(_Line())
-    piece = ["\ufeff" + writer.writerow(csv_header())]  # the BOM tells spreadsheets it is UTF-8
+    yield "\ufeff" + writer.writerow(csv_header())  # the BOM tells spreadsheets it is UTF-8
+    piece = []
     for row in csv_rows(rows):
         piece.append(writer.writerow(row))
         if len(piece) >= CSV_LINES_PER_PIECE:
