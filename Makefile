@@ -80,7 +80,7 @@ test: setup
 # Refresh the README's screenshots from a real browser run: tests/test_browser_pages.py walks every
 # page with realistic uploads (tests/scene.py); the pages it names a picture for land in docs/screenshots/.
 screenshots: setup
-	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- env UPDATE_SCREENSHOTS=1 $(PYTEST) tests/test_browser_pages.py $(ARGS)
+	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- env UPDATE_SCREENSHOTS=1 $(PYTEST) tests/test_browser_pages.py tests/test_browser_review_admin.py $(ARGS)
 
 migrate: setup
 	@$(PY) manage.py migrate

@@ -55,9 +55,9 @@ def browser_page(monkeypatch):
     assert errors == [], errors
 
 
-def screenshot(page, tmp_path, name: str) -> Path:
+def screenshot(page, tmp_path, name: str, *, full_page: bool = True) -> Path:
     path = tmp_path / name
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     if os.environ.get("UPDATE_SCREENSHOTS"):
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, SCREENSHOTS / name)

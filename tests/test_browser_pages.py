@@ -54,6 +54,9 @@ PAGES = [
     Page("the review page, ready", "carol", "/review/{ready}/"),
     Page("the review page, failed", "carol", "/review/{failed}/"),
     Page("the review page of one's own upload", "carol", "/review/{carols}/"),
+    Page("All uploads", "carol", "/review/all/"),
+    Page("All uploads, filtered to the failed ones", "carol", "/review/all/?state=failed"),
+    Page("the dashboard", "carol", "/review/dashboard/", wait_for="#workers-title"),
 ]
 
 

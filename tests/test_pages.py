@@ -177,7 +177,7 @@ def test_owners_never_see_the_raw_reply_but_admins_do(alice_client, admin_client
 def test_admin_lists_filters_and_searches(admin_client, upload, bob):
     Upload.objects.create(owner=bob, name="bobs-image", filename="b.raw", disk_format="raw", size=1, staged_name="b")
     page = admin_client.get("/admin/uploads/upload/").content.decode()
-    assert "bobs-image" in page and "disk.qcow2" in page and "50%" in page
+    assert "bobs-image" in page and "disk.qcow2" in page and "50 % received" in page
     page = admin_client.get("/admin/uploads/upload/?status__exact=receiving&q=bobs").content.decode()
     assert "bobs-image" in page and "disk.qcow2" not in page
     assert f"owner__id__exact={bob.pk}" in admin_client.get("/admin/uploads/upload/").content.decode()

@@ -5,7 +5,11 @@ by its owner); Cancel also removes a failed or refused upload and its staged fil
 
 from django.contrib import admin, messages
 
-from uploads import services
+from django.utils.html import format_html
+from django.utils.text import Truncator
+from django.utils.translation import gettext_lazy as _
+
+from uploads import all_uploads, services
 from uploads.models import CloudAccount, Upload, UploadEvent
 from uploads.sizes import human_size
 
@@ -24,11 +28,15 @@ class UploadEventInline(admin.TabularInline):
 
 @admin.register(Upload)
 class UploadAdmin(admin.ModelAdmin):
+    # Fits a laptop screen: the file name under the image name, the IMS image id searched, not shown
+    # (the reviewers' All uploads page, uploads/all_uploads.py, is the full list with filters and CSV).
     list_display = (
-        "name", "owner", "filename", "file_size", "disk_format", "status", "progress", "ims_image_id", "created_at",
+        "name_and_file", "owner", "status", "reason", "file_size", "disk_format", "progress", "status_changed_at",
     )
-    list_filter = ("status", "owner")
+    list_filter = ("status", "disk_format", ("error_code", admin.AllValuesFieldListFilter), "created_at", "owner")
     search_fields = ("name", "filename", "ims_image_id")
+    list_select_related = ("owner",)
+    list_per_page = 50
     date_hierarchy = "created_at"
     inlines = [UploadEventInline]
     actions = ["retry_uploads", "cancel_uploads"]
@@ -37,13 +45,21 @@ class UploadAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # uploads come from the upload page
 
+    @admin.display(description=_("Image and file"), ordering="name")
+    def name_and_file(self, upload):
+        return format_html("{}<br><small>{}</small>", upload.name, upload.filename)
+
     @admin.display(description="Size", ordering="size")
     def file_size(self, upload):
         return human_size(upload.size)
 
-    @admin.display(description="Progress")
+    @admin.display(description=_("Progress"))
     def progress(self, upload):
-        return f"{upload.progress_percent}%"
+        return all_uploads.progress_words(upload)
+
+    @admin.display(description=_("Reason"), ordering="error_code")
+    def reason(self, upload):
+        return Truncator(all_uploads.reason_words(upload)).chars(120) or "—"
 
     def _each(self, request, queryset, service, done: str):
         for upload in queryset:

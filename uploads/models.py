@@ -143,10 +143,12 @@ class Upload(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        # The second: the review queue, oldest first (uploads/review.py review_queue).
+        # The second: the review queue, oldest first (uploads/review.py review_queue). The third:
+        # All uploads, newest first, page by page (uploads/all_uploads.py; bench/review.py).
         indexes = [
             models.Index(fields=["status", "next_poll_at"]),
             models.Index(fields=["status", "status_changed_at"]),
+            models.Index(fields=["-created_at", "-id"], name="uploads_upload_newest_idx"),
         ]
         # Admins need it for the admin's Retry and Cancel actions; viewing needs only view_upload.
         permissions = [("review_upload", "Can review, retry and cancel uploads")]
@@ -392,9 +394,14 @@ class UploadEvent(models.Model):
     message = models.TextField()
     # The raw reply of IMS (status line and body) for admins; never shown to the owner.
     detail = models.TextField(blank=True)
+    # The code the upload stopped with (Upload.error_code) on a move that records one: the
+    # dashboard counts failures and refusals by reason from these, whatever the row says later.
+    error_code = models.CharField(max_length=64, blank=True)
 
     class Meta:
         ordering = ["at", "id"]
+        # The dashboard's counts of moves by day (uploads/dashboard.py).
+        indexes = [models.Index(fields=["to_status", "at"])]
 
     def __str__(self):
         return self.message

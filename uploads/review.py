@@ -16,7 +16,7 @@ from datetime import timezone as dt_timezone
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import QuerySet
-from django.utils import timezone
+from django.utils import formats, timezone
 from django.utils.translation import gettext as _
 
 from uploads import ims, staging
@@ -97,15 +97,22 @@ def _check_may_decide(upload: Upload, by) -> None:
         )
 
 
+def _date_and_time(moment) -> dict:
+    """A moment in UTC as {"date", "time"}: the date in the reader's language (Django's DATE_FORMAT:
+    "Nov. 30, 2026", "30. November 2026"), so that a decision of an earlier day never reads as today's."""
+    moment = moment.astimezone(dt_timezone.utc)
+    return {"date": formats.date_format(moment, "DATE_FORMAT"), "time": moment.strftime("%H:%M:%S")}
+
+
 def _not_awaiting(upload: Upload) -> ReviewError:
     """Why a decision came too late, from the row as it is now."""
     upload.refresh_from_db()
     if upload.review_decision and upload.reviewed_by_id:
         words = {"approved": _("approved"), "rejected": _("rejected")}[upload.review_decision]
         return ReviewError(
-            _("“%(name)s” was already %(decision)s by %(who)s at %(when)s UTC; your decision was not applied.") % {
-                "name": upload.name, "decision": words, "who": _name(upload.reviewed_by),
-                "when": upload.reviewed_at.astimezone(dt_timezone.utc).strftime("%H:%M:%S"),
+            _("“%(name)s” was already %(decision)s by %(who)s on %(date)s at %(time)s UTC; your decision was not "
+              "applied.") % {
+                "name": upload.name, "decision": words, "who": _name(upload.reviewed_by), **_date_and_time(upload.reviewed_at),
             }
         )
     return ReviewError(

@@ -1,6 +1,6 @@
 from django.urls import include, path
 
-from uploads import review_views, tus, views
+from uploads import overview_views, review_views, tus, views
 
 # One upload's own page, its live status, and the buttons on it (each a POST).
 upload_urls = [
@@ -17,6 +17,10 @@ urlpatterns = [
     path("uploads/", views.my_uploads, name="my_uploads"),
     path("uploads/<uuid:uid>/", include(upload_urls)),
     path("review/", review_views.review_queue, name="review_queue"),
+    path("review/all/", overview_views.all_uploads_page, name="all_uploads"),
+    path("review/all.csv", overview_views.all_uploads_csv, name="all_uploads_csv"),
+    path("review/dashboard/", overview_views.dashboard_page, name="dashboard"),
+    path("review/dashboard/workers", overview_views.dashboard_workers, name="dashboard_workers"),
     path("review/decide", review_views.review_decide, name="review_decide"),
     path("review/<uuid:uid>/", review_views.review_page, name="review_page"),
     path("review/<uuid:uid>/retry", review_views.review_retry, name="review_retry"),

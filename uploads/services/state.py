@@ -69,7 +69,8 @@ def move(
         if rows.update(**fields) == 0:
             return False
         event = UploadEvent.objects.create(
-            upload_id=upload.pk, from_status=old, to_status=to, message=message, detail=detail
+            upload_id=upload.pk, from_status=old, to_status=to, message=message, detail=detail,
+            error_code=fields.get("error_code", ""),
         )
         # Mails about the move (ready, failed ..., awaiting review) are queued for when it is committed.
         notifications.upload_moved(to, event.pk)
