@@ -192,6 +192,8 @@ LANGUAGE_COOKIE_SECURE = SECURE_HTTPS
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+# Dates in the person's locale: portal/formats/<language>/formats.py (DATETIME_FORMAT ...).
+FORMAT_MODULE_PATH = ["portal.formats"]
 # Numbers in the person's locale: 1,234,567 in English, 1.234.567 in German.
 USE_THOUSAND_SEPARATOR = True
 
