@@ -40,7 +40,16 @@ def catalogue_changed_at(request, *args, **kwargs) -> datetime:
     return _changed_at()
 
 
+# Uppy's language pack for each language but English (node_modules/@uppy/locales/dist/<name>.min.js).
+UPPY_LOCALES = {"de": "de_DE"}
+
+
 def i18n_context(request) -> dict:
-    """`jsi18n_url`: the catalogue of the active language, for base.html's script tag."""
-    query = urlencode({"lang": get_language() or settings.LANGUAGE_CODE, "v": catalogue_version()})
-    return {"jsi18n_url": f"{reverse('javascript_catalog')}?{query}"}
+    """`jsi18n_url`: the catalogue of the active language, for base.html's script tag;
+    `uppy_locale`: Uppy's language pack for the upload page ("" for English)."""
+    language = get_language() or settings.LANGUAGE_CODE
+    query = urlencode({"lang": language, "v": catalogue_version()})
+    return {
+        "jsi18n_url": f"{reverse('javascript_catalog')}?{query}",
+        "uppy_locale": UPPY_LOCALES.get(language.split("-")[0], ""),
+    }

@@ -203,6 +203,8 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 STATICFILES_DIRS = [
     BASE_DIR / "static",
     ("vendor/uppy", BASE_DIR / "node_modules" / "uppy" / "dist"),
+    # Uppy's own words in other languages (de_DE.min.js ...): the upload page in German.
+    ("vendor/uppy-locales", BASE_DIR / "node_modules" / "@uppy" / "locales" / "dist"),
 ]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
