@@ -12,6 +12,7 @@ import polib
 import pytest
 from django.conf import settings
 from django.contrib.staticfiles import finders
+from django.test import Client
 from django.utils import translation
 
 from uploads import diskimage
@@ -269,3 +270,38 @@ def test_the_javascript_uses_the_catalogue_for_its_own_words():
     po = polib.pofile(str(LOCALE / "de" / "LC_MESSAGES" / "djangojs.po"))
     files = {occurrence for e in po for occurrence, _ in e.occurrences}
     assert files >= {"static/js/upload.js", "static/js/progress.js"}
+
+
+# ---- the reviewer's pages ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def carol(django_user_model):
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.create_user("carol", password="pw-carol")
+    user.user_permissions.add(Permission.objects.get(codename="review_upload"))
+    return user
+
+
+def test_a_german_reviewers_rejection_reads_in_each_owners_language(alice_client, upload, carol):
+    Upload.objects.filter(pk=upload.pk).update(
+        status=Status.AWAITING_REVIEW, received_bytes=upload.size,
+        inspection={"checks": {"qcow2_header": "passed", "qemu_img_check": "skipped: qemu-img cannot check raw"}})
+    client = Client()
+    client.force_login(carol)
+    page = client.get(f"/review/{upload.uid}/", **GERMAN).content.decode()
+    assert "Freigeben und an IMS senden" in page and "Wartet auf Freigabe" in page
+    assert "qcow2_header: bestanden" in page and "qemu_img_check: übersprungen: qemu-img cannot check raw" in page
+
+    response = client.post("/review/decide", {"uid": str(upload.uid), "decision": "reject",
+                                              "reason": "Bitte ohne Swap-Partition"}, follow=True, **GERMAN)
+    assert "1 Upload abgelehnt: “web-server”. Der Eigentümer sieht Ihre Begründung." in response.content.decode()
+    upload.refresh_from_db()
+    assert upload.error_message == "A reviewer (carol) rejected this upload: Bitte ohne Swap-Partition"  # stored English
+
+    german = alice_client.get(f"/uploads/{upload.uid}/status", **GERMAN).json()
+    assert german["error_message"] == "Bei der Freigabe abgelehnt (carol): Bitte ohne Swap-Partition"
+    assert german["error_hint"].endswith("Das Portal löscht diese Kopie nach 24 Stunden.")
+    english = alice_client.get(f"/uploads/{upload.uid}/status", HTTP_ACCEPT_LANGUAGE="en").json()
+    assert english["error_message"] == upload.error_message

@@ -1,7 +1,7 @@
 """Template filters of the uploads app: sizes in the same words as the code writes them."""
 
 from django import template
-from django.utils.translation import get_language
+from django.utils.translation import get_language, gettext
 
 from uploads.i18n import local_size
 
@@ -12,6 +12,17 @@ register = template.Library()
 def human_size(n) -> str:
     """{{ upload.size|human_size }}: "16 MB", "1.0 GB"; "1,0 GB" in German (uploads.i18n.local_size)."""
     return local_size(n)
+
+
+@register.filter
+def check_outcome(outcome) -> str:
+    """One safety check's outcome as the check recorded it ("passed", "failed: <detail>",
+    "skipped: <why>"), its first word in the person's language; the detail stays technical."""
+    word, _, detail = str(outcome).partition(": ")
+    words = {"passed": gettext("passed"), "failed": gettext("failed"), "skipped": gettext("skipped")}
+    if word not in words:
+        return str(outcome)
+    return f"{words[word]}: {detail}" if detail else words[word]
 
 
 @register.filter
