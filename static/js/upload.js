@@ -592,10 +592,8 @@
     edit.type = 'button'
     edit.className = 'button button--small button--quiet'
     edit.appendChild(document.createTextNode(gettext('Edit')))
-    var hidden = document.createElement('span')
-    hidden.className = 'visually-hidden'
-    hidden.textContent = ' ' + interpolate(gettext('the details of %(file)s'), { file: file.name }, true)
-    edit.appendChild(hidden)
+    // The whole name as one sentence, so that each language may order it its own way.
+    edit.setAttribute('aria-label', interpolate(gettext('Edit the details of %(file)s'), { file: file.name }, true))
     edit.addEventListener('click', function () { openEditor(file.id, edit) })
     actions.appendChild(edit)
     tr.appendChild(actions)
