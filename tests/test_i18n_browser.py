@@ -5,7 +5,7 @@ catalogue and Uppy's from its German pack, and the live status speaks German too
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import connect_cloud, make_image
+from tests.conftest import connect_cloud, make_image, wait_for
 from tests.test_browser import browser_page  # noqa: F401  (a fixture)
 from uploads.models import Upload
 
@@ -42,15 +42,16 @@ def test_the_upload_page_in_german_through_the_switch(page, live_server, alice, 
     page.locator(".uppy-Dashboard-input").first.set_input_files([str(make_image(tmp_path / "web.raw", 64 * 1024))])
     card = page.locator(".uppy-Dashboard-FileCard")
     expect(card).to_contain_text("Image-Angaben von web.raw")  # ours
-    expect(card.get_by_role("button", name="Abbrechen")).to_be_visible()  # Uppy's own German (@uppy/locales)
+    expect(card.locator(".uppy-Dashboard-FileCard-actionsBtn")).to_have_text(["Angaben speichern", "Abbrechen"])  # Uppy's own German (@uppy/locales)
     card.get_by_text("Angaben speichern").click()
     row = page.locator("#file-details tbody tr").filter(has_text="web.raw")
     expect(row.locator("td").nth(1)).to_have_text("Nicht angegeben")
     expect(row.get_by_role("button", name="Angaben von web.raw bearbeiten")).to_be_visible()
 
     page.get_by_role("button", name="1 Datei hochladen").click()
+    expect(page.locator("#upload-done")).to_be_visible(timeout=60_000)
     expect(page.locator("#upload-done")).to_contain_text("Ihre Dateien sind im Portal")
-    upload = Upload.objects.get(filename="web.raw")
+    upload = wait_for(lambda: Upload.objects.filter(filename="web.raw").first(), what="the upload row")
     page.goto(f"{live_server.url}/uploads/{upload.uid}/")
     expect(page.locator("[data-live=badge]")).to_have_text("Empfangen")
     expect(page.get_by_role("button", name="Upload abbrechen")).to_be_visible()
