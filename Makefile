@@ -78,9 +78,9 @@ test: setup
 	@tools/apt_ensure.sh --optional chromium:chromium qemu-utils:qemu-img nginx:nginx gettext:xgettext
 	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- $(PYTEST) $(ARGS)
 
-# Refresh the README's screenshots from a real browser run (tests/test_browser.py).
+# Refresh the README's screenshots from a real browser run (tests/test_browser.py, test_i18n_browser.py).
 screenshots: setup
-	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- env UPDATE_SCREENSHOTS=1 $(PYTEST) tests/test_browser.py $(ARGS)
+	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- env UPDATE_SCREENSHOTS=1 $(PYTEST) tests/test_browser.py tests/test_i18n_browser.py $(ARGS)
 
 migrate: setup
 	@$(PY) manage.py migrate

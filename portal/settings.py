@@ -194,8 +194,10 @@ USE_I18N = True
 USE_TZ = True
 # Dates in the person's locale: portal/formats/<language>/formats.py (DATETIME_FORMAT ...).
 FORMAT_MODULE_PATH = ["portal.formats"]
-# Numbers in the person's locale: 1,234,567 in English, 1.234.567 in German.
-USE_THOUSAND_SEPARATOR = True
+# Numbers are not grouped by default: a number in an attribute, a URL or an SVG coordinate must
+# stay plain digits. Counts for people are grouped where they are shown, in the person's locale
+# (the `grouped` template filter: 1,073,741,824 in English, 1.073.741.824 in German).
+USE_THOUSAND_SEPARATOR = False
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"

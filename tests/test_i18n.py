@@ -156,7 +156,7 @@ def test_the_switch_is_on_the_sign_in_page_too(client):
 def test_every_page_of_the_uploader_is_german(alice_client, alice_with_token, upload):
     for url, words in [
         ("/upload/", ["Disk-Images hochladen", "Gleich für jede Datei", "Welche Dateien?"]),
-        (f"/uploads/{upload.uid}/", ["Verlauf", "Betriebssystemversion", "(1.073.741.824 Byte)"]),
+        (f"/uploads/{upload.uid}/", ["Verlauf", "Betriebssystem", "(1.073.741.824 Byte)"]),
         ("/cloud/", ["Ihr Cloud-Konto", "Anmeldung gültig bis", "IAM-Benutzername"]),
     ]:
         page = alice_client.get(url, **GERMAN).content.decode()

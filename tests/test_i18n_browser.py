@@ -6,7 +6,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.conftest import connect_cloud, make_image, wait_for
-from tests.test_browser import browser_page  # noqa: F401  (a fixture)
+from tests.test_browser import browser_page, screenshot  # noqa: F401  (browser_page: a fixture)
 from uploads.models import Upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -47,6 +47,7 @@ def test_the_upload_page_in_german_through_the_switch(page, live_server, alice, 
     row = page.locator("#file-details tbody tr").filter(has_text="web.raw")
     expect(row.locator("td").nth(1)).to_have_text("Nicht angegeben")
     expect(row.get_by_role("button", name="Angaben von web.raw bearbeiten")).to_be_visible()
+    screenshot(page, tmp_path, "upload-de.png")  # the README's German page (make screenshots)
 
     page.get_by_role("button", name="1 Datei hochladen").click()
     expect(page.locator("#upload-done")).to_be_visible(timeout=60_000)

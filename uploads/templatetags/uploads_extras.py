@@ -1,6 +1,7 @@
 """Template filters of the uploads app: sizes in the same words as the code writes them."""
 
 from django import template
+from django.utils.formats import number_format
 from django.utils.translation import get_language, gettext
 
 from uploads.i18n import local_size
@@ -12,6 +13,12 @@ register = template.Library()
 def human_size(n) -> str:
     """{{ upload.size|human_size }}: "16 MB", "1.0 GB"; "1,0 GB" in German (uploads.i18n.local_size)."""
     return local_size(n)
+
+
+@register.filter
+def grouped(n) -> str:
+    """A whole number with the person's digit grouping: "1,073,741,824"; "1.073.741.824" in German."""
+    return number_format(n, decimal_pos=0, force_grouping=True)
 
 
 @register.filter
