@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 from csp.constants import NONE, SELF
 
 from uploads.crypto import DEMO_TOKEN_KEY
@@ -310,6 +311,26 @@ PUSH_CONCURRENCY_PER_PROJECT = max(1, int(os.environ.get("PUSH_CONCURRENCY_PER_P
 RECONCILE_EVERY_SECONDS = float(os.environ.get("RECONCILE_EVERY_SECONDS", 60))
 RECONCILE_GRACE_SECONDS = float(os.environ.get("RECONCILE_GRACE_SECONDS", 120))
 
+# E-mail (uploads/notifications.py): owners hear when an upload is ready or needs them, reviewers
+# when uploads await review. Sent by a Celery task, never in a request. Without EMAIL_HOST mails go
+# to the console (the worker's output under `make run`); with it, to that SMTP server.
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "")
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND") or (
+    "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "django.core.mail.backends.console.EmailBackend"
+)
+EMAIL_PORT = int(os.environ.get("EMAIL_PORT") or 25)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)  # STARTTLS, usually on port 587
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)  # TLS from the first byte, usually on port 465
+if EMAIL_USE_TLS and EMAIL_USE_SSL:  # Django would refuse each mail; say so at start instead
+    raise ImproperlyConfigured("Set at most one of EMAIL_USE_TLS and EMAIL_USE_SSL.")
+# Django waits for ever by default: a mail server that hangs would hold a worker.
+EMAIL_TIMEOUT = float(os.environ.get("EMAIL_TIMEOUT") or 30)
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL") or "IMS upload portal <ims-portal@localhost>"
+# Where people reach the portal, for the links in mails (a worker has no request to ask).
+PORTAL_BASE_URL = (os.environ.get("PORTAL_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
+
 # Celery: the broker is Redis; the database row is the source of truth, the message a nudge.
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = REDIS_URL
@@ -370,6 +391,10 @@ CELERY_BEAT_SCHEDULE = {
     "poll-ims": {"task": "uploads.tasks.poll_due_uploads", "schedule": UPLOAD_POLL_SECONDS},
     "reconcile": {"task": "uploads.tasks.reconcile_uploads", "schedule": RECONCILE_EVERY_SECONDS},
     "clean-staging": {"task": "uploads.tasks.clean_staging", "schedule": 3600.0},
+    # Reviewers whose 15 minutes since their last mail have passed hear of uploads still waiting.
+    "review-mails": {"task": "uploads.tasks.mail_reviewers", "schedule": 60.0},
+    # An owner's mail whose message was lost (Redis away when the upload ended) is queued again.
+    "lost-mails": {"task": "uploads.tasks.mail_lost_outcomes", "schedule": 120.0},
 }
 
 LOGGING = {

@@ -225,10 +225,18 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
 
+@pytest.fixture(scope="module")
+def worker_environment() -> dict:
+    """More environment for the module's worker: a test module overrides this fixture (e.g. to
+    point the worker's mail at a test SMTP server)."""
+    return {}
+
+
 # One per test module: its beat must not follow the uploads of another module's servers (the
 # fault tests run a stack of their own on the same database).
 @pytest.fixture(scope="module")
-def celery_worker_process(django_db_setup, django_db_blocker, session_sim, tmp_path_factory, test_broker):
+def celery_worker_process(django_db_setup, django_db_blocker, session_sim, tmp_path_factory, test_broker,
+                          worker_environment):
     """A real Celery worker (with beat) on the test database."""
     url = test_broker
     try:
@@ -251,6 +259,7 @@ def celery_worker_process(django_db_setup, django_db_blocker, session_sim, tmp_p
         "TOKEN_ENCRYPTION_KEY": django_settings.TOKEN_ENCRYPTION_KEY,
         "UPLOAD_POLL_SECONDS": "0.5",
         "LOG_LEVEL": "INFO",
+        **worker_environment,
     }
     worker = Worker(env, folder / "worker.log").start()
     worker.staging = staging

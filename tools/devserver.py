@@ -252,6 +252,8 @@ def run(server: Devserver) -> int:
         raise Failed(f"port {sim.port} (the IMS simulator's) is in use: stop what listens there, "
                      "or set IMS_ENDPOINT and IAM_ENDPOINT to use it")
     VAR.mkdir(exist_ok=True)
+    # Mails (printed by the worker: no EMAIL_HOST, so the console backend) link to this server.
+    os.environ.setdefault("PORTAL_BASE_URL", web_url.rstrip("/"))
 
     server.manage("migrate", "--noinput")
     server.manage("seed_demo")

@@ -44,6 +44,7 @@ def portal_environment(https_port: int) -> None:
     # No HSTS by default: a browser would then refuse plain http on this host for `make run` too.
     os.environ.setdefault("SECURE_HSTS_SECONDS", "0")
     os.environ.setdefault("CSRF_TRUSTED_ORIGINS", f"https://127.0.0.1:{https_port},https://localhost:{https_port}")
+    os.environ.setdefault("PORTAL_BASE_URL", f"https://127.0.0.1:{https_port}")  # the links in mails
 
 
 def nginx_config(http_port: int, https_port: int, web: str, ingest: str) -> Path:

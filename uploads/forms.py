@@ -1,4 +1,5 @@
-"""What people type in: the cloud account form and the per-file details of an upload."""
+"""What people type in: the cloud account form, the per-file details of an upload, and the
+profile's mail settings."""
 
 import os
 import re
@@ -9,7 +10,7 @@ from django.conf import settings
 from django.utils.translation import gettext, gettext_lazy as _
 
 from uploads import limits
-from uploads.models import EXTENSION_FORMATS, DiskFormat
+from uploads.models import EXTENSION_FORMATS, DiskFormat, NotificationSettings
 
 # The values of __os_version that people choose most; any other text is accepted too.
 COMMON_OS_VERSIONS = [
@@ -195,3 +196,19 @@ class UploadMetadataForm(forms.Form):
     def error_text(self) -> str:
         """All problems as one plain sentence per line, for a tus client to show."""
         return "\n".join(str(e) for errors in self.errors.values() for e in errors)
+
+
+class NotificationSettingsForm(forms.ModelForm):
+    """The profile page: which e-mails a person wants, and in which language. Only reviewers
+    have the switch for mails about uploads awaiting review."""
+
+    language = forms.ChoiceField(label=_("Language of the e-mails"), choices=lambda: settings.LANGUAGES)
+
+    class Meta:
+        model = NotificationSettings
+        fields = ["mail_upload_outcomes", "mail_review_requests", "language"]
+
+    def __init__(self, *args, reviewer: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not reviewer:
+            del self.fields["mail_review_requests"]

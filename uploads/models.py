@@ -441,3 +441,49 @@ class StagedMultipart(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class NotificationSettings(models.Model):
+    """Which e-mails one person wants and in which language (the profile page), and when they were
+    last told about uploads awaiting review: uploads/notifications.py sends a reviewer at most one
+    such mail per REVIEW_MAIL_WINDOW. One row per person, made when first needed."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notification_settings"
+    )
+    mail_upload_outcomes = models.BooleanField(
+        _("E-mail me when an upload of mine is ready or needs me"), default=True,
+        help_text=_("Ready, failed, refused by the file check, rejected by a reviewer, or waiting for you to "
+                    "reconnect your cloud account."),
+    )
+    mail_review_requests = models.BooleanField(
+        _("E-mail me when uploads await my review"), default=True,
+        help_text=_("At most one mail every 15 minutes, listing every upload that waits; never for your own."),
+    )
+    # One of settings.LANGUAGES (the profile's form offers those), so that adding a language
+    # needs no migration.
+    language = models.CharField(_("Language of the e-mails"), max_length=8, default="en")
+    # The last review mail: sent_at is the moment it was claimed (the uploads that moved to
+    # Awaiting review after that are still news); claimed_at is set while a worker sends one, so
+    # that two workers never send the same mail, and expires if that worker died.
+    review_mail_sent_at = models.DateTimeField(null=True, blank=True, editable=False)
+    review_mail_claimed_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    def __str__(self) -> str:
+        return f"mail settings of {self.user}"
+
+
+class UploadMail(models.Model):
+    """A mail to an upload's owner about one of its moves (the UploadEvent of that move): ready,
+    failed, refused, rejected or reconnect. A worker claims it before sending and marks it sent
+    after, so a repeated message never mails twice; a second failure after a Retry is a new move
+    and mails again."""
+
+    event = models.OneToOneField(UploadEvent, on_delete=models.CASCADE, related_name="mail")
+    upload = models.ForeignKey(Upload, on_delete=models.CASCADE, related_name="mails")
+    kind = models.CharField(max_length=16)  # the status it moved to: ready, failed ...
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.kind} mail of upload {self.upload_id}"

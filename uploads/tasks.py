@@ -59,3 +59,43 @@ def discard_upload(upload_id: int) -> None:
     from uploads import services
 
     services.upload_discard(upload_id=upload_id)
+
+
+# E-mail (uploads/notifications.py). A mail server that is away delays a mail, never an upload:
+# these tasks touch no upload, and retry a few times with growing waits (1, 2, 4 ... minutes,
+# about an hour in all) before they give up and log it. Each mail is claimed before it is sent,
+# so a repeated message sends nothing.
+MAIL_RETRY = {"max_retries": 6, "retry_backoff": 60, "retry_backoff_max": 1800, "retry_jitter": False}
+
+
+@shared_task(autoretry_for=(Exception,), **MAIL_RETRY)
+def mail_upload_event(event_id: int) -> None:
+    """Mail an upload's owner about the move recorded as `event_id` (ready, failed ...)."""
+    from uploads import notifications
+
+    notifications.upload_mail_send(event_id=event_id)
+
+
+@shared_task
+def mail_lost_outcomes() -> None:
+    """Beat: queue again the owner's mails whose message got lost."""
+    from uploads import notifications
+
+    for event_id in notifications.outcome_mails_lost():
+        mail_upload_event.delay(event_id)
+
+
+@shared_task
+def mail_reviewers() -> None:
+    """After a move to Awaiting review, and from beat: one task per reviewer who is due a mail."""
+    from uploads import notifications
+
+    for user_id in notifications.reviewers_to_mail():
+        mail_reviewer.delay(user_id)
+
+
+@shared_task(autoretry_for=(Exception,), **MAIL_RETRY)
+def mail_reviewer(user_id: int) -> None:
+    from uploads import notifications
+
+    notifications.review_mail_send(user_id=user_id)

@@ -24,6 +24,7 @@ urlpatterns = [
     path("review/<uuid:uid>/delete-image", review_views.review_delete_image, name="review_delete_image"),
     path("cloud/", views.cloud_account, name="cloud_account"),
     path("cloud/disconnect", views.cloud_disconnect, name="cloud_disconnect"),
+    path("profile/", views.profile, name="profile"),
     path("tus/", tus.tus_collection, name="tus_collection"),
     path("tus/<uuid:uid>", tus.tus_resource, name="tus_resource"),
 ]

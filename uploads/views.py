@@ -13,9 +13,9 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
 
-from uploads import fairness, limits, review, services, status_access
+from uploads import fairness, limits, notifications, review, services, status_access
+from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, NotificationSettingsForm, UploadMetadataForm
 from uploads.i18n import stored_text
-from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, UploadMetadataForm
 from uploads.ims import CloudError
 from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
 
@@ -346,3 +346,16 @@ def cloud_disconnect(request):
     services.cloud_account_disconnect(user=request.user)
     messages.success(request, gettext("Your cloud account was disconnected and its token deleted."))
     return redirect("cloud_account")
+
+
+@login_required
+def profile(request):
+    """Which e-mails the person gets (uploads/notifications.py) and in which language."""
+    form = NotificationSettingsForm(
+        request.POST or None, instance=notifications.preferences(request.user), reviewer=review.is_reviewer(request.user)
+    )
+    if request.method == "POST" and form.is_valid():
+        form.save()
+        messages.success(request, gettext("Your e-mail settings are saved."))
+        return redirect("profile")
+    return render(request, "uploads/profile.html", {"form": form})

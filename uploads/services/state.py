@@ -13,7 +13,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from uploads import staging
+from uploads import notifications, staging
 from uploads.errors import PortalError
 from uploads.ims import HINT_CONTACT_ADMIN
 from uploads.models import ErrorCode, Status, Upload, UploadEvent, can_move
@@ -68,9 +68,11 @@ def move(
     with transaction.atomic():
         if rows.update(**fields) == 0:
             return False
-        UploadEvent.objects.create(
+        event = UploadEvent.objects.create(
             upload_id=upload.pk, from_status=old, to_status=to, message=message, detail=detail
         )
+        # Mails about the move (ready, failed ..., awaiting review) are queued for when it is committed.
+        notifications.upload_moved(to, event.pk)
     for key, value in fields.items():
         setattr(upload, key, value)
     log.info("upload %s: %s -> %s: %s", upload.pk, old, to, message)
