@@ -1,6 +1,6 @@
 # One image for web, ingest, worker, beat and flower (docker-compose.yml gives each its command).
 
-# Uppy comes from the npm registry; only its built files go into the final image.
+# Uppy and its language packs come from the npm registry; only their built files go into the final image.
 FROM node:22-bookworm-slim AS uppy
 WORKDIR /build
 COPY package.json package-lock.json ./
@@ -27,6 +27,7 @@ RUN pip install -r requirements.txt "flower==2.2.0"
 
 COPY . .
 COPY --from=uppy /build/node_modules/uppy/dist node_modules/uppy/dist
+COPY --from=uppy /build/node_modules/@uppy/locales/dist node_modules/@uppy/locales/dist
 # Owned by portal: compose's `static` step copies them again into the proxy's volume at each start.
 RUN python manage.py collectstatic --noinput -v 0 && chown -R portal:portal staticfiles
 

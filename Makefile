@@ -23,7 +23,7 @@ NPM_STAMP := node_modules/.installed
 STATIC_STAMP := staticfiles/.collected
 STATIC_SOURCES := $(shell find static -type f 2>/dev/null)
 
-.PHONY: help setup run run-prod test screenshots migrate lint clean distclean
+.PHONY: help setup run run-prod test screenshots migrate lint messages clean distclean
 
 help:
 	@echo "make run        start the portal with Redis, the IMS simulator, worker and beat (Ctrl-C stops all)"
@@ -33,6 +33,7 @@ help:
 	@echo "make screenshots  refresh docs/screenshots/ from a real browser run"
 	@echo "make migrate    apply database migrations"
 	@echo "make lint       Django's system checks and a check for missing migrations"
+	@echo "make messages   bring locale/*/LC_MESSAGES up to date with the code and compile them (then translate)"
 	@echo "make clean      delete local state: SQLite database, var/, collected static files"
 	@echo "make distclean  clean, and delete $(VENV) and node_modules too"
 
@@ -74,16 +75,26 @@ run-prod: setup
 # Redis: tools/ensure_redis.py starts one for the run if none answers at TEST_REDIS_URL.
 # Without DATABASE_URL the tests use SQLite (.ci/run sets PostgreSQL).
 test: setup
-	@tools/apt_ensure.sh --optional chromium:chromium qemu-utils:qemu-img nginx:nginx
+	@tools/apt_ensure.sh --optional chromium:chromium qemu-utils:qemu-img nginx:nginx gettext:xgettext
 	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- $(PYTEST) $(ARGS)
 
 # Refresh the README's screenshots from a real browser run: tests/test_browser_pages.py walks every
 # page with realistic uploads (tests/scene.py); the pages it names a picture for land in docs/screenshots/.
 screenshots: setup
-	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- env UPDATE_SCREENSHOTS=1 $(PYTEST) tests/test_browser_pages.py tests/test_browser_review_admin.py $(ARGS)
+	@$(PY) tools/ensure_redis.py --url "$(TEST_REDIS_URL)" -- env UPDATE_SCREENSHOTS=1 $(PYTEST) tests/test_browser_pages.py tests/test_browser_review_admin.py tests/test_i18n_browser.py $(ARGS)
 
 migrate: setup
 	@$(PY) manage.py migrate
+
+# The translation catalogues (README, "Languages"): collect every wrapped string into each
+# locale/<language>/LC_MESSAGES/*.po, then compile the .mo files, which are committed so that a
+# fresh clone needs no gettext. tests/test_i18n.py fails while a string has no translation.
+messages: setup
+	@tools/apt_ensure.sh gettext:xgettext
+	@for language in $$(ls locale); do \
+	  $(PY) manage.py makemessages --locale $$language -v 0 && \
+	  $(PY) manage.py makemessages --locale $$language --domain djangojs -v 0; done
+	@$(PY) manage.py compilemessages -v 0
 
 lint: setup
 	@$(PY) manage.py check --fail-level WARNING

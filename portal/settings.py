@@ -100,6 +100,8 @@ MIDDLEWARE = [
     "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    # The person's language: the switch in the header (a cookie), else the browser's Accept-Language.
+    "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -122,6 +124,8 @@ TEMPLATES = [
         "OPTIONS": {
             "context_processors": [
                 "django.template.context_processors.request",
+                "django.template.context_processors.i18n",
+                "portal.i18n.i18n_context",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "uploads.views.cloud_account_context",
@@ -176,11 +180,25 @@ AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 
-LANGUAGE_CODE = "en-us"
+# English and German (locale/de/). English is the language of the code and the fallback; a new
+# language is one more line here and a locale/<code>/ folder (README, "Languages").
+LANGUAGE_CODE = "en"
 LANGUAGES = [("en", "English"), ("de", "Deutsch")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+# The language switch's cookie lasts a year; it is read only by the server.
+LANGUAGE_COOKIE_AGE = 365 * 24 * 3600
+LANGUAGE_COOKIE_SAMESITE = "Lax"
+LANGUAGE_COOKIE_HTTPONLY = True
+LANGUAGE_COOKIE_SECURE = SECURE_HTTPS
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+# Dates in the person's locale: portal/formats/<language>/formats.py (DATETIME_FORMAT ...).
+FORMAT_MODULE_PATH = ["portal.formats"]
+# Numbers are not grouped by default: a number in an attribute, a URL or an SVG coordinate must
+# stay plain digits. Counts for people are grouped where they are shown, in the person's locale
+# (the `grouped` template filter: 1,073,741,824 in English, 1.073.741.824 in German).
+USE_THOUSAND_SEPARATOR = False
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
@@ -188,6 +206,8 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 STATICFILES_DIRS = [
     BASE_DIR / "static",
     ("vendor/uppy", BASE_DIR / "node_modules" / "uppy" / "dist"),
+    # Uppy's own words in other languages (de_DE.min.js ...): the upload page in German.
+    ("vendor/uppy-locales", BASE_DIR / "node_modules" / "@uppy" / "locales" / "dist"),
 ]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},

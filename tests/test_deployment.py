@@ -191,13 +191,14 @@ def test_gunicorn_config_uses_only_settings_gunicorn_knows():
     assert names <= {setting.name for setting in KNOWN_SETTINGS}
 
 
-def test_dockerfile_puts_uppy_where_settings_look_for_it():
+def test_dockerfile_puts_uppy_and_its_language_packs_where_settings_look_for_them():
     dockerfile = (ROOT / "Dockerfile").read_text()
     workdir = Path(re.findall(r"^WORKDIR\s+(\S+)", dockerfile, re.M)[-1])
-    copied = re.search(r"^COPY --from=\S+ \S+ (\S+)", dockerfile, re.M).group(1)
-    uppy = dict((prefix, path) for prefix, path in
-                (entry for entry in settings.STATICFILES_DIRS if isinstance(entry, tuple)))["vendor/uppy"]
-    assert workdir / copied == workdir / Path(uppy).relative_to(settings.BASE_DIR)
+    copied = {workdir / target for target in re.findall(r"^COPY --from=\S+ \S+ (\S+)", dockerfile, re.M)}
+    vendor = dict(entry for entry in settings.STATICFILES_DIRS if isinstance(entry, tuple))
+    assert {"vendor/uppy", "vendor/uppy-locales"} <= set(vendor)
+    for path in vendor.values():
+        assert workdir / Path(path).relative_to(settings.BASE_DIR) in copied, path
 
 
 def test_make_test_runs_the_pytest_command():

@@ -347,6 +347,10 @@ def test_each_mail_is_written_in_its_recipients_language(alice_connected, carol,
     to_carol, to_alice = mails_to("carol@example.com")[0], mails_to("alice@example.com")[0]
     assert '<html lang="en">' in html_of(to_carol)
     assert '<html lang="de">' in html_of(to_alice)
+    assert to_alice.subject.endswith("“ wurde bei der Freigabe abgelehnt")
+    assert to_alice.body.startswith("Guten Tag alice,")
+    # The error hint was stored in English; the mail says it in German (uploads/i18n.py).
+    assert "Das Portal löscht diese Kopie nach 24 Stunden." in to_alice.body
 
 
 def test_the_profile_page_turns_mails_off_and_sets_the_language(alice_client, alice):

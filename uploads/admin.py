@@ -4,6 +4,7 @@ Retry refuses what the check refused (a refused file is sent again only with ano
 by its owner); Cancel also removes a failed or refused upload and its staged file."""
 
 from django.contrib import admin, messages
+from django.utils.translation import gettext, gettext_lazy as _
 
 from django.utils.html import format_html
 from django.utils.text import Truncator
@@ -11,7 +12,7 @@ from django.utils.translation import gettext_lazy as _
 
 from uploads import all_uploads, services
 from uploads.models import CloudAccount, Upload, UploadEvent
-from uploads.sizes import human_size
+from uploads.i18n import local_size
 
 
 class UploadEventInline(admin.TabularInline):
@@ -20,7 +21,7 @@ class UploadEventInline(admin.TabularInline):
     readonly_fields = fields
     extra = 0
     can_delete = False
-    verbose_name_plural = "Timeline"
+    verbose_name_plural = _("Timeline")
 
     def has_add_permission(self, request, obj=None):
         return False
@@ -49,9 +50,9 @@ class UploadAdmin(admin.ModelAdmin):
     def name_and_file(self, upload):
         return format_html("{}<br><small>{}</small>", upload.name, upload.filename)
 
-    @admin.display(description="Size", ordering="size")
+    @admin.display(description=_("Size"), ordering="size")
     def file_size(self, upload):
-        return human_size(upload.size)
+        return local_size(upload.size)
 
     @admin.display(description=_("Progress"))
     def progress(self, upload):
@@ -74,15 +75,15 @@ class UploadAdmin(admin.ModelAdmin):
         """Retry and Cancel need uploads.review_upload (superusers have every permission)."""
         return request.user.has_perm("uploads.review_upload")
 
-    @admin.action(description="Retry the selected uploads", permissions=["review"])
+    @admin.action(description=_("Retry the selected uploads"), permissions=["review"])
     def retry_uploads(self, request, queryset):
-        self._each(request, queryset, services.upload_retry, "queued to be sent again")
+        self._each(request, queryset, services.upload_retry, gettext("queued to be sent again"))
 
     @admin.action(
-        description="Cancel or remove the selected uploads (deletes staged file and IMS image)", permissions=["review"]
+        description=_("Cancel or remove the selected uploads (deletes staged file and IMS image)"), permissions=["review"]
     )
     def cancel_uploads(self, request, queryset):
-        self._each(request, queryset, services.upload_cancel, "cancelled")
+        self._each(request, queryset, services.upload_cancel, gettext("cancelled"))
 
 
 @admin.register(CloudAccount)

@@ -10,26 +10,26 @@ from uploads.errors import ErrorCode  # handed on with the other words of the ro
 
 
 class Status(models.TextChoices):
-    RECEIVING = "receiving", "Receiving"  # the browser is sending bytes to staging (tus)
+    RECEIVING = "receiving", _("Receiving")  # the browser is sending bytes to staging (tus)
     # The browser is still sending, and a worker already sends the bytes that arrived on to IMS,
     # holding back the end of the file until the whole file passed the check (services/early_push.py).
     SENDING_EARLY = "sending_early", _("Receiving and sending to IMS")
-    RECEIVED = "received", "Received"  # all bytes staged; waiting for a worker to send them
-    CHECKING = "checking", "Checking the file"  # a worker inspects what the file really is
-    CONVERTING = "converting", "Converting"  # into a format IMS takes (qcow2)
-    PUSHING = "pushing", "Sending to IMS"  # a worker streams the file to IMS
-    PROCESSING = "processing", "IMS processing"  # IMS has the bytes and is checking them
-    READY = "ready", "Ready"  # the image is active in IMS
-    FAILED = "failed", "Failed"  # stopped by a fault of the portal or the cloud; Retry may help
+    RECEIVED = "received", _("Received")  # all bytes staged; waiting for a worker to send them
+    CHECKING = "checking", _("Checking the file")  # a worker inspects what the file really is
+    CONVERTING = "converting", _("Converting")  # into a format IMS takes (qcow2)
+    PUSHING = "pushing", _("Sending to IMS")  # a worker streams the file to IMS
+    PROCESSING = "processing", _("IMS processing")  # IMS has the bytes and is checking them
+    READY = "ready", _("Ready")  # the image is active in IMS
+    FAILED = "failed", _("Failed")  # stopped by a fault of the portal or the cloud; Retry may help
     # The check found the file unsafe, damaged or not what it was said to be: sending it again
     # cannot help. The staged file is kept for a while, so that a format fix needs no new upload.
-    REFUSED = "refused", "Refused"
-    RECONNECT = "reconnect", "Reconnect needed"  # the cloud sign-in expired or was refused
+    REFUSED = "refused", _("Refused")
+    RECONNECT = "reconnect", _("Reconnect needed")  # the cloud sign-in expired or was refused
     # The file passed the check; a reviewer must approve it before anything is sent (uploads/review.py).
     AWAITING_REVIEW = "awaiting_review", _("Awaiting review")
     # A reviewer said no, with a reason; the staged file is kept for STAGING_RETENTION_HOURS.
     REJECTED = "rejected", _("Rejected")
-    CANCELLED = "cancelled", "Cancelled"  # the owner gave up; staged file and IMS image removed
+    CANCELLED = "cancelled", _("Cancelled")  # the owner gave up; staged file and IMS image removed
 
 
 # Every move an upload may make. Anything not listed here is refused by the services.

@@ -17,7 +17,7 @@ from uploads.diskformats import (
     HEAD_SIZE, LABELS, OWN_CHECKS, PASS_THROUGH_FORMATS, PASS_THROUGH_LOOKS_LIKE, TAIL_SIZE, Evidence,
     check_pass_through_parent, fixed_vhd_footer, qcow_backing_name,
 )
-from uploads.errors import ErrorCode, Problem, refusal
+from uploads.errors import ErrorCode, Problem, gettext_noop, refusal
 
 CHUNK_SIZE = 64 * 1024  # bytes handed to the inspectors per step while detecting
 # Past the first MiB (only a streamOptimized VMDK with its footer at the end, or a VHDX with its
@@ -187,17 +187,19 @@ def _mismatch(declared: str, detected: str) -> Problem:
     if detected == "raw":
         return Problem(
             "unknown_format",
-            f"This file is not a {LABELS[declared]} disk: "
-            "the portal cannot recognise any disk image format in it.",
-            hint="If it is a raw disk image, upload it as RAW; "
-            "otherwise check that you picked the right file.",
+            gettext_noop("This file is not a %(declared)s disk: the portal cannot recognise any disk image format "
+                         "in it.") % {"declared": LABELS[declared]},
+            hint=gettext_noop("If it is a raw disk image, upload it as RAW; otherwise check that you picked the "
+                              "right file."),
             detail=f"declared {declared}, inspector found no known format (raw)",
             suggested_format="raw",
         )
     return Problem(
         ErrorCode.FORMAT_MISMATCH,
-        f"This file is a {LABELS[detected]} disk, not {LABELS[declared]} — upload it as {LABELS[detected]}?",
-        hint=f"Choose {LABELS[detected]} and the portal takes the same file again, nothing to re-upload.",
+        gettext_noop("This file is a %(detected)s disk, not %(declared)s — upload it as %(detected)s?")
+        % {"detected": LABELS[detected], "declared": LABELS[declared]},
+        hint=gettext_noop("Choose %(detected)s and the portal takes the same file again, nothing to re-upload.")
+        % {"detected": LABELS[detected]},
         detail=f"declared {declared}, inspector found {detected}",
         suggested_format=detected,
     )

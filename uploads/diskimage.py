@@ -49,7 +49,9 @@ from oslo_utils.imageutils import format_inspector as oslo
 from uploads import qemu
 from uploads.diskcheck import LONG_READ_CHUNK_SIZE, Collector, judge, read_evidence, virtual_size
 from uploads.diskformats import LABELS, PASS_THROUGH_FORMATS, PORTAL_FORMATS
-from uploads.errors import HINT_COPY_OR_EXPORT_AGAIN, HINT_EXPORT_AGAIN, ErrorCode, PortalError, Problem, refusal
+from uploads.errors import (
+    HINT_COPY_OR_EXPORT_AGAIN, HINT_EXPORT_AGAIN, ErrorCode, PortalError, Problem, gettext_noop, refusal,
+)
 
 GiB = 1024**3
 # IMS limits: an uploaded file must be under 128 GB; min_disk is 1..1024 GB (OpenStack GB = GiB).
@@ -106,8 +108,8 @@ class FileChanged(PortalError):
 
     def __init__(self, detail: str):
         super().__init__(
-            "The file changed after it was checked, so it was not sent.",
-            hint="Upload the file again.", code=ErrorCode.FILE_CHANGED, detail=detail, permanent=True,
+            gettext_noop("The file changed after it was checked, so it was not sent."),
+            hint=gettext_noop("Upload the file again."), code=ErrorCode.FILE_CHANGED, detail=detail, permanent=True,
         )
 
     def __str__(self) -> str:
@@ -177,9 +179,10 @@ def _check_file_size(result: Inspection, max_bytes: int) -> Problem | None:
         result.checks["file_size"] = f"failed: {size} bytes"
         return Problem(
             "too_large",
-            f"This file is {_size_text(size)}; the cloud takes files under {_size_text(max_bytes)}.",
-            hint="Convert it to QCOW2, which leaves out empty space, and upload that; or ask an "
-            "administrator about importing it through object storage.",
+            gettext_noop("This file is %(size)s; the cloud takes files under %(most)s.")
+            % {"size": _size_text(size), "most": _size_text(max_bytes)},
+            hint=gettext_noop("Convert it to QCOW2, which leaves out empty space, and upload that; or ask an "
+                              "administrator about importing it through object storage."),
             detail=f"{size} bytes >= limit {max_bytes}",
         )
     result.checks["file_size"] = "passed"
@@ -192,9 +195,9 @@ def _check_virtual_size(result: Inspection, max_virtual_bytes: int) -> Problem |
         result.checks["virtual_size"] = f"failed: {size} bytes"
         return Problem(
             "virtual_too_large",
-            f"This disk is {_size_text(size)} when in use; the cloud allows disks up to "
-            f"{_size_text(max_virtual_bytes)}.",
-            hint="Shrink the disk (its partitions, then the image) before uploading it.",
+            gettext_noop("This disk is %(size)s when in use; the cloud allows disks up to %(most)s.")
+            % {"size": _size_text(size), "most": _size_text(max_virtual_bytes)},
+            hint=gettext_noop("Shrink the disk (its partitions, then the image) before uploading it."),
             detail=f"virtual size {size} bytes > limit {max_virtual_bytes}",
         )
     result.checks["virtual_size"] = "passed"
@@ -212,7 +215,8 @@ def _second_opinion(path: str, result: Inspection, *, qemu_img: str, limits: qem
             return refusal("truncated", f"qemu-img info: {exc.detail}")
         return Problem(
             "qemu_disagrees",
-            f"The portal's second check could not read this file as a {LABELS[fmt]} disk.",
+            gettext_noop("The portal's second check could not read this file as a %(format)s disk.")
+            % {"format": LABELS[fmt]},
             hint=HINT_COPY_OR_EXPORT_AGAIN,
             detail=f"qemu-img info -f {qemu.QEMU_DRIVERS[fmt]}: {exc.detail}",
         )
@@ -235,7 +239,8 @@ def _judge_qemu_info(info: dict, fmt: str) -> Problem | None:
     if info.get("format") != qemu.QEMU_DRIVERS[fmt]:
         return Problem(
             "qemu_disagrees",
-            f"The portal's second check does not see a {LABELS[fmt]} disk in this file.",
+            gettext_noop("The portal's second check does not see a %(format)s disk in this file.")
+            % {"format": LABELS[fmt]},
             hint=HINT_EXPORT_AGAIN,
             detail=f"qemu-img says format {info.get('format')!r}, inspector {fmt!r}",
         )

@@ -13,7 +13,18 @@ cannot help. The kinds:
 - `StagedFileMissing`: the staged copy is gone, so there is nothing to send.
 
 `ErrorCode` names the codes the portal acts on or compares with, for every module that sets them.
+
+Languages: messages and hints are English where they are made (a worker has no person's language)
+and are stored so on the upload and its timeline; each is marked with `gettext_noop` below, so the
+catalogue (locale/) holds it, and the pages translate the stored words when they show them
+(uploads/i18n.py: stored_text). Words with values in them use %(name)s placeholders for that.
 """
+
+
+def gettext_noop(message: str) -> str:
+    """Marks words for the translation catalogue (`makemessages` looks for this name) and returns
+    them unchanged: Django's own gettext_noop, without importing Django."""
+    return message
 
 
 class ErrorCode:
@@ -65,8 +76,8 @@ class StagedFileMissing(PortalError):
 
     def __init__(self, detail: str = ""):
         super().__init__(
-            "The staged copy of your file is missing, so it cannot be sent.",
-            hint="Upload the file again.", code=ErrorCode.MISSING, detail=detail, permanent=True,
+            gettext_noop("The staged copy of your file is missing, so it cannot be sent."),
+            hint=gettext_noop("Upload the file again."), code=ErrorCode.MISSING, detail=detail, permanent=True,
         )
 
 
@@ -87,66 +98,68 @@ class Problem(PortalError):
         return f"Problem({self.code!r}, {self.message!r}, detail={self.detail!r})"
 
 
-HINT_EXPORT_AGAIN = (
+HINT_EXPORT_AGAIN = gettext_noop(
     "Export the disk again from the tool that made it as one standalone image file, then upload that."
 )
-HINT_COPY_AGAIN = "Copy or download the file again, then upload the new copy."
-HINT_COPY_OR_EXPORT_AGAIN = HINT_COPY_AGAIN + " If that does not help, export the disk again."
+HINT_COPY_AGAIN = gettext_noop("Copy or download the file again, then upload the new copy.")
+HINT_COPY_OR_EXPORT_AGAIN = gettext_noop(
+    "Copy or download the file again, then upload the new copy. If that does not help, export the disk again."
+)
 
 # Each reason a file's own bytes give for refusing it: (code, message, hint). The code is what
 # the portal stores; several reasons share one ("unsafe") where the person's way out differs.
 REFUSALS = {
     "backing_file": (
         "backing_file",
-        "This disk image only holds the changes made on top of another disk, so on its own it is incomplete.",
+        gettext_noop("This disk image only holds the changes made on top of another disk, so on its own it is incomplete."),
         HINT_EXPORT_AGAIN,
     ),
     "data_file": (
         "data_file",
-        "This disk image keeps its data in other files, so the file you chose is not the whole disk.",
+        gettext_noop("This disk image keeps its data in other files, so the file you chose is not the whole disk."),
         HINT_EXPORT_AGAIN,
     ),
-    "unsafe": ("unsafe", "This disk image uses features the cloud does not accept.", HINT_EXPORT_AGAIN),
+    "unsafe": ("unsafe", gettext_noop("This disk image uses features the cloud does not accept."), HINT_EXPORT_AGAIN),
     "truncated": (
         "truncated",
-        "This file is incomplete: part of the disk image is missing, probably cut off while it was copied.",
+        gettext_noop("This file is incomplete: part of the disk image is missing, probably cut off while it was copied."),
         HINT_COPY_AGAIN,
     ),
-    "corrupt": ("corrupt", "This disk image is damaged.", HINT_COPY_OR_EXPORT_AGAIN),
+    "corrupt": ("corrupt", gettext_noop("This disk image is damaged."), HINT_COPY_OR_EXPORT_AGAIN),
     "extended_l2": (
         "unsafe",
-        "This QCOW2 file was saved with \u201cextended L2 entries\u201d, a newer QCOW2 layout "
-        "the cloud cannot read.",
-        "Convert it to a standard QCOW2 and upload that, for example: "
-        "qemu-img convert -O qcow2 -o extended_l2=off yours.qcow2 standard.qcow2",
+        gettext_noop("This QCOW2 file was saved with “extended L2 entries”, a newer QCOW2 layout "
+        "the cloud cannot read."),
+        gettext_noop("Convert it to a standard QCOW2 and upload that, for example: "
+        "qemu-img convert -O qcow2 -o extended_l2=off yours.qcow2 standard.qcow2"),
     ),
     # A raw disk whose first sector is a boot sector (55 AA) with no usable partition table.
     "no_partitions": (
         "unsafe",
-        "This file starts with a boot sector that lists no partitions: it looks like a single "
+        gettext_noop("This file starts with a boot sector that lists no partitions: it looks like a single "
         "partition or a disk whose partition table is missing, and the cloud cannot start a "
-        "server from that.",
-        "Upload the whole disk, with its partition table, not one partition of it: "
-        "export the disk again from the tool that made it.",
+        "server from that."),
+        gettext_noop("Upload the whole disk, with its partition table, not one partition of it: "
+        "export the disk again from the tool that made it."),
     ),
     "bad_partition_table": (
         "unsafe",
-        "The partition table at the start of this disk is damaged, so the cloud cannot tell what "
-        "is on the disk.",
+        gettext_noop("The partition table at the start of this disk is damaged, so the cloud cannot tell what "
+        "is on the disk."),
         HINT_COPY_OR_EXPORT_AGAIN,
     ),
     "ambiguous": (
         "ambiguous",
-        "This file looks like several kinds of disk image at once, so the cloud could read it "
-        "differently from what you expect.",
+        gettext_noop("This file looks like several kinds of disk image at once, so the cloud could read it "
+        "differently from what you expect."),
         HINT_EXPORT_AGAIN,
     ),
     "luks": (
         "unsupported",
-        "This file is an encrypted (LUKS) disk; the cloud cannot start a server from it.",
-        "Upload the disk without encryption.",
+        gettext_noop("This file is an encrypted (LUKS) disk; the cloud cannot start a server from it."),
+        gettext_noop("Upload the disk without encryption."),
     ),
-    "empty": ("empty", "This file is empty.", "Pick the disk image file itself and upload it again."),
+    "empty": ("empty", gettext_noop("This file is empty."), gettext_noop("Pick the disk image file itself and upload it again.")),
 }
 
 

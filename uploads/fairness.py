@@ -23,6 +23,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import Q, QuerySet
 from django.utils import timezone
+from django.utils.translation import gettext, ngettext
 
 from uploads.models import WORKING, CloudAccount, Status, Upload
 
@@ -189,5 +190,6 @@ def waiting_text(upload: Upload) -> str:
     if ahead is None:
         return ""
     if ahead == 0:
-        return "Waiting to send: yours is next"
-    return f"Waiting to send: {ahead} upload{'s' if ahead != 1 else ''} ahead of yours"
+        return gettext("Waiting to send: yours is next")
+    return ngettext("Waiting to send: %(count)d upload ahead of yours", "Waiting to send: %(count)d uploads ahead of yours",
+                    ahead) % {"count": ahead}

@@ -7,7 +7,7 @@ import unicodedata
 
 from django import forms
 from django.conf import settings
-from django.utils.translation import gettext_lazy as _
+from django.utils.translation import gettext, gettext_lazy as _
 
 from uploads import limits
 from uploads.models import EXTENSION_FORMATS, DiskFormat, NotificationSettings
@@ -59,13 +59,17 @@ def invisible_character(text: str) -> str | None:
     return None
 
 
-def refuse_invisible(value: str, what: str, fix: str = "type it again without it") -> str:
+TYPE_AGAIN = _("type it again without it")
+
+
+def refuse_invisible(value: str, what: str, fix: str = TYPE_AGAIN) -> str:
     """`value`, or a ValidationError that names the field (`what`), the character and the `fix`."""
     found = invisible_character(value)
     if found:
         raise forms.ValidationError(
-            f"{what} contains a hidden or control character ({found}). Such characters can make a name "
-            f"look like another one, so they are not accepted: {fix}.",
+            gettext("%(what)s contains a hidden or control character (%(character)s). Such characters can make a "
+                    "name look like another one, so they are not accepted: %(fix)s.")
+            % {"what": what, "character": found, "fix": fix},
             code="invisible_character",
         )
     return value
@@ -75,7 +79,7 @@ class NameField(forms.CharField):
     """A CharField for names people read (file, image, OS version, account names) that refuses
     characters which do not show. `what` names the field in the message, `fix` says what to do."""
 
-    def __init__(self, *args, what: str, fix: str = "type it again without it", **kwargs):
+    def __init__(self, *args, what: str, fix: str = TYPE_AGAIN, **kwargs):
         super().__init__(*args, **kwargs)
         self.what, self.fix = what, fix
 
@@ -90,7 +94,7 @@ def format_for_filename(filename: str) -> str | None:
 
 
 def default_image_name(filename: str) -> str:
-    return os.path.splitext(os.path.basename(filename))[0][:NAME_MAX_LENGTH] or "image"
+    return os.path.splitext(os.path.basename(filename))[0][:NAME_MAX_LENGTH] or "image"  # a name in IMS: not translated
 
 
 def _plain_text(**attrs) -> forms.TextInput:
@@ -104,17 +108,18 @@ def _name_field(what: str, label: str, help_text: str = "", **attrs) -> NameFiel
 
 
 class CloudAccountForm(forms.Form):
-    domain = _name_field("The IAM domain name", "IAM domain name",
-                         "Your cloud account (tenant) name, e.g. OTC-EU-DE-00000000001000000001.")
-    user_name = _name_field("The IAM user name", "IAM user name", autocomplete="username")
+    domain = _name_field(_("The IAM domain name"), _("IAM domain name"),
+                         _("Your cloud account (tenant) name, e.g. OTC-EU-DE-00000000001000000001."))
+    user_name = _name_field(_("The IAM user name"), _("IAM user name"), autocomplete="username")
     password = forms.CharField(
-        label="Password",
+        label=_("Password"),
         max_length=NAME_MAX_LENGTH,
         strip=False,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "current-password"}),
-        help_text="Used once to get a token from IAM; the portal never stores it.",
+        help_text=_("Used once to get a token from IAM; the portal never stores it."),
     )
-    project = _name_field("The project", "Project (name or id)", "The region project, e.g. eu-de, or its 32-character id.")
+    project = _name_field(_("The project"), _("Project (name or id)"),
+                          _("The region project, e.g. eu-de, or its 32-character id."))
 
     @classmethod
     def for_account(cls, account, data=None) -> "CloudAccountForm":
@@ -133,11 +138,11 @@ class CloudAccountForm(forms.Form):
 class UploadMetadataForm(forms.Form):
     """The details a tus creation request carries in Upload-Metadata, checked like any form."""
 
-    filename = NameField(what="The file name", fix="rename the file without it, then add it again", max_length=NAME_MAX_LENGTH,
-                         error_messages={"required": "The file has no name."})
-    image_name = NameField(what="The image name", max_length=NAME_MAX_LENGTH, required=False)
+    filename = NameField(what=_("The file name"), fix=_("rename the file without it, then add it again"),
+                         max_length=NAME_MAX_LENGTH, error_messages={"required": _("The file has no name.")})
+    image_name = NameField(what=_("The image name"), max_length=NAME_MAX_LENGTH, required=False)
     disk_format = forms.ChoiceField(choices=DiskFormat.choices, required=False)
-    os_version = NameField(what="The OS version", max_length=NAME_MAX_LENGTH, required=False)
+    os_version = NameField(what=_("The OS version"), max_length=NAME_MAX_LENGTH, required=False)
     min_disk = forms.IntegerField(min_value=0, max_value=1024, required=False)
     min_ram = forms.IntegerField(min_value=0, max_value=2 * 1024 * 1024, required=False)
     tags = forms.CharField(max_length=2000, required=False)  # one per line or comma: checked one by one
@@ -148,7 +153,8 @@ class UploadMetadataForm(forms.Form):
         if format_for_filename(filename) is None:
             known = ", ".join(sorted(EXTENSION_FORMATS))
             raise forms.ValidationError(
-                f"“{filename}” is not a disk image file this portal knows. Files must end in one of: {known}."
+                gettext("“%(file)s” is not a disk image file this portal knows. Files must end in one of: %(known)s.")
+                % {"file": filename, "known": known}
             )
         return filename
 
@@ -158,13 +164,14 @@ class UploadMetadataForm(forms.Form):
     def clean_tags(self):
         tags = [t.strip() for t in re.split(r"[,\n]", self.cleaned_data["tags"]) if t.strip()]
         if len(tags) > MAX_TAGS:
-            raise forms.ValidationError(f"At most {MAX_TAGS} tags.")
+            raise forms.ValidationError(gettext("At most %(most)d tags.") % {"most": MAX_TAGS})
         for tag in tags:
-            refuse_invisible(tag, "A tag")
+            refuse_invisible(tag, gettext("A tag"))
             if not TAG_RE.match(tag):
                 raise forms.ValidationError(
-                    f"Tag “{tag}” is not valid: use key=value with letters, digits, '.', '-' and '_' "
-                    f"(key up to {TAG_KEY_MAX}, value up to {TAG_VALUE_MAX} characters)."
+                    gettext("Tag “%(tag)s” is not valid: use key=value with letters, digits, '.', '-' and '_' "
+                            "(key up to %(key)d, value up to %(value)d characters).")
+                    % {"tag": tag, "key": TAG_KEY_MAX, "value": TAG_VALUE_MAX}
                 )
         return tags
 

@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import requests
 
-from uploads.errors import ErrorCode, PortalError
+from uploads.errors import ErrorCode, PortalError, gettext_noop
 from uploads.filebody import FileBody
 from uploads.sizes import human_size
 
@@ -29,9 +29,11 @@ SIGN_IN_REPLY_CHARS = 2000  # a sign-in reply: its token is in a header, never i
 BAD_REQUEST_DETAIL_CHARS = 300  # the cloud's own words quoted to the person
 BUFFER_SIZE = 1024 * 1024  # bytes read from disk and sent per step while streaming a file
 
-HINT_RECONNECT = "Reconnect on the Cloud account page: the upload then continues by itself."
-HINT_RETRY_LATER = "This is usually temporary: the portal retries by itself; if it keeps failing, press Retry later."
-HINT_CONTACT_ADMIN = "Ask an administrator to look at this upload's details."
+HINT_RECONNECT = gettext_noop("Reconnect on the Cloud account page: the upload then continues by itself.")
+HINT_RETRY_LATER = gettext_noop(
+    "This is usually temporary: the portal retries by itself; if it keeps failing, press Retry later."
+)
+HINT_CONTACT_ADMIN = gettext_noop("Ask an administrator to look at this upload's details.")
 
 
 class CloudError(PortalError):
@@ -141,32 +143,33 @@ def _strip_glance(text: str) -> str:
 # What each error status means, in words a person can act on: (code, permanent, message, hint).
 # A 400's message comes from the reply (_bad_request_message).
 STATUS_ERRORS = {
-    401: (ErrorCode.AUTH, True, "Your cloud sign-in has expired or was not accepted.", HINT_RECONNECT),
+    401: (ErrorCode.AUTH, True, gettext_noop("Your cloud sign-in has expired or was not accepted."), HINT_RECONNECT),
     403: (
-        "forbidden", True, "Your cloud account is not allowed to do this in the selected project.",
-        "Ask your cloud administrator for image rights in this project, or connect a different project.",
+        "forbidden", True, gettext_noop("Your cloud account is not allowed to do this in the selected project."),
+        gettext_noop("Ask your cloud administrator for image rights in this project, or connect a different project."),
     ),
     404: (
-        ErrorCode.NOT_FOUND, True, "The image no longer exists in the cloud (it may have been deleted there).",
-        "Press Retry to create it again.",
+        ErrorCode.NOT_FOUND, True,
+        gettext_noop("The image no longer exists in the cloud (it may have been deleted there)."),
+        gettext_noop("Press Retry to create it again."),
     ),
     409: (
-        "conflict", True, "The cloud refused the file because this image already has data or is busy.",
-        "Press Retry: the portal will create a fresh image and send the file again.",
+        "conflict", True, gettext_noop("The cloud refused the file because this image already has data or is busy."),
+        gettext_noop("Press Retry: the portal will create a fresh image and send the file again."),
     ),
     413: (
-        "too_large", True, "The file is too large for the cloud (images must be under 128 GB).",
-        "Shrink or compress the disk image (for example convert it to QCOW2), then upload it again.",
+        "too_large", True, gettext_noop("The file is too large for the cloud (images must be under 128 GB)."),
+        gettext_noop("Shrink or compress the disk image (for example convert it to QCOW2), then upload it again."),
     ),
     415: (
-        "unsupported", True, "The cloud says the file's contents do not match the disk format you chose.",
-        "Check the file's real format, upload it again with the right disk format.",
+        "unsupported", True, gettext_noop("The cloud says the file's contents do not match the disk format you chose."),
+        gettext_noop("Check the file's real format, upload it again with the right disk format."),
     ),
     400: (
         "bad_request", True, "",
-        "Correct the image details and upload again; an administrator can see the full reply.",
+        gettext_noop("Correct the image details and upload again; an administrator can see the full reply."),
     ),
-    429: ("server", False, "The cloud's image service had a temporary problem.", HINT_RETRY_LATER),
+    429: ("server", False, gettext_noop("The cloud's image service had a temporary problem."), HINT_RETRY_LATER),
 }
 SERVER_ERROR = STATUS_ERRORS[429]  # every 5xx: temporary
 
@@ -176,7 +179,8 @@ def explain(response: requests.Response) -> CloudError:
     status = response.status_code
     ims_code, ims_message = _error_text(response)
     fallback = (
-        "server", True, f"The cloud answered with an unexpected error ({status}).", HINT_CONTACT_ADMIN,
+        "server", True, gettext_noop("The cloud answered with an unexpected error (%(status)s).") % {"status": status},
+        HINT_CONTACT_ADMIN,
     )
     code, permanent, message, hint = STATUS_ERRORS.get(status) or (SERVER_ERROR if status >= 500 else fallback)
     if status == 400:
@@ -187,10 +191,10 @@ def explain(response: requests.Response) -> CloudError:
 
 # IMS error codes whose meaning is worth saying in plain words.
 IMS_CODES = {
-    "IMG.0015": "You have reached your project's limit of private images.",
-    "IMG.0057": "The image file is empty, missing, or not in the format you chose.",
-    "IMG.0059": "The file is too large for the cloud (images must be under 128 GB).",
-    "IMG.0072": "The cloud does not accept this disk format for direct uploads.",
+    "IMG.0015": gettext_noop("You have reached your project's limit of private images."),
+    "IMG.0057": gettext_noop("The image file is empty, missing, or not in the format you chose."),
+    "IMG.0059": gettext_noop("The file is too large for the cloud (images must be under 128 GB)."),
+    "IMG.0072": gettext_noop("The cloud does not accept this disk format for direct uploads."),
 }
 
 
@@ -198,13 +202,14 @@ def _bad_request_message(code: str, detail: str) -> str:
     if code in IMS_CODES:
         return IMS_CODES[code]
     if detail:
-        return f"The cloud refused the image details: {detail[:BAD_REQUEST_DETAIL_CHARS]}"
-    return "The cloud refused the image details."
+        return gettext_noop("The cloud refused the image details: %(reply)s") % {"reply": detail[:BAD_REQUEST_DETAIL_CHARS]}
+    return gettext_noop("The cloud refused the image details.")
 
 
 def _network_error(exc: Exception, what: str) -> CloudError:
     return CloudError(
-        f"Could not reach the cloud while {what}.",
+        # `what` is one of the phrases below (WHILE), translated on its own where it is shown.
+        gettext_noop("Could not reach the cloud while %(what)s.") % {"what": what},
         code="network", permanent=False, hint=HINT_RETRY_LATER, detail=f"{type(exc).__name__}: {exc}",
     )
 
@@ -234,12 +239,12 @@ class IamClient:
                 timeout=CALL_TIMEOUT,
             )
         except requests.RequestException as exc:
-            raise _network_error(exc, "signing in") from None
+            raise _network_error(exc, gettext_noop("signing in")) from None
         if response.status_code == 401:
             raise CloudError(
-                "The cloud did not accept these details: check the domain, user name, password and project.",
+                gettext_noop("The cloud did not accept these details: check the domain, user name, password and project."),
                 code=ErrorCode.AUTH, permanent=True,
-                hint="Use the IAM user of your cloud account (not your portal sign-in).",
+                hint=gettext_noop("Use the IAM user of your cloud account (not your portal sign-in)."),
                 status=401, detail=f"HTTP 401\n{response.text[:SIGN_IN_REPLY_CHARS]}",
             )
         if response.status_code != 201 or not response.headers.get("X-Subject-Token"):
@@ -248,8 +253,9 @@ class IamClient:
             return _token(response, user, domain)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise CloudError(
-                "The cloud's sign-in service gave an answer the portal does not understand.",
-                code="server", permanent=True, hint="Check the IAM address the portal uses, or ask an administrator.",
+                gettext_noop("The cloud's sign-in service gave an answer the portal does not understand."),
+                code="server", permanent=True,
+                hint=gettext_noop("Check the IAM address the portal uses, or ask an administrator."),
                 status=response.status_code, detail=f"HTTP 201\n{response.text[:SIGN_IN_REPLY_CHARS]}",
             ) from None
 
@@ -298,16 +304,16 @@ class ImsClient:
     ) -> Image:
         body = image_create_body(name=name, disk_format=disk_format, os_version=os_version, min_disk=min_disk,
                                  min_ram=min_ram, tags=tags)
-        response = self._call("POST", "/v2/images", "creating the image", json=body)
+        response = self._call("POST", "/v2/images", gettext_noop("creating the image"), json=body)
         return _image(response.json())
 
     def get_image(self, image_id: str) -> Image:
-        return _image(self._call("GET", f"/v2/images/{image_id}", "checking the image").json())
+        return _image(self._call("GET", f"/v2/images/{image_id}", gettext_noop("checking the image")).json())
 
     def delete_image(self, image_id: str) -> None:
         """Delete an image; one that is already gone counts as deleted."""
         try:
-            self._call("DELETE", f"/v2/images/{image_id}", "deleting the image")
+            self._call("DELETE", f"/v2/images/{image_id}", gettext_noop("deleting the image"))
         except CloudError as exc:
             if exc.code != ErrorCode.NOT_FOUND:
                 raise
@@ -333,20 +339,21 @@ class ImsClient:
                 self._call(
                     "PUT",
                     f"/v2/images/{image_id}/file",
-                    "sending the file",
+                    gettext_noop("sending the file"),
                     data=body,
                     headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
                     timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
                 )
         except CloudError as exc:
             if body.aborted:
-                raise CloudError("The upload was stopped.", code=ErrorCode.ABORTED, permanent=True) from None
+                raise CloudError(gettext_noop("The upload was stopped."), code=ErrorCode.ABORTED, permanent=True) from None
             if exc.code == "network" and body.sent < size:
-                exc.message = f"The connection to the cloud broke after {human_size(body.sent)} of {human_size(size)}."
+                exc.message = gettext_noop("The connection to the cloud broke after %(sent)s of %(size)s.") % {
+                    "sent": human_size(body.sent), "size": human_size(size)}
             raise
         if body.sent != size:
             raise CloudError(
-                "The staged file is shorter than expected: it changed while being sent.",
+                gettext_noop("The staged file is shorter than expected: it changed while being sent."),
                 code="server", permanent=True, hint=HINT_CONTACT_ADMIN,
             )
         return SendResult(body.sent, body.hashing.md5.hexdigest(), body.hashing.sha512.hexdigest())
@@ -392,16 +399,16 @@ def start_obs_import(
         body["min_ram"] = min_ram
     if tags:
         body["image_tags"] = [dict(zip(("key", "value"), tag.split("=", 1) + [""])) for tag in tags]
-    reply = client._call("POST", "/v2/cloudimages/action", "asking IMS to import the file from OBS", json=body)
+    reply = client._call("POST", "/v2/cloudimages/action", gettext_noop("asking IMS to import the file from OBS"), json=body)
     job_id = (reply.json() or {}).get("job_id")
     if not job_id:
-        raise CloudError("IMS did not say how to follow the import of the file.", code="server", permanent=False,
+        raise CloudError(gettext_noop("IMS did not say how to follow the import of the file."), code="server", permanent=False,
                          hint=HINT_RETRY_LATER, detail=reply.text[:4000])
     return job_id
 
 
 def get_import_job(client: ImsClient, project_id: str, job_id: str) -> ImportJob:
-    data = client._call("GET", f"/v1/{project_id}/jobs/{job_id}", "checking the import from OBS").json()
+    data = client._call("GET", f"/v1/{project_id}/jobs/{job_id}", gettext_noop("checking the import from OBS")).json()
     return ImportJob(
         id=data.get("job_id") or job_id,
         status=data.get("status", ""),

@@ -4,22 +4,25 @@ written once: the tus server and the form use them, and the pages get them throu
 """
 
 from django.conf import settings
+from django.utils.translation import gettext, gettext_lazy
 
-from uploads.sizes import human_size
+from uploads.i18n import local_size
 
 
 def max_file_size() -> str:
     """The size every file must stay under, in words ("128 GB"): UPLOAD_MAX_BYTES is one byte less."""
-    return human_size(settings.UPLOAD_MAX_BYTES + 1)
+    return local_size(settings.UPLOAD_MAX_BYTES + 1)
 
 
 def too_large(file_name: str = "") -> str:
     """Why a file is refused for its size; about `file_name` when given (a placeholder will do)."""
-    what = f"“{file_name}”" if file_name else "The file"
-    return f"{what} is {max_file_size()} or larger; IMS takes only smaller images."
+    if file_name:
+        return gettext("“%(file)s” is %(size)s or larger; IMS takes only smaller images.") % {
+            "file": file_name, "size": max_file_size()}
+    return gettext("The file is %(size)s or larger; IMS takes only smaller images.") % {"size": max_file_size()}
 
 
-EMPTY_FILE = "The file is empty: choose the disk image file itself."
+EMPTY_FILE = gettext_lazy("The file is empty: choose the disk image file itself.")
 
 
 def page_words() -> dict:
@@ -27,9 +30,9 @@ def page_words() -> dict:
     return {
         "too_large": too_large(),
         "too_large_file": too_large("%{file}"),  # Uppy fills in %{file}
-        "empty_file": EMPTY_FILE,
-        "size_note": f"Disk images smaller than {max_file_size()} each. "
-        "Check the details of each file in the list below.",
+        "empty_file": str(EMPTY_FILE),
+        "size_note": gettext("Disk images smaller than %(size)s each. Check the details of each file in the list "
+                             "below.") % {"size": max_file_size()},
     }
 
 

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import models
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.translation import gettext_lazy as _
+from django.utils.translation import gettext, gettext_lazy as _
 
 from uploads.choices import (  # handed on: the app imports these from uploads.models
     ACTIVE,
@@ -31,7 +31,7 @@ from uploads.choices import (  # handed on: the app imports these from uploads.m
     Status,
     can_move,
 )
-from uploads.sizes import human_size
+from uploads.i18n import local_size, stored_text
 
 
 class CloudAccount(models.Model):
@@ -156,6 +156,15 @@ class Upload(models.Model):
     def __str__(self):
         return f"{self.name} ({self.filename})"
 
+    @property
+    def error_message_text(self) -> str:
+        """error_message in the person's language: stored in English, translated when shown."""
+        return stored_text(self.error_message)
+
+    @property
+    def error_hint_text(self) -> str:
+        return stored_text(self.error_hint)
+
     def get_absolute_url(self):
         return reverse("upload_detail", args=[self.uid])
 
@@ -226,19 +235,20 @@ class Upload(models.Model):
         actions = []
         if self.suggested_format:
             actions.append({
-                "kind": "use_format", "label": f"Upload it as {DiskFormat(self.suggested_format).label}",
+                "kind": "use_format",
+                "label": gettext("Upload it as %(format)s") % {"format": DiskFormat(self.suggested_format).label},
                 "format": self.suggested_format, "url": reverse("upload_use_format", args=[self.uid]),
             })
         if self.status == Status.FAILED and self.can_retry:
-            actions.append({"kind": "retry", "label": "Retry", "url": reverse("upload_retry", args=[self.uid])})
+            actions.append({"kind": "retry", "label": gettext("Retry"), "url": reverse("upload_retry", args=[self.uid])})
         if self.status == Status.REJECTED:
             actions.append({"kind": "upload_again", "label": str(_("Upload a fixed file")), "url": reverse("upload")})
         if self.status == Status.RECONNECT:
-            actions.append({"kind": "reconnect", "label": "Reconnect your cloud account",
+            actions.append({"kind": "reconnect", "label": gettext("Reconnect your cloud account"),
                             "url": reverse("cloud_account")})
         if self.can_cancel:
             kind = "remove" if self.is_stopped else "cancel"
-            actions.append({"kind": kind, "label": STOP_LABELS[kind], "url": reverse("upload_cancel", args=[self.uid]),
+            actions.append({"kind": kind, "label": str(STOP_LABELS[kind]), "url": reverse("upload_cancel", args=[self.uid]),
                             "confirm": self.stop_question()})
         for number, action in enumerate(actions):
             action["primary"] = number == 0 and self.waits_for_a_person
@@ -262,54 +272,64 @@ class Upload(models.Model):
 
     def what_stopping_deletes(self) -> str:
         """What Cancel or Remove deletes, as it stands now: only what really exists."""
-        things = []
-        if self.has_staged_copy:
-            things.append("the part received so far" if self.status in RECEIVING_STATES else "its copy of the file")
-        if self.ims_image_id:
-            things.append("the image it made in IMS")
-        return " and ".join(things)
+        staged = self.has_staged_copy and (
+            gettext("the part received so far") if self.status in RECEIVING_STATES else gettext("its copy of the file")
+        )
+        image = self.ims_image_id and gettext("the image it made in IMS")
+        if staged and image:
+            return gettext("%(staged)s and %(image)s") % {"staged": staged, "image": image}
+        return staged or image or ""
 
     def stop_question(self) -> str:
         """The question Remove or Cancel asks before it deletes anything."""
-        verb = "Remove" if self.is_stopped else "Cancel"
         deletes = self.what_stopping_deletes()
         if not deletes:
-            return f"{verb} “{self.name}”? The portal keeps nothing of it any more, so nothing else is deleted."
-        return f"{verb} “{self.name}”? The portal deletes {deletes}. This cannot be undone."
+            question = (gettext("Remove “%(name)s”? The portal keeps nothing of it any more, so nothing else is deleted.")
+                        if self.is_stopped else
+                        gettext("Cancel “%(name)s”? The portal keeps nothing of it any more, so nothing else is deleted."))
+            return question % {"name": self.name}
+        question = (gettext("Remove “%(name)s”? The portal deletes %(deletes)s. This cannot be undone.")
+                    if self.is_stopped else
+                    gettext("Cancel “%(name)s”? The portal deletes %(deletes)s. This cannot be undone."))
+        return question % {"name": self.name, "deletes": deletes}
 
     @property
     def phase_detail(self) -> str:
         """One line that says where the upload stands, on the pages and in the status JSON."""
         s = self.status
         if s == Status.RECEIVING:
-            return f"{human_size(self.received_bytes)} of {human_size(self.size)} received"
+            return gettext("%(done)s of %(size)s received") % {
+                "done": local_size(self.received_bytes), "size": local_size(self.size)}
         if s == Status.SENDING_EARLY:  # both hops at once: browser -> portal, portal -> IMS
-            return str(_("%(received)s of %(size)s received · %(sent)s sent to IMS") % {
-                "received": human_size(self.received_bytes), "size": human_size(self.size),
-                "sent": human_size(self.sent_bytes)})
+            return gettext("%(received)s of %(size)s received · %(sent)s sent to IMS") % {
+                "received": local_size(self.received_bytes), "size": local_size(self.size),
+                "sent": local_size(self.sent_bytes)}
         if s == Status.RECEIVED:
             if not self.retry_at:
-                return "Waiting to be sent to IMS"
+                return gettext("Waiting to be sent to IMS")
             at = self.retry_at.astimezone(dt_timezone.utc).strftime("%H:%M")
-            return f"Waiting to be sent again (attempt {self.attempt + 1}) at {at} UTC"
+            return gettext("Waiting to be sent again (attempt %(attempt)d) at %(time)s UTC") % {
+                "attempt": self.attempt + 1, "time": at}
         if s == Status.PUSHING and self.ims_status == "importing":
-            return "IMS is importing the file from OBS"
+            return gettext("IMS is importing the file from OBS")
         if s == Status.PUSHING:
-            parts = [f"{human_size(self.sent_bytes)} of {human_size(self.send_size or self.size)} sent"]
+            parts = [gettext("%(done)s of %(size)s sent") % {
+                "done": local_size(self.sent_bytes), "size": local_size(self.send_size or self.size)}]
             if self.send_rate >= 1:
-                parts.append(f"{human_size(self.send_rate)}/s")
+                parts.append(gettext("%(size)s/s") % {"size": local_size(self.send_rate)})
             if self.eta_seconds is not None:
-                parts.append(f"{_duration_words(self.eta_seconds)} left")
+                parts.append(gettext("%(duration)s left") % {"duration": _duration_words(self.eta_seconds)})
             return " · ".join(parts)
         if s == Status.CONVERTING:
-            return f"Converting to QCOW2, which IMS takes · {self.convert_percent}%"
+            return gettext("Converting to QCOW2, which IMS takes · %(percent)d%%") % {"percent": self.convert_percent}
         if s == Status.PROCESSING:
-            return f"IMS is checking the image (status: {self.ims_status or 'saving'})"
+            return gettext("IMS is checking the image (status: %(status)s)") % {"status": self.ims_status or "saving"}
         if s == Status.REJECTED:
             return str(_("Not sent to IMS: a reviewer rejected it"))
         if s == Status.REFUSED:
-            kept = "" if self.has_staged_copy else "; the portal no longer keeps the file"
-            return f"Not sent to IMS: the file did not pass the check{kept}"
+            if self.has_staged_copy:
+                return gettext("Not sent to IMS: the file did not pass the check")
+            return gettext("Not sent to IMS: the file did not pass the check; the portal no longer keeps the file")
         return str(PHASE_WORDS.get(s, self.get_status_display()))
 
     @property
@@ -356,27 +376,29 @@ class Upload(models.Model):
         return int(((self.send_size or self.size) - self.sent_bytes) / self.send_rate)
 
 
-STOP_LABELS = {"remove": "Remove", "cancel": "Cancel upload"}
+STOP_LABELS = {"remove": _("Remove"), "cancel": _("Cancel upload")}
 
 PHASE_WORDS = {
-    Status.CHECKING: "Checking what the file really is",
-    Status.READY: "Ready · image id",
-    Status.FAILED: "Stopped",
-    Status.RECONNECT: "Waiting for you to reconnect your cloud account",
+    Status.CHECKING: _("Checking what the file really is"),
+    Status.READY: _("Ready · image id"),
+    Status.FAILED: _("Stopped"),
+    Status.RECONNECT: _("Waiting for you to reconnect your cloud account"),
     Status.AWAITING_REVIEW: _(
         "The file passed the check; waiting for a reviewer to approve it before it is sent to IMS"
     ),
-    Status.CANCELLED: "Cancelled · the portal removed its copy of the file",
+    Status.CANCELLED: _("Cancelled · the portal removed its copy of the file"),
 }
 
 
 def _duration_words(seconds: int) -> str:
     if seconds < 60:
-        return "less than a minute"
+        return gettext("less than a minute")
     if seconds < 3600:
-        return f"about {round(seconds / 60)} min"
+        return gettext("about %(minutes)d min") % {"minutes": round(seconds / 60)}
     hours, minutes = divmod(round(seconds / 60), 60)
-    return f"about {hours} h" + (f" {minutes} min" if minutes else "")
+    if not minutes:
+        return gettext("about %(hours)d h") % {"hours": hours}
+    return gettext("about %(hours)d h %(minutes)d min") % {"hours": hours, "minutes": minutes}
 
 
 def status_label(status: str) -> str:
@@ -405,6 +427,11 @@ class UploadEvent(models.Model):
 
     def __str__(self):
         return self.message
+
+    @property
+    def message_text(self) -> str:
+        """The timeline's words in the person's language (stored in English)."""
+        return stored_text(self.message)
 
     @property
     def from_label(self) -> str:

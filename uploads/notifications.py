@@ -31,7 +31,7 @@ from django.db.models import F, Max, Q
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone, translation
-from django.utils.translation import gettext as _, gettext_noop, ngettext
+from django.utils.translation import gettext, gettext as _, gettext_noop, ngettext
 
 from uploads import tasks
 from uploads.models import NotificationSettings, Status, Upload, UploadEvent, UploadMail
@@ -239,9 +239,13 @@ def review_mail_send(*, user_id: int) -> bool:
     try:
         _send(
             to=user.email, language=prefs.language, template="review_waiting",
-            subject=lambda: ngettext(
-                "“%(name)s” awaits your review", "%(count)s uploads await your review", count
-            ) % {"name": waiting[0].name, "count": count},
+            # One upload is named; several are counted (two texts: a plural form may not name a value
+            # its singular does not, or msgfmt refuses the catalogue).
+            subject=lambda: (
+                gettext("“%(name)s” awaits your review") % {"name": waiting[0].name} if count == 1
+                else ngettext("%(count)s upload awaits your review", "%(count)s uploads await your review", count)
+                % {"count": count}
+            ),
             context={
                 "user": user, "count": count, "more": count - len(waiting),
                 "uploads": [{"upload": u, "url": absolute_url(reverse("review_page", args=[u.uid]))} for u in waiting],

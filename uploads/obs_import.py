@@ -14,11 +14,12 @@ import time
 from django.conf import settings
 
 from uploads import ims, staging
+from uploads.errors import gettext_noop
 from uploads.ims import CloudError, ImsClient
 from uploads.models import Status, Upload
 
 IMPORTING = "importing"  # ims_status while the job runs: the pages say "IMS is importing the file from OBS"
-MESSAGE = "IMS is importing the file from OBS"
+MESSAGE = gettext_noop("IMS is importing the file from OBS")
 # IMS names the staged object by its extension; the portal's names say the format only for these.
 EXTENSION_FORMATS = {".img": "raw", ".qcow2": "qcow2"}
 NO_ACCESS_WORDS = ("access", "authoriz", "permission", "forbidden", "denied")
@@ -42,7 +43,8 @@ def import_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
     bucket, key = staging.object_location(upload.converted_name or upload.staged_name)
     if upload.ims_image_id and not upload.ims_job_id:  # an earlier attempt's image: one upload, one image
         client.delete_image(upload.ims_image_id)
-        _note(upload, f"Deleted IMS image {upload.ims_image_id} of an earlier attempt before importing again")
+        _note(upload, gettext_noop("Deleted IMS image %(image)s of an earlier attempt before importing again")
+              % {"image": upload.ims_image_id})
         _save(upload, attempt, ims_image_id="")
     if not upload.ims_job_id:
         job_id = ims.start_obs_import(
@@ -50,12 +52,13 @@ def import_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
             os_version=upload.os_version, min_ram=upload.min_ram, tags=upload.tags,
         )
         _save(upload, attempt, ims_job_id=job_id, ims_status=IMPORTING)
-        _note(upload, f"{MESSAGE} (job {job_id})")
+        _note(upload, gettext_noop("IMS is importing the file from OBS (job %(job)s)") % {"job": job_id})
     job = _wait_for_job(upload, client, attempt)
     if job is None:
         return False
     _save(upload, attempt, ims_image_id=job.image_id, ims_job_id="")
-    _note(upload, f"IMS imported the file from OBS as image {job.image_id}", detail=str(job.raw))
+    _note(upload, gettext_noop("IMS imported the file from OBS as image %(image)s") % {"image": job.image_id},
+          detail=str(job.raw))
     return True
 
 
@@ -84,13 +87,14 @@ def _forget_job(upload: Upload, attempt: int) -> None:
 
 
 def _job_failed(job: ims.ImportJob) -> CloudError:
-    reason = job.fail_reason or job.error_code or "no reason given"
+    reason = job.fail_reason or job.error_code or gettext_noop("no reason given")
     if any(word in reason.lower() for word in NO_ACCESS_WORDS):
         return CloudError(
-            "IMS may not read the file from the portal's OBS bucket.",
+            gettext_noop("IMS may not read the file from the portal's OBS bucket."),
             code="forbidden", permanent=True, detail=f"{job.error_code} {job.raw}",
-            hint="An administrator has to authorize IMS to access OBS once (in the console), "
-            "and the bucket must be in the same region as IMS; then press Retry.",
+            hint=gettext_noop("An administrator has to authorize IMS to access OBS once (in the console), "
+                              "and the bucket must be in the same region as IMS; then press Retry."),
         )
-    return CloudError(f"IMS could not import the file from OBS: {reason}.", code="server", permanent=False,
+    return CloudError(gettext_noop("IMS could not import the file from OBS: %(reason)s.") % {"reason": reason},
+                      code="server", permanent=False,
                       hint=ims.HINT_RETRY_LATER, detail=f"{job.error_code} {job.raw}")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from uploads.errors import HINT_EXPORT_AGAIN, InspectError
+from uploads.errors import HINT_EXPORT_AGAIN, InspectError, gettext_noop
 
 GiB = 1024**3
 
@@ -136,8 +136,8 @@ def _limited(cmd: list[str], limits: Limits) -> list[str]:
         # which would read as qemu-img refusing the file.
         if shutil.which(program) is None:
             raise InspectError(
-                "The portal cannot check disk images right now.",
-                hint="Ask an administrator: qemu-img (Debian's qemu-utils) and prlimit must be installed.",
+                gettext_noop("The portal cannot check disk images right now."),
+                hint=gettext_noop("Ask an administrator: qemu-img (Debian's qemu-utils) and prlimit must be installed."),
                 detail=f"{program} not found", permanent=True,
             )
     program = os.path.abspath(shutil.which(cmd[0]))  # it runs in another working directory
@@ -153,8 +153,8 @@ def _run_limited(cmd: list[str], limits: Limits, alone: _Alone) -> subprocess.Co
         )
     except subprocess.TimeoutExpired:
         raise InspectError(
-            "Checking the disk image took too long.",
-            hint="The portal tries again later.",
+            gettext_noop("Checking the disk image took too long."),
+            hint=gettext_noop("The portal tries again later."),
             detail=f"{' '.join(cmd[:3])} did not finish within {limits.timeout} s",
         ) from None
 
@@ -248,12 +248,12 @@ def convert_to_qcow2(
     if returncode != 0:
         if "no space left" in stderr.lower():
             raise InspectError(
-                "The server ran out of disk space while converting the image.",
-                hint="The portal tries again later; if it keeps failing, ask an administrator.",
+                gettext_noop("The server ran out of disk space while converting the image."),
+                hint=gettext_noop("The portal tries again later; if it keeps failing, ask an administrator."),
                 detail=last_lines(stderr),
             )
         raise InspectError(
-            "The disk image could not be converted to QCOW2.",
+            gettext_noop("The disk image could not be converted to QCOW2."),
             hint=HINT_EXPORT_AGAIN,
             detail=f"qemu-img convert exit {returncode}{_limit_note(returncode)}: {last_lines(stderr)}",
             permanent=True,
@@ -266,8 +266,8 @@ def _check_free_space(folder: str, virtual_size: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise InspectError(
-            "There is not enough free disk space on the server to convert this image.",
-            hint="The portal tries again later; if it keeps failing, ask an administrator.",
+            gettext_noop("There is not enough free disk space on the server to convert this image."),
+            hint=gettext_noop("The portal tries again later; if it keeps failing, ask an administrator."),
             detail=f"converting needs up to {needed} bytes in {folder}, {free} are free",
         )
 

@@ -17,9 +17,10 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import QuerySet
 from django.utils import formats, timezone
-from django.utils.translation import gettext as _
+from django.utils.translation import gettext as _, gettext_noop
 
 from uploads import ims, staging
+from uploads.i18n import stored_text
 from uploads.services import cloud, dispatch, state  # state.move: the one guarded move
 from uploads.models import Status, Upload
 
@@ -63,7 +64,7 @@ def upload_hold_for_review(*, upload: Upload, attempt: int) -> bool:
     if not review_needed(upload):
         return False
     state.move(
-        upload, Status.AWAITING_REVIEW, _("The file passed the check; waiting for a reviewer to approve it"),
+        upload, Status.AWAITING_REVIEW, gettext_noop("The file passed the check; waiting for a reviewer to approve it"),
         on_attempt=attempt, checked_file=fingerprint(upload), review_decision="", reviewed_by=None,
         reviewed_at=None, review_reason="", heartbeat_at=None,
     )
@@ -140,7 +141,8 @@ def upload_approve(*, upload: Upload, by) -> None:
             % {"name": upload.name, "owner": _name(upload.owner)}
         )
     if not state.move(
-        upload, Status.RECEIVED, _("Approved by %(who)s") % {"who": _name(by)},
+        # Stored words are English, translated where shown (uploads/i18n.py); the same below.
+        upload, Status.RECEIVED, gettext_noop("Approved by %(who)s") % {"who": _name(by)},
         review_decision="approved", reviewed_by=by, reviewed_at=timezone.now(), review_reason="",
         requeued_at_attempt=upload.attempt, retry_at=None, **state.NO_ERROR,
     ):
@@ -166,11 +168,12 @@ def upload_reject(*, upload: Upload, by, reason: str) -> None:
         raise _not_awaiting(upload)
     hours = settings.STAGING_RETENTION_HOURS
     if not state.move(
-        upload, Status.REJECTED, _("Rejected by %(who)s: %(reason)s") % {"who": _name(by), "reason": reason},
+        upload, Status.REJECTED, gettext_noop("Rejected by %(who)s: %(reason)s") % {"who": _name(by), "reason": reason},
         review_decision="rejected", reviewed_by=by, reviewed_at=timezone.now(), review_reason=reason,
-        error_message=_("A reviewer (%(who)s) rejected this upload: %(reason)s") % {"who": _name(by), "reason": reason},
-        error_hint=_("It was not sent to IMS. Fix what the reviewer asks for, then upload the fixed file again. "
-                     "The portal deletes this copy after %(hours)g hours.") % {"hours": hours},
+        error_message=gettext_noop("A reviewer (%(who)s) rejected this upload: %(reason)s")
+        % {"who": _name(by), "reason": reason},
+        error_hint=gettext_noop("It was not sent to IMS. Fix what the reviewer asks for, then upload the fixed file "
+                                "again. The portal deletes this copy after %(hours)g hours.") % {"hours": hours},
         error_code="rejected",
     ):
         raise _not_awaiting(upload)
@@ -197,11 +200,14 @@ def upload_delete_image(*, upload: Upload, by) -> None:
     try:
         cloud.ims_client(token).delete_image(image_id)
     except ims.CloudError as exc:
-        state.note(upload, f"Could not delete IMS image {image_id}: {exc.message}", exc.detail)
-        raise ReviewError(_("IMS did not delete the image: %(why)s Nothing was changed.") % {"why": exc.message})
-    message = _("Image %(image)s deleted from IMS by %(who)s") % {"image": image_id, "who": _name(by)}
+        state.note(upload, gettext_noop("Could not delete IMS image %(image)s: %(error)s")
+                   % {"image": image_id, "error": exc.message}, exc.detail)
+        raise ReviewError(_("IMS did not delete the image: %(why)s Nothing was changed.") % {
+            "why": stored_text(exc.message)})
+    values = {"image": image_id, "who": _name(by)}
     if Upload.objects.filter(pk=upload.pk, ims_image_id=image_id).update(
-        ims_image_id="", ims_status="deleted", error_message=message + ".", error_hint="",
+        ims_image_id="", ims_status="deleted", error_hint="",
+        error_message=gettext_noop("Image %(image)s deleted from IMS by %(who)s.") % values,
     ):
-        state.note(upload, message)
+        state.note(upload, gettext_noop("Image %(image)s deleted from IMS by %(who)s") % values)
     upload.refresh_from_db()

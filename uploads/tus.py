@@ -17,9 +17,11 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.http import http_date
+from django.utils.translation import gettext
 
 from uploads import limits, request_body, services, staging
 from uploads.forms import UploadMetadataForm
+from uploads.i18n import stored_text
 from uploads.models import RECEIVING_STATES, ErrorCode, Status, Upload
 
 TUS_VERSION = "1.0.0"
@@ -57,7 +59,7 @@ def parse_metadata(header: str) -> dict[str, str]:
             # A str with non-ASCII characters raises ValueError, not binascii.Error (its subclass).
             metadata[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
         except (ValueError, UnicodeDecodeError):
-            raise ValueError(f"Upload-Metadata value of “{key}” is not valid base64 UTF-8.") from None
+            raise ValueError(gettext("Upload-Metadata value of “%(key)s” is not valid base64 UTF-8.") % {"key": key}) from None
     return metadata
 
 
@@ -67,13 +69,15 @@ def parse_checksum(header: str) -> tuple[str, bytes] | None:
         return None
     algorithm, _, encoded = header.strip().partition(" ")
     if algorithm not in CHECKSUM_ALGORITHMS:
-        raise ValueError(f"Upload-Checksum algorithm must be one of {', '.join(CHECKSUM_ALGORITHMS)}.")
+        raise ValueError(gettext("Upload-Checksum algorithm must be one of %(algorithms)s.") % {
+            "algorithms": ", ".join(CHECKSUM_ALGORITHMS)})
     try:
         digest = base64.b64decode(encoded.strip(), validate=True)
     except ValueError:  # binascii.Error, or non-ASCII characters
         raise ValueError("Upload-Checksum digest is not valid base64.") from None
     if len(digest) != hashlib.new(algorithm).digest_size:
-        raise ValueError(f"Upload-Checksum digest is not a {algorithm} digest (wrong length).")
+        raise ValueError(gettext("Upload-Checksum digest is not a %(algorithm)s digest (wrong length).") % {
+            "algorithm": algorithm})
     return algorithm, digest
 
 
@@ -88,12 +92,14 @@ MAX_DIGITS = 15
 def parse_count(name: str, value: str) -> int:
     """A byte count or offset: ASCII digits only (no sign, space, other scripts' digits, hex)."""
     if not value:
-        raise BadHeader(f"{name} is empty; it must be a number of bytes.")
+        raise BadHeader(gettext("%(header)s is empty; it must be a number of bytes.") % {"header": name})
     # str.isdigit() alone is also true for "²" (which int() refuses) and "١٢" (which it reads).
     if not value.isascii() or not value.isdigit():
-        raise BadHeader(f"{name} must be a whole number of bytes written with the digits 0-9 only.")
+        raise BadHeader(gettext("%(header)s must be a whole number of bytes written with the digits 0-9 only.") % {
+            "header": name})
     if len(value) > MAX_DIGITS:
-        raise BadHeader(f"{name} is larger than any file the portal takes (under {limits.max_file_size()}).")
+        raise BadHeader(gettext("%(header)s is larger than any file the portal takes (under %(size)s).") % {
+            "header": name, "size": limits.max_file_size()})
     return int(value)
 
 
@@ -105,7 +111,7 @@ def _integer_header(request: HttpRequest, name: str) -> int | None:
 
 def _refuse_unsupported_version(request: HttpRequest) -> HttpResponse | None:
     if request.method != "OPTIONS" and request.headers.get("Tus-Resumable") != TUS_VERSION:
-        return _response(412, "Only tus 1.0.0 is supported.", Tus_Version=TUS_VERSION)
+        return _response(412, gettext("Only tus 1.0.0 is supported."), Tus_Version=TUS_VERSION)
     return None
 
 
@@ -120,9 +126,9 @@ def tus_collection(request: HttpRequest) -> HttpResponse:
             Tus_Checksum_Algorithm=",".join(CHECKSUM_ALGORITHMS),
         )
     if request.method != "POST":
-        return _response(405, "Method not allowed.", Allow="OPTIONS, POST")
+        return _response(405, gettext("Method not allowed."), Allow="OPTIONS, POST")
     if not request.user.is_authenticated:
-        return _response(403, "Sign in to the portal first.")
+        return _response(403, gettext("Sign in to the portal first."))
     refused = _refuse_unsupported_version(request)
     if refused:
         return refused
@@ -135,15 +141,15 @@ def tus_collection(request: HttpRequest) -> HttpResponse:
 def _create(request: HttpRequest) -> HttpResponse:
     length = _integer_header(request, "Upload-Length")
     if length is None:
-        return _response(400, "Upload-Length is required (deferred lengths are not supported).")
+        return _response(400, gettext("Upload-Length is required (deferred lengths are not supported)."))
     if length > settings.UPLOAD_MAX_BYTES:
         return _response(413, limits.too_large())
     account = getattr(request.user, "cloud_account", None)
     if not services.cloud_account_usable(account):
         return _response(
             403,
-            f"Connect your cloud account first (Cloud account page: {reverse('cloud_account')}); "
-            "your cloud sign-in is missing or has expired.",
+            gettext("Connect your cloud account first (Cloud account page: %(url)s); your cloud sign-in is missing "
+                    "or has expired.") % {"url": reverse("cloud_account")},
         )
     try:
         metadata = parse_metadata(request.headers.get("Upload-Metadata", ""))
@@ -171,7 +177,7 @@ def _create(request: HttpRequest) -> HttpResponse:
     except services.StagingNoRoom as exc:
         return _response(507, str(exc))
     except staging.StagingUnavailable as exc:  # object storage unreachable, or refusing the keys
-        return _response(503, exc.message, Retry_After=str(STAGING_RETRY_SECONDS))
+        return _response(503, stored_text(exc.message), Retry_After=str(STAGING_RETRY_SECONDS))
     location = request.build_absolute_uri(reverse("tus_resource", args=[upload.uid]))
     return _response(201, Location=location, Upload_Offset="0", **_expires(upload))
 
@@ -188,16 +194,16 @@ def _resource(request: HttpRequest, uid) -> HttpResponse:
     if request.method == "OPTIONS":
         return tus_collection(request)
     if not request.user.is_authenticated:
-        return _response(404, "No such upload.")
+        return _response(404, gettext("No such upload."))
     refused = _refuse_unsupported_version(request)
     if refused:
         return refused
     upload = Upload.objects.filter(uid=uid, owner=request.user).first()
     if upload is None:
-        return _response(404, "No such upload.")
+        return _response(404, gettext("No such upload."))
     if request.method in {"HEAD", "PATCH"} and upload.is_expired:
         services.upload_expire(upload=upload)
-        return _response(410, "This upload expired; upload the file again.")
+        return _response(410, gettext("This upload expired; upload the file again."))
     if request.method == "HEAD":
         return _head(upload)
     if request.method == "PATCH":
@@ -210,12 +216,12 @@ def _resource(request: HttpRequest, uid) -> HttpResponse:
         return response
     if request.method == "DELETE":
         return _delete(request, upload)
-    return _response(405, "Method not allowed.", Allow="HEAD, PATCH, DELETE, OPTIONS")
+    return _response(405, gettext("Method not allowed."), Allow="HEAD, PATCH, DELETE, OPTIONS")
 
 
 def _head(upload: Upload) -> HttpResponse:
     if upload.status == Status.CANCELLED or (upload.status == Status.FAILED and upload.error_code == ErrorCode.EXPIRED):
-        return _response(410, "This upload was cancelled or expired.")
+        return _response(410, gettext("This upload was cancelled or expired."))
     return _response(
         200,
         Upload_Offset=str(upload.received_bytes),
@@ -226,26 +232,26 @@ def _head(upload: Upload) -> HttpResponse:
 
 def _patch(request: HttpRequest, upload: Upload) -> HttpResponse:
     if request.content_type != "application/offset+octet-stream":
-        return _response(415, "Content-Type must be application/offset+octet-stream.")
+        return _response(415, gettext("Content-Type must be application/offset+octet-stream."))
     offset = _integer_header(request, "Upload-Offset")
     if offset is None:
-        return _response(400, "Upload-Offset is required.")
+        return _response(400, gettext("Upload-Offset is required."))
     if upload.status not in RECEIVING_STATES:
-        return _response(409, "This upload is not receiving bytes any more.", Upload_Offset=str(upload.received_bytes))
+        return _response(409, gettext("This upload is not receiving bytes any more."), Upload_Offset=str(upload.received_bytes))
     if offset != upload.received_bytes:
-        return _response(409, f"Wrong offset: the server has {upload.received_bytes} bytes.",
+        return _response(409, gettext("Wrong offset: the server has %(count)s bytes.") % {"count": upload.received_bytes},
                          Upload_Offset=str(upload.received_bytes))
     length = _integer_header(request, "Content-Length")
     if length is None:
-        return _response(411, "Content-Length is required.")
+        return _response(411, gettext("Content-Length is required."))
     if offset + length > upload.size:
-        return _response(413, "This chunk goes past the end of the file (Upload-Length).")
+        return _response(413, gettext("This chunk goes past the end of the file (Upload-Length)."))
     try:
         checksum = parse_checksum(request.headers.get("Upload-Checksum", ""))
     except ValueError as exc:
         return _response(400, str(exc))
     if not RECEIVING_THREADS.acquire(blocking=False):
-        return _response(503, "The portal is receiving many uploads at once; this one continues in a moment.",
+        return _response(503, gettext("The portal is receiving many uploads at once; this one continues in a moment."),
                          Retry_After="2")
     try:
         new_offset = services.upload_receive(
@@ -253,26 +259,26 @@ def _patch(request: HttpRequest, upload: Upload) -> HttpResponse:
             checksum=checksum,
         )
     except services.ChecksumMismatch:
-        return _response(460, "Checksum mismatch: this chunk arrived damaged and was not kept; send it again.",
+        return _response(460, gettext("Checksum mismatch: this chunk arrived damaged and was not kept; send it again."),
                          Upload_Offset=str(offset))
     except services.OffsetConflict as exc:
-        return _response(409, f"Wrong offset: the server has {exc.received_bytes} bytes.",
+        return _response(409, gettext("Wrong offset: the server has %(count)s bytes.") % {"count": exc.received_bytes},
                          Upload_Offset=str(exc.received_bytes))
     except services.UploadStopped:
-        return _response(409, "This upload was cancelled or has expired while this chunk was arriving.")
+        return _response(409, gettext("This upload was cancelled or has expired while this chunk was arriving."))
     except staging.TakenOver:
-        return _response(409, "This request was silent for too long and another one has taken over the upload.")
+        return _response(409, gettext("This request was silent for too long and another one has taken over the upload."))
     except staging.StagingBusy as exc:
-        return _response(423, "Another request is writing to this upload; try again.",
+        return _response(423, gettext("Another request is writing to this upload; try again."),
                          Retry_After=str(exc.retry_after))
     except staging.StagingFull:
         return _response(
             507,
-            "The portal's staging disk is full. Your upload is kept and can resume later; "
-            "an administrator has to free space.",
+            gettext("The portal's staging disk is full. Your upload is kept and can resume later; an administrator "
+                    "has to free space."),
         )
     except staging.StagingUnavailable as exc:  # what arrived before is kept: the client resumes
-        return _response(503, exc.message, Retry_After=str(STAGING_RETRY_SECONDS))
+        return _response(503, stored_text(exc.message), Retry_After=str(STAGING_RETRY_SECONDS))
     finally:
         RECEIVING_THREADS.release()
     return _response(204, Upload_Offset=str(new_offset), **_expires(upload))

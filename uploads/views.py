@@ -7,15 +7,15 @@ from django.core.paginator import Paginator
 from django.db.models import Count, Q
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.utils.translation import gettext as _
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext, gettext_lazy as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_cookie
 
 from uploads import fairness, limits, notifications, review, services, status_access
 from uploads.forms import COMMON_OS_VERSIONS, CloudAccountForm, NotificationSettingsForm, UploadMetadataForm
+from uploads.i18n import stored_text
 from uploads.ims import CloudError
 from uploads.models import EXTENSION_FORMATS, CloudAccount, DiskFormat, Status, Upload
 
@@ -43,18 +43,19 @@ def home(request):
 # still sending it (or wanted to continue it): it stops there and never starts the file again
 # by itself. static/js/upload.js picks the sentence from the upload's live status.
 UPLOAD_PAGE_WORDS = {
-    "cancelled": "Cancelled on My uploads: nothing more is sent.",
-    "failed": "The portal stopped this upload:",
-    "removed": "This upload is no longer in the portal.",
-    "elsewhere": "This file already reached the portal from another page; follow it on My uploads.",
-    "checking": "Stopped; asking the portal why…",
-    "start_again": "To upload the file again from the start, press Retry; or remove it from the list.",
-    "add_again": "To upload it again, remove it from the list and add it again.",
-    "applied": "{fields}: set for each file in the list ({count}).",
-    "nothing_to_apply": "Fill in at least one of the fields above, then press Apply to all files.",
-    "no_files": "Add files first; then these details go to each of them.",
+    "cancelled": _("Cancelled on My uploads: nothing more is sent."),
+    "failed": _("The portal stopped this upload:"),
+    "removed": _("This upload is no longer in the portal."),
+    "elsewhere": _("This file already reached the portal from another page; follow it on My uploads."),
+    "checking": _("Stopped; asking the portal why…"),
+    "start_again": _("To upload the file again from the start, press Retry; or remove it from the list."),
+    "add_again": _("To upload it again, remove it from the list and add it again."),
+    # upload.js fills in {fields} and {count}.
+    "applied": _("{fields}: set for each file in the list ({count})."),
+    "nothing_to_apply": _("Fill in at least one of the fields above, then press Apply to all files."),
+    "no_files": _("Add files first; then these details go to each of them."),
     # A file sent on to IMS while the browser still sends it (services/early_push.py).
-    "sent_to_ims": gettext_lazy("{percent}% sent on to IMS"),
+    "sent_to_ims": _("{percent}% sent on to IMS"),
 }
 
 
@@ -93,7 +94,7 @@ IN_PROGRESS = [Status.RECEIVING, Status.SENDING_EARLY, Status.RECEIVED, Status.C
 # The states My uploads can be filtered by (?state=…), in the order of its summary line. "Failed"
 # also takes any stopped state not named here, so that every upload is counted in one of them.
 UPLOAD_GROUPS = {
-    "in_progress": ("In progress", Q(status__in=IN_PROGRESS)),
+    "in_progress": (_("In progress"), Q(status__in=IN_PROGRESS)),
     "ready": (Status.READY.label, Q(status=Status.READY)),
     "failed": (Status.FAILED.label, ~Q(status__in=[*IN_PROGRESS, Status.READY, Status.REFUSED, Status.RECONNECT,
                                                     Status.CANCELLED, Status.AWAITING_REVIEW, Status.REJECTED])),
@@ -220,8 +221,9 @@ def _status_results(upload: Upload) -> dict:
         "retry_at": upload.retry_at.isoformat() if upload.retry_at else None,
         "finished_at": upload.finished_at.isoformat() if upload.finished_at else None,
         "details_version": upload.details_version,
-        "error_message": upload.error_message,
-        "error_hint": upload.error_hint,
+        # In the person's language (stored in English: uploads/i18n.py).
+        "error_message": upload.error_message_text,
+        "error_hint": upload.error_hint_text,
         "stopped": upload.is_stopped,
     }
 
@@ -281,7 +283,7 @@ def upload_retry(request, uid):
     return _act_on_upload(
         request, uid,
         lambda upload, by: services.upload_retry(upload=upload, by=by),
-        lambda upload, _: f"“{upload.name}” will be sent again.",
+        lambda upload, result: gettext("“%(name)s” will be sent again.") % {"name": upload.name},
     )
 
 
@@ -292,7 +294,8 @@ def upload_use_format(request, uid):
         request, uid,
         lambda upload, by: services.upload_use_format(
             upload=upload, disk_format=request.POST.get("disk_format", ""), by=by),
-        lambda upload, _: f"“{upload.name}” will be sent as {upload.disk_format.upper()}.",
+        lambda upload, result: gettext("“%(name)s” will be sent as %(format)s.") % {
+            "name": upload.name, "format": upload.disk_format.upper()},
     )
 
 
@@ -300,13 +303,18 @@ def upload_use_format(request, uid):
 @require_POST
 def upload_cancel(request, uid):
     def cancel(upload, by):
-        verb = "removed" if upload.is_stopped else "cancelled"  # as it was before the cancel
-        return verb, services.upload_cancel(upload=upload, by=by)
+        removed = upload.is_stopped  # as it was before the cancel
+        return removed, services.upload_cancel(upload=upload, by=by)
 
     def done(upload, result):
-        verb, deletes = result
-        what = f"the portal deletes {deletes}." if deletes else "the portal kept nothing of it."
-        return f"“{upload.name}” was {verb}: {what}"
+        removed, deletes = result
+        if deletes:
+            text = (gettext("“%(name)s” was removed: the portal deletes %(deletes)s.") if removed
+                    else gettext("“%(name)s” was cancelled: the portal deletes %(deletes)s."))
+        else:
+            text = (gettext("“%(name)s” was removed: the portal kept nothing of it.") if removed
+                    else gettext("“%(name)s” was cancelled: the portal kept nothing of it."))
+        return text % {"name": upload.name, "deletes": deletes}
 
     return _act_on_upload(request, uid, cancel, done)
 
@@ -335,9 +343,9 @@ def cloud_account(request):
         try:
             services.cloud_account_connect(user=request.user, **form.cleaned_data)
         except CloudError as exc:
-            form.add_error(None, f"{exc.message} {exc.hint}".strip())
+            form.add_error(None, f"{stored_text(exc.message)} {stored_text(exc.hint)}".strip())
         else:
-            messages.success(request, "Your cloud account is connected.")
+            messages.success(request, gettext("Your cloud account is connected."))
             return redirect(next_url or "cloud_account")
     return render(request, "uploads/cloud_account.html", {"form": form, "next_url": next_url})
 
@@ -346,7 +354,7 @@ def cloud_account(request):
 @require_POST
 def cloud_disconnect(request):
     services.cloud_account_disconnect(user=request.user)
-    messages.success(request, "Your cloud account was disconnected and its token deleted.")
+    messages.success(request, gettext("Your cloud account was disconnected and its token deleted."))
     return redirect("cloud_account")
 
 
@@ -358,6 +366,6 @@ def profile(request):
     )
     if request.method == "POST" and form.is_valid():
         form.save()
-        messages.success(request, _("Your e-mail settings are saved."))
+        messages.success(request, gettext("Your e-mail settings are saved."))
         return redirect("profile")
     return render(request, "uploads/profile.html", {"form": form})

@@ -3,7 +3,8 @@
  * Every element with data-status-url holds one upload's status block (uploads/snippets/
  * status_block.html). It asks that URL every 2 seconds and rewrites the block in place from the
  * status JSON (documented at uploads.views.status_json): the badge, the line of detail, the bar,
- * the problem box and which buttons show, with their labels. Words come from the server only.
+ * the problem box and which buttons show, with their labels. Words come from the server (in the
+ * person's language), and the few of its own through Django's JavaScript catalogue (gettext).
  * It stops when the upload is final, asks less often while the tab is hidden or the upload waits
  * for a person, and backs off when the portal does not answer. On an upload's own page it also
  * brings the details and the timeline up to date (from a fresh copy of the page) whenever the
@@ -181,9 +182,9 @@
     return window.fetch(url, { headers: { Accept: 'application/json' }, credentials: 'same-origin', cache: 'no-store' })
       .then(function (response) {
         if (response.redirected || response.status === 401 || response.status === 403) {
-          throw new StopPolling('You are signed out, so this page stopped updating. Reload it to sign in again.')
+          throw new StopPolling(gettext('You are signed out, so this page stopped updating. Reload it to sign in again.'))
         }
-        if (response.status === 404) throw new StopPolling('This upload no longer exists.')
+        if (response.status === 404) throw new StopPolling(gettext('This upload no longer exists.'))
         if (!response.ok) throw new Error('HTTP ' + response.status)
         return response.json()
       })
@@ -238,7 +239,8 @@
           failures++
           var delay = Math.min(POLL_MS * Math.pow(2, failures), MAX_BACKOFF_MS)
           if (failures >= 2) {
-            setStale(block, 'The portal is not answering right now; trying again in ' + Math.round(delay / 1000) + ' seconds.')
+            setStale(block, interpolate(gettext('The portal is not answering right now; trying again in %(seconds)s seconds.'),
+              { seconds: Math.round(delay / 1000) }, true))
           }
           schedule(delay)
         })
@@ -289,10 +291,10 @@
     var code = button.closest('.status').querySelector('[data-live="image-id"]')
     var label = button.textContent
     copyText(code.textContent.trim()).then(function () {
-      button.textContent = 'Copied'
-      announce('Image id copied')
+      button.textContent = gettext('Copied')
+      announce(gettext('Image id copied'))
     }, function () {
-      button.textContent = 'Select and copy by hand'
+      button.textContent = gettext('Select and copy by hand')
       window.getSelection().selectAllChildren(code)
     }).then(function () {
       window.setTimeout(function () { button.textContent = label }, 2000)

@@ -30,7 +30,7 @@
   var problems = new Map() // key -> <li>
 
   if (!window.Uppy || !window.Uppy.Uppy) {
-    showProblem('page', 'The upload tool could not be loaded. Reload the page; if that does not help, tell your portal administrator.')
+    showProblem('page', gettext('The upload tool could not be loaded. Reload the page; if that does not help, tell your portal administrator.'))
     return
   }
 
@@ -54,6 +54,16 @@
 
   function readJson (id) {
     return JSON.parse(document.getElementById(id).textContent)
+  }
+
+  /* Uppy's locale for the page's language: the language pack the page loaded
+     (window.Uppy.locales, e.g. de_DE for <html lang="de">) with `strings` on top; English needs none. */
+  function uppyLocale (strings) {
+    var lang = (document.documentElement.lang || 'en').toLowerCase()
+    var packs = (window.Uppy && window.Uppy.locales) || {}
+    var pack = packs[root.dataset.uppyLocale || ''] || null
+    if (!pack || lang.indexOf('en') === 0) return { strings: strings }
+    return { strings: Object.assign({}, pack.strings, strings), pluralize: pack.pluralize }
   }
 
   function extensionOf (name) {
@@ -162,7 +172,7 @@
     }
   }
 
-  var SIGNED_OUT = 'The portal refused the file because your sign-in has ended. Reload this page (sign in again if asked) and add the file again; it continues where it stopped.'
+  var SIGNED_OUT = gettext('The portal refused the file because your sign-in has ended. Reload this page (sign in again if asked) and add the file again; it continues where it stopped.')
 
   /* The tus server refuses with a plain-text reason written for people ("Tag “x” is not valid…",
      "Connect your cloud account first…"): show it as it is. Anything else gets plain words. */
@@ -182,11 +192,11 @@
     body = String(body).trim()
     if (body && type.indexOf('text/plain') === 0) return body
     if (!status) {
-      return 'The connection to the portal was lost. Check your network, then press Retry: the upload continues where it stopped.'
+      return gettext('The connection to the portal was lost. Check your network, then press Retry: the upload continues where it stopped.')
     }
     if (status === 403) return SIGNED_OUT
     if (status === 413) return words.too_large
-    return 'The portal could not take this file just now (error ' + status + '). Press Retry; if it keeps happening, tell your portal administrator.'
+    return interpolate(gettext('The portal could not take this file just now (error %(status)s). Press Retry; if it keeps happening, tell your portal administrator.'), { status: status }, true)
   }
 
   // ---- the fields of the "Image details" card --------------------------------------------
@@ -231,40 +241,40 @@
       'aria-describedby': inputId('disk_format') + '-help',
       onChange: function (event) { field.onChange(event.target.value) }
     }, options)
-    return withHelp(h, 'disk_format', select, 'Chosen from the file name. Change it only if you know the file is in another format.')
+    return withHelp(h, 'disk_format', select, gettext('Chosen from the file name. Change it only if you know the file is in another format.'))
   }
 
   var metaFields = [
     {
       id: 'image_name',
-      name: 'Image name',
-      render: textField('image_name', { maxLength: limits.image_name.max_length, required: true, placeholder: 'e.g. ubuntu-24.04-web' },
-        'How the image is called in IMS.')
+      name: gettext('Image name'),
+      render: textField('image_name', { maxLength: limits.image_name.max_length, required: true, placeholder: gettext('e.g. ubuntu-24.04-web') },
+        gettext('How the image is called in IMS.'))
     },
     {
       id: 'os_version',
-      name: 'OS version',
-      render: textField('os_version', { list: 'os-version-options', maxLength: limits.os_version.max_length, placeholder: 'e.g. Ubuntu 24.04 server 64bit', autocomplete: 'off' },
-        'The operating system inside the image. Pick from the list or type your own.')
+      name: gettext('OS version'),
+      render: textField('os_version', { list: 'os-version-options', maxLength: limits.os_version.max_length, placeholder: gettext('e.g. Ubuntu 24.04 server 64bit'), autocomplete: 'off' },
+        gettext('The operating system inside the image. Pick from the list or type your own.'))
     },
-    { id: 'disk_format', name: 'Disk format', render: diskFormatField },
+    { id: 'disk_format', name: gettext('Disk format'), render: diskFormatField },
     {
       id: 'min_disk',
-      name: 'Min disk (GB)',
-      render: textField('min_disk', { type: 'number', min: limits.min_disk.min, max: limits.min_disk.max, step: 1, inputMode: 'numeric', placeholder: 'e.g. 40' },
-        'Smallest system disk for servers made from this image. Leave empty if unsure.')
+      name: gettext('Min disk (GB)'),
+      render: textField('min_disk', { type: 'number', min: limits.min_disk.min, max: limits.min_disk.max, step: 1, inputMode: 'numeric', placeholder: gettext('e.g. 40') },
+        gettext('Smallest system disk for servers made from this image. Leave empty if unsure.'))
     },
     {
       id: 'min_ram',
-      name: 'Min RAM (MB)',
-      render: textField('min_ram', { type: 'number', min: limits.min_ram.min, max: limits.min_ram.max, step: 1, inputMode: 'numeric', placeholder: 'e.g. 2048' },
-        'Smallest memory for servers made from this image. Leave empty if unsure.')
+      name: gettext('Min RAM (MB)'),
+      render: textField('min_ram', { type: 'number', min: limits.min_ram.min, max: limits.min_ram.max, step: 1, inputMode: 'numeric', placeholder: gettext('e.g. 2048') },
+        gettext('Smallest memory for servers made from this image. Leave empty if unsure.'))
     },
     {
       id: 'tags',
-      name: 'Tags',
-      render: textField('tags', { maxLength: limits.tags.max_length, placeholder: 'e.g. team=web, env=test' },
-        'Optional labels as key=value, separated by commas.')
+      name: gettext('Tags'),
+      render: textField('tags', { maxLength: limits.tags.max_length, placeholder: gettext('e.g. team=web, env=test') },
+        gettext('Optional labels as key=value, separated by commas.'))
     }
   ]
 
@@ -402,29 +412,30 @@
       minFileSize: 1,
       allowedFileTypes: extensions
     },
-    locale: {
-      strings: {
-        youCanOnlyUploadFileTypes: 'This is not a disk image file the portal knows. Choose a file ending in %{types}.',
-        exceedsSize: words.too_large_file,
-        inferiorSize: words.empty_file,
-        noDuplicates: '“%{fileName}” is already in the list.',
-        failedToUpload: '“%{file}” could not be uploaded',
-        dashboardTitle: 'Disk image uploader',
-        dropPasteFiles: 'Drop disk images here or %{browseFiles}',
-        browseFiles: 'choose files',
-        editFile: 'Edit image details',
-        editFileWithFilename: 'Edit image details of %{file}',
-        editing: 'Image details of %{file}',
-        saveChanges: 'Save details',
-        finishEditingFile: 'Back to the file list',
-        uploadComplete: 'In the portal',
-        complete: 'In the portal',
-        uploadFailed: 'Upload stopped',
-        xFilesSelected: { 0: '%{smart_count} file ready to upload', 1: '%{smart_count} files ready to upload' },
-        uploadXFiles: { 0: 'Upload %{smart_count} file', 1: 'Upload %{smart_count} files' },
-        uploadXNewFiles: { 0: 'Upload +%{smart_count} file', 1: 'Upload +%{smart_count} files' }
-      }
-    }
+    // Uppy's own words in the page's language (its German pack, @uppy/locales, loaded before this
+    // file when the page is German), with the portal's words on top.
+    locale: uppyLocale({
+      youCanOnlyUploadFileTypes: gettext('This is not a disk image file the portal knows. Choose a file ending in %{types}.'),
+      exceedsSize: words.too_large_file,
+      inferiorSize: words.empty_file,
+      noDuplicates: gettext('“%{fileName}” is already in the list.'),
+      failedToUpload: gettext('“%{file}” could not be uploaded'),
+      dashboardTitle: gettext('Disk image uploader'),
+      dropPasteFiles: gettext('Drop disk images here or %{browseFiles}'),
+      browseFiles: gettext('choose files'),
+      editFile: gettext('Edit image details'),
+      editFileWithFilename: gettext('Edit image details of %{file}'),
+      editing: gettext('Image details of %{file}'),
+      saveChanges: gettext('Save details'),
+      finishEditingFile: gettext('Back to the file list'),
+      uploadComplete: gettext('In the portal'),
+      complete: gettext('In the portal'),
+      uploadFailed: gettext('Upload stopped'),
+      // Uppy picks one of the two by its own plural rule (the locale's pluralize).
+      xFilesSelected: { 0: gettext('%{smart_count} file ready to upload'), 1: gettext('%{smart_count} files ready to upload') },
+      uploadXFiles: { 0: gettext('Upload %{smart_count} file'), 1: gettext('Upload %{smart_count} files') },
+      uploadXNewFiles: { 0: gettext('Upload +%{smart_count} file'), 1: gettext('Upload +%{smart_count} files') }
+    })
   })
 
   uppy.use(Dashboard, {
@@ -628,9 +639,9 @@
   var applyStatus = document.getElementById('apply-all-status')
   var rows = new Map() // file id -> <tr>
   var APPLY_FIELDS = [
-    { id: 'os_version', label: 'OS version' },
-    { id: 'min_ram', label: 'Min RAM' },
-    { id: 'tags', label: 'Tags' }
+    { id: 'os_version', label: gettext('OS version') },
+    { id: 'min_ram', label: gettext('Min RAM') },
+    { id: 'tags', label: gettext('Tags') }
   ]
 
   function formatLabel (value) {
@@ -670,11 +681,9 @@
     var edit = document.createElement('button')
     edit.type = 'button'
     edit.className = 'button button--small button--quiet'
-    edit.appendChild(document.createTextNode('Edit'))
-    var hidden = document.createElement('span')
-    hidden.className = 'visually-hidden'
-    hidden.textContent = ' the details of ' + file.name
-    edit.appendChild(hidden)
+    edit.appendChild(document.createTextNode(gettext('Edit')))
+    // The whole name as one sentence, so that each language may order it its own way.
+    edit.setAttribute('aria-label', interpolate(gettext('Edit the details of %(file)s'), { file: file.name }, true))
     edit.addEventListener('click', function () { openEditor(file.id, edit) })
     actions.appendChild(edit)
     tr.appendChild(actions)
@@ -684,12 +693,12 @@
   function fillRow (tr, file) {
     var meta = file.meta
     var cells = tr.children
-    setCell(cells[0].firstChild, meta.image_name, 'No name')
-    setCell(cells[1], formatLabel(meta.disk_format), 'Not chosen')
-    setCell(cells[2], meta.os_version, 'Not set')
-    setCell(cells[3], String(meta.min_disk || ''), 'Not set')
-    setCell(cells[4], String(meta.min_ram || ''), 'Not set')
-    setCell(cells[5], meta.tags, 'None')
+    setCell(cells[0].firstChild, meta.image_name, gettext('No name'))
+    setCell(cells[1], formatLabel(meta.disk_format), gettext('Not chosen'))
+    setCell(cells[2], meta.os_version, gettext('Not set'))
+    setCell(cells[3], String(meta.min_disk || ''), gettext('Not set'))
+    setCell(cells[4], String(meta.min_ram || ''), gettext('Not set'))
+    setCell(cells[5], meta.tags, gettext('None'))
   }
 
   function showDetailsList () {

@@ -5,6 +5,7 @@ import hashlib
 import time
 
 from django.conf import settings
+from django.utils.translation import gettext_noop
 
 from uploads import diskimage, qemu, staging
 from uploads.models import Status, Upload
@@ -42,7 +43,7 @@ def inspect_and_record(upload: Upload, attempt: int, source: str) -> diskimage.I
          inspection=_inspection_record(result))
     if result.problem:
         raise result.problem  # the file may not be sent as it is: the push refuses it
-    note(upload, f"Checked the file: {_describe(result)}", _checks_text(result))
+    note(upload, _described(result), _checks_text(result))
     needed_gb = result.suggested_min_disk_gb or 0
     if needed_gb > upload.min_disk:
         note(upload, _min_disk_raised(upload.min_disk, needed_gb, result.virtual_size))
@@ -53,7 +54,8 @@ def inspect_and_record(upload: Upload, attempt: int, source: str) -> diskimage.I
 def _convert(upload: Upload, attempt: int, result: diskimage.Inspection, source: str) -> None:
     label = diskimage.LABELS[result.detected_format]
     if not move(upload, Status.CONVERTING,
-                f"Converting the {label} file to QCOW2: IMS does not take {label} files directly",
+                gettext_noop("Converting the %(format)s file to QCOW2: IMS does not take %(format)s files directly")
+                % {"format": label},
                 on_attempt=attempt, convert_percent=0):
         raise Stopped()
     # The file as uploaded is never sent: its SHA-512 is taken here, for the owner to compare.
@@ -81,7 +83,7 @@ def _convert(upload: Upload, attempt: int, result: diskimage.Inspection, source:
         converted = diskimage.inspect_file(target, declared_format="qcow2")
         if converted.problem:  # qemu-img wrote something unexpected: never send it
             raise converted.problem
-    note(upload, f"Converted to QCOW2 ({human_size(staging.size(name))})")
+    note(upload, gettext_noop("Converted to QCOW2 (%(size)s)") % {"size": human_size(staging.size(name))})
 
 
 def _inspection_record(result: diskimage.Inspection) -> dict:
@@ -92,19 +94,27 @@ def _inspection_record(result: diskimage.Inspection) -> dict:
     return record
 
 
-def _describe(result: diskimage.Inspection) -> str:
-    text = f"a {diskimage.LABELS.get(result.detected_format, result.detected_format)} disk"
+def _described(result: diskimage.Inspection) -> str:
+    fmt = diskimage.LABELS.get(result.detected_format, result.detected_format)
     if result.virtual_size:
-        text += f" of {human_size(result.virtual_size)}"
-    return text
+        return gettext_noop("Checked the file: a %(format)s disk of %(size)s") % {
+            "format": fmt, "size": human_size(result.virtual_size)}
+    return gettext_noop("Checked the file: a %(format)s disk") % {"format": fmt}
 
 
 def _min_disk_raised(old_gb: int, new_gb: int, virtual_size: int) -> str:
     """What happened to min_disk, in words: IMS counts it in whole GB, 1 at the least."""
-    text = f"Min disk raised to {new_gb} GB" + (f" from {old_gb} GB" if old_gb else "")
+    values = {"new": new_gb, "old": old_gb, "size": human_size(virtual_size)}
     if virtual_size < 1024**3:
-        return f"{text}, the smallest the cloud takes: the disk inside the file is {human_size(virtual_size)}"
-    return f"{text} to hold the disk inside the file ({human_size(virtual_size)})"
+        if old_gb:
+            return gettext_noop("Min disk raised to %(new)s GB from %(old)s GB, the smallest the cloud takes: the "
+                                "disk inside the file is %(size)s") % values
+        return gettext_noop("Min disk raised to %(new)s GB, the smallest the cloud takes: the disk inside the file "
+                            "is %(size)s") % values
+    if old_gb:
+        return gettext_noop("Min disk raised to %(new)s GB from %(old)s GB to hold the disk inside the file "
+                            "(%(size)s)") % values
+    return gettext_noop("Min disk raised to %(new)s GB to hold the disk inside the file (%(size)s)") % values
 
 
 def _checks_text(result: diskimage.Inspection) -> str:

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.utils import timezone
+from django.utils.translation import gettext_noop
 
 from uploads import crypto
 from uploads.ims import IamClient, ImsClient
@@ -26,8 +27,9 @@ TOKEN_MARGIN = CloudAccount.USABLE_MARGIN
 SEND_RATE_SAMPLE = 20
 
 # Why there is no token to work with, in the same words wherever it is asked.
-NO_SIGN_IN = "Your cloud sign-in has expired (or was never made)."
-UNREADABLE_SIGN_IN = "Your stored cloud sign-in can no longer be read (the portal's key changed)."
+# Stored with an upload's error in English and translated where shown (uploads/i18n.py).
+NO_SIGN_IN = gettext_noop("Your cloud sign-in has expired (or was never made).")
+UNREADABLE_SIGN_IN = gettext_noop("Your stored cloud sign-in can no longer be read (the portal's key changed).")
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,10 @@ def cloud_account_connect(*, user, domain: str, user_name: str, password: str, p
     for upload in Upload.objects.filter(owner=user, status=Status.RECONNECT):
         if upload.ims_image_id and upload.send_size and upload.sent_bytes == upload.send_size:
             # IMS has the whole file: go on checking on it rather than sending it again.
-            move(upload, Status.PROCESSING, "Cloud account reconnected: checking on the image continues",
+            move(upload, Status.PROCESSING, gettext_noop("Cloud account reconnected: checking on the image continues"),
                  next_poll_at=timezone.now(), **NO_ERROR)
         else:
-            dispatch.requeue(upload, "Cloud account reconnected: sending continues")
+            dispatch.requeue(upload, gettext_noop("Cloud account reconnected: sending continues"))
     return account
 
 
@@ -108,11 +110,10 @@ def why_token_cannot_push(token: OwnerToken, upload: Upload) -> str:
     copy), or "" when it lasts until the push can have finished. A push that needs longer than
     any token lives (IAM tokens last 24 hours) starts with a fresh one."""
     if token.value is None:
-        return f"{token.why_not} The file cannot be sent until you sign in again."
+        return gettext_noop("%(why)s The file cannot be sent until you sign in again.") % {"why": token.why_not}
     needed = timedelta(seconds=(upload.send_size or upload.size) / expected_send_rate())
     if token.expires_at < timezone.now() + min(needed, LONGEST_TOKEN_WAIT) + TOKEN_MARGIN:
-        return (
-            f"Your cloud sign-in ends in {duration(token.expires_at - timezone.now())}, but sending this "
-            f"file takes about {duration(needed)}, so it was not started."
-        )
+        return gettext_noop(
+            "Your cloud sign-in ends in %(left)s, but sending this file takes about %(needed)s, so it was not started."
+        ) % {"left": duration(token.expires_at - timezone.now()), "needed": duration(needed)}
     return ""

@@ -3,6 +3,8 @@ the file, and deleting one a failure left behind."""
 
 import hashlib
 
+from django.utils.translation import gettext_noop
+
 from uploads import staging
 from uploads.ims import CloudError, ImsClient
 from uploads.models import ErrorCode, Upload
@@ -27,10 +29,12 @@ def prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
             if empty and image.raw.get("disk_format") == upload.send_format:
                 return False
             if image.status == "active" and image.size == upload.send_size and holds_the_file(upload, image, attempt):
-                note(upload, f"IMS image {image.id} already holds the file (same size, MD5 and SHA-512)")
+                note(upload, gettext_noop("IMS image %(image)s already holds the file (same size, MD5 and SHA-512)")
+                     % {"image": image.id})
                 return True
             client.delete_image(image.id)
-            note(upload, f"Deleted unusable IMS image {image.id} (status {image.status}) before starting again")
+            note(upload, gettext_noop("Deleted unusable IMS image %(image)s (status %(status)s) before starting again")
+                 % {"image": image.id, "status": image.status})
     image = client.create_image(
         name=upload.name,
         disk_format=upload.send_format,
@@ -41,7 +45,7 @@ def prepare_image(upload: Upload, client: ImsClient, attempt: int) -> bool:
     )
     Upload.objects.filter(pk=upload.pk, attempt=attempt).update(ims_image_id=image.id, ims_status=image.status)
     upload.ims_image_id, upload.ims_status = image.id, image.status
-    note(upload, f"Image record created in IMS: {image.id}")
+    note(upload, gettext_noop("Image record created in IMS: %(image)s") % {"image": image.id})
     return False
 
 
@@ -105,8 +109,9 @@ def delete_quietly(upload: Upload, client: ImsClient) -> None:
     try:
         client.delete_image(upload.ims_image_id)
     except CloudError as exc:
-        note(upload, f"Could not delete IMS image {upload.ims_image_id}: {exc.message}", exc.detail)
+        note(upload, gettext_noop("Could not delete IMS image %(image)s: %(error)s")
+             % {"image": upload.ims_image_id, "error": exc.message}, exc.detail)
         return
-    note(upload, f"Deleted IMS image {upload.ims_image_id}")
+    note(upload, gettext_noop("Deleted IMS image %(image)s") % {"image": upload.ims_image_id})
     Upload.objects.filter(pk=upload.pk).update(ims_image_id="", ims_status="")
     upload.ims_image_id = upload.ims_status = ""

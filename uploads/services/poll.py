@@ -5,6 +5,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
+from django.utils.translation import gettext_noop
 
 from uploads.errors import PortalError
 from uploads.ims import ImsClient
@@ -46,10 +47,11 @@ def upload_poll(*, upload_id: int) -> None:
         return
     token = cloud.owner_token(upload.owner_id)
     if token.value is None:
-        error = PortalError(f"{token.why_not} Until then the portal cannot check on your image.",
-                            hint="Reconnect on the Cloud account page: checking then continues by itself.",
+        error = PortalError(gettext_noop("%(why)s Until then the portal cannot check on your image.")
+                            % {"why": token.why_not},
+                            hint=gettext_noop("Reconnect on the Cloud account page: checking then continues by itself."),
                             code=ErrorCode.TOKEN_EXPIRED)
-        end_with(upload, error, event="The cloud sign-in expired while IMS was processing the image")
+        end_with(upload, error, event=gettext_noop("The cloud sign-in expired while IMS was processing the image"))
         return
     client = cloud.ims_client(token.value)
     try:
@@ -61,12 +63,14 @@ def upload_poll(*, upload_id: int) -> None:
         _finish(upload, client, image)
     elif image.status in IMS_FAILED_STATUSES:
         error = PortalError(
-            f"The cloud could not turn your file into an image (it reports the image as {image.status}).",
-            hint="Check that the file is a bootable disk in the format you chose, then press Retry "
-            "or upload a corrected file.",
+            gettext_noop("The cloud could not turn your file into an image (it reports the image as %(status)s).")
+            % {"status": image.status},
+            hint=gettext_noop("Check that the file is a bootable disk in the format you chose, then press Retry "
+                              "or upload a corrected file."),
             code=f"ims_{image.status}", detail=str(image.raw), permanent=True,
         )
-        if end_with(upload, error, event=f"IMS could not process the image (status {image.status})",
+        if end_with(upload, error, event=gettext_noop("IMS could not process the image (status %(status)s)")
+                    % {"status": image.status},
                     ims_status=image.status):
             images.delete_quietly(upload, client)  # a failed attempt leaves no image behind
     else:
@@ -76,7 +80,7 @@ def upload_poll(*, upload_id: int) -> None:
 def _schedule_poll(upload: Upload, ims_status: str) -> None:
     delay = min(MAX_POLL_DELAY, settings.UPLOAD_POLL_SECONDS * (1 + upload.poll_count // POLL_SLOWDOWN_EVERY))
     if ims_status != upload.ims_status:
-        note(upload, f"IMS reports the image as {ims_status}")
+        note(upload, gettext_noop("IMS reports the image as %(status)s") % {"status": ims_status})
     Upload.objects.filter(pk=upload.pk, status=Status.PROCESSING).update(
         ims_status=ims_status,
         poll_count=F("poll_count") + 1,
@@ -89,7 +93,7 @@ def _poll_failed(upload: Upload, error: PortalError) -> None:
     if error.permanent or error.code in ErrorCode.CURED_BY_RECONNECT:
         end_with(upload, error)
     else:
-        note(upload, f"Checking the image failed for now: {error.message}", error.detail)
+        note(upload, gettext_noop("Checking the image failed for now: %(error)s") % {"error": error.message}, error.detail)
         _schedule_poll(upload, upload.ims_status)
 
 
@@ -101,18 +105,21 @@ def _finish(upload: Upload, client: ImsClient, image) -> None:
         sums = images.sums_of_file_to_send(upload)
         if sums is None:
             images.delete_quietly(upload, client)
-            error = PortalError("The portal's copy of your file is gone, so it could not check that the cloud "
-                                "stored exactly your file; the unchecked image was deleted.",
-                                hint="Upload the file again.", code=ErrorCode.UNVERIFIABLE, detail=str(image.raw))
-            end_with(upload, error, event="The staged file is gone: what IMS stored cannot be compared with it")
+            error = PortalError(gettext_noop("The portal's copy of your file is gone, so it could not check that the "
+                                             "cloud stored exactly your file; the unchecked image was deleted."),
+                                hint=gettext_noop("Upload the file again."), code=ErrorCode.UNVERIFIABLE,
+                                detail=str(image.raw))
+            end_with(upload, error,
+                     event=gettext_noop("The staged file is gone: what IMS stored cannot be compared with it"))
             return
         save(upload, upload.attempt, **sums)
     mismatch = images.stored_differences(upload, image)
     if mismatch:
         images.delete_quietly(upload, client)
-        error = PortalError("The cloud stored something other than what you uploaded.",
-                            hint="The bad image was deleted. Press Retry to send the file again.",
+        error = PortalError(gettext_noop("The cloud stored something other than what you uploaded."),
+                            hint=gettext_noop("The bad image was deleted. Press Retry to send the file again."),
                             code=ErrorCode.CHECKSUM_MISMATCH, detail=str(image.raw))
-        end_with(upload, error, event="IMS stored something other than the file that was sent: " + ", ".join(mismatch))
+        end_with(upload, error, event=gettext_noop("IMS stored something other than the file that was sent: "
+                                                   "%(differences)s") % {"differences": ", ".join(mismatch)})
         return
-    move(upload, Status.READY, f"Image {image.id} is active in IMS", ims_status=image.status, next_poll_at=None)
+    move(upload, Status.READY, gettext_noop("Image %(image)s is active in IMS") % {"image": image.id}, ims_status=image.status, next_poll_at=None)

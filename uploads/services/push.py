@@ -12,11 +12,12 @@ from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.translation import gettext_noop
 from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import diskimage, fairness, obs_import, staging
 from uploads.errors import PortalError, Problem, StagedFileMissing
-from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, ImsClient
+from uploads.ims import HINT_CONTACT_ADMIN, ImsClient
 from uploads.models import WORKING, ErrorCode, Status, Upload
 from uploads.services import cloud, dispatch, images
 from uploads.services.check import Stopped, check_file
@@ -108,7 +109,7 @@ def push_claimed(upload: Upload, token: cloud.OwnerToken, attempt: int) -> PushO
         move(
             upload,
             Status.PROCESSING,
-            "IMS received the whole file and is processing it",
+            gettext_noop("IMS received the whole file and is processing it"),
             on_attempt=attempt,
             sent_bytes=upload.send_size,
             next_poll_at=timezone.now() + timedelta(seconds=settings.UPLOAD_POLL_SECONDS),
@@ -123,7 +124,7 @@ def _claim(upload: Upload, attempt: int) -> bool:
     return move(
         upload,
         Status.CHECKING,
-        f"Checking the file (attempt {attempt})",
+        gettext_noop("Checking the file (attempt %(attempt)d)") % {"attempt": attempt},
         on_attempt=upload.attempt,
         attempt=attempt,
         sent_bytes=0,
@@ -140,7 +141,7 @@ def _check_and_send(upload: Upload, token: cloud.OwnerToken, client: ImsClient, 
     from uploads import review  # review uses state.move: import here to avoid the cycle
 
     if review.approved_and_unchanged(upload):
-        note(upload, "Approved, and the file is unchanged since its check: sent without checking again")
+        note(upload, gettext_noop("Approved, and the file is unchanged since its check: sent without checking again"))
     else:
         check_file(upload, attempt)
         if review.upload_hold_for_review(upload=upload, attempt=attempt):
@@ -152,7 +153,7 @@ def _check_and_send(upload: Upload, token: cloud.OwnerToken, client: ImsClient, 
             _wait_for_reconnect(upload, why_not, on_attempt=attempt)
             return False
     by_import = obs_import.applies(upload)  # IMS reads the object from OBS itself
-    if not move(upload, Status.PUSHING, obs_import.MESSAGE if by_import else "Sending to IMS", on_attempt=attempt,
+    if not move(upload, Status.PUSHING, obs_import.MESSAGE if by_import else gettext_noop("Sending to IMS"), on_attempt=attempt,
                 push_started_at=timezone.now(), **({"ims_status": obs_import.IMPORTING} if by_import else {})):
         return False  # cancelled meanwhile
     if by_import:
@@ -162,7 +163,10 @@ def _check_and_send(upload: Upload, token: cloud.OwnerToken, client: ImsClient, 
     return True
 
 
-NO_SCRATCH_ROOM = "The server has no room just now for the working copy it needs to check this file."
+HINT_RECONNECT_KEPT = gettext_noop(
+    "Reconnect on the Cloud account page: the upload then continues by itself. Your file is kept until then."
+)
+NO_SCRATCH_ROOM = gettext_noop("The server has no room just now for the working copy it needs to check this file.")
 
 
 def _push_error(upload: Upload, exc: Exception) -> PortalError:
@@ -178,18 +182,19 @@ def _push_error(upload: Upload, exc: Exception) -> PortalError:
                            detail="STAGING_SCRATCH_DIR is full")
     if isinstance(exc, SoftTimeLimitExceeded):
         return PortalError(
-            "Sending this file took too long: the link to the cloud is slower than the portal supports.",
-            hint="Press Retry at a quieter time; if it happens again, ask an administrator.",
+            gettext_noop("Sending this file took too long: the link to the cloud is slower than the portal supports."),
+            hint=gettext_noop("Press Retry at a quieter time; if it happens again, ask an administrator."),
             code=ErrorCode.TIMED_OUT, detail="Celery soft time limit of the push", permanent=True,
         )
     log.exception("upload %s: the push failed unexpectedly", upload.pk, exc_info=exc)
-    return PortalError("The portal ran into a problem of its own.", hint=HINT_CONTACT_ADMIN,
+    return PortalError(gettext_noop("The portal ran into a problem of its own."), hint=HINT_CONTACT_ADMIN,
                        code=ErrorCode.INTERNAL, detail=f"{type(exc).__name__}: {exc}")
 
 
 def _wait_for_reconnect(upload: Upload, why: str, on_attempt: int | None = None) -> None:
-    error = PortalError(why, hint=HINT_RECONNECT + " Your file is kept until then.", code=ErrorCode.TOKEN_EXPIRED)
-    end_with(upload, error, event="Waiting for the owner to reconnect the cloud account", on_attempt=on_attempt)
+    error = PortalError(why, hint=HINT_RECONNECT_KEPT, code=ErrorCode.TOKEN_EXPIRED)
+    end_with(upload, error, event=gettext_noop("Waiting for the owner to reconnect the cloud account"),
+             on_attempt=on_attempt)
 
 
 def _take_over(upload: Upload) -> None:
@@ -199,13 +204,14 @@ def _take_over(upload: Upload) -> None:
 
         early_push.take_over(upload, _abandoned())
         return
-    message = "The worker that was handling this upload stopped"
     if upload.attempt - upload.requeued_at_attempt >= MAX_PUSH_ATTEMPTS:
-        error = PortalError("The portal could not finish sending this file.", hint=HINT_CONTACT_ADMIN,
+        error = PortalError(gettext_noop("The portal could not finish sending this file."), hint=HINT_CONTACT_ADMIN,
                             code=ErrorCode.ABANDONED)
-        end_with(upload, error, event=message, on_attempt=upload.attempt, where=_abandoned())
+        end_with(upload, error, event=gettext_noop("The worker that was handling this upload stopped"),
+                 on_attempt=upload.attempt, where=_abandoned())
     else:
-        move(upload, Status.RECEIVED, f"{message}; starting again", on_attempt=upload.attempt, where=_abandoned())
+        move(upload, Status.RECEIVED, gettext_noop("The worker that was handling this upload stopped; starting again"),
+             on_attempt=upload.attempt, where=_abandoned())
 
 
 @contextmanager
@@ -263,7 +269,7 @@ def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     if not upload.converted_name:  # what was sent is the file as uploaded
         sums["staged_sha512"] = result.sha512
     save(upload, attempt, **sums)
-    note(upload, f"Sent {human_size(result.sent_bytes)} to IMS (md5 {result.md5})")
+    note(upload, gettext_noop("Sent %(size)s to IMS (md5 %(md5)s)") % {"size": human_size(result.sent_bytes), "md5": result.md5})
 
 
 def _progress_recorder(upload: Upload, attempt: int):
@@ -296,14 +302,15 @@ def _attempt_failed(upload: Upload, client: ImsClient, attempt: int, error: Port
         _refuse(upload, client, attempt, error)
         return PushOutcome()
     if error.code == ErrorCode.ABORTED:
-        note(upload, "Sending stopped")
+        note(upload, gettext_noop("Sending stopped"))
         return PushOutcome()
     if error.code in ErrorCode.CURED_BY_RECONNECT:
         end_with(upload, error, on_attempt=attempt)
         return PushOutcome()
     if not error.permanent and attempt - upload.requeued_at_attempt < MAX_PUSH_ATTEMPTS:
         delay = retry_delay(attempt)
-        moved = move(upload, Status.RECEIVED, f"{error.message} Trying again in {delay} seconds.",
+        moved = move(upload, Status.RECEIVED, gettext_noop("%(error)s Trying again in %(seconds)d seconds.") % {
+                     "error": error.message, "seconds": delay},
                      detail=error.detail, on_attempt=attempt, retry_at=timezone.now() + timedelta(seconds=delay),
                      **error_fields(error))
         return PushOutcome(retry_in=delay if moved else None)

@@ -13,11 +13,13 @@ from django.db import transaction
 from django.db.models import Count, QuerySet, Sum
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.translation import gettext, gettext_noop
 
 from uploads import staging
 from uploads.models import FINISHED, RECEIVING_STATES, ErrorCode, Status, Upload
 from uploads.services import dispatch, early_push
 from uploads.services.state import ServiceError, delete_staged, duration, move, note
+from uploads.i18n import local_size
 from uploads.sizes import human_size
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def upload_create(*, owner, size: int, filename: str, name: str, disk_format: st
         _check_owner_limits(owner, size)
         staging.create(upload.staged_name, size)
         upload.save()
-        note(upload, f"Upload started: {filename} ({human_size(size)})")
+        note(upload, gettext_noop("Upload started: %(file)s (%(size)s)") % {"file": filename, "size": human_size(size)})
     return upload
 
 
@@ -84,11 +86,10 @@ def _check_staging_room(size: int) -> None:
     free = staging.free_bytes()
     if free < size + settings.STAGING_FREE_RESERVE_BYTES:
         log.warning("staging: refused a new upload of %s bytes, %s bytes free", size, free)
-        raise StagingNoRoom(
-            f"The portal's staging disk does not have room for this file ({human_size(size)}) "
-            "just now. Nothing was uploaded: try again later, and if it keeps happening, tell your "
-            "portal administrator."
-        )
+        raise StagingNoRoom(gettext(
+            "The portal's staging disk does not have room for this file (%(size)s) just now. Nothing was uploaded: "
+            "try again later, and if it keeps happening, tell your portal administrator."
+        ) % {"size": local_size(size)})
 
 
 def _unfinished_uploads(owner) -> QuerySet:
@@ -99,21 +100,22 @@ def _unfinished_uploads(owner) -> QuerySet:
 
 def _check_owner_limits(owner, size: int) -> None:
     held = _unfinished_uploads(owner).aggregate(count=Count("pk"), size=Sum("size"))
-    what_to_do = f"Finish or cancel some of them on My uploads ({reverse('my_uploads')}), then add this file again."
+    what_to_do = gettext("Finish or cancel some of them on My uploads (%(url)s), then add this file again.") % {
+        "url": reverse("my_uploads")}
     most = settings.UPLOAD_MAX_UNFINISHED_PER_USER
     if held["count"] >= most:
-        raise UploadLimitReached(
-            f"You already have {held['count']} unfinished uploads (in progress, stopped or waiting for "
-            f"you), and {most} is the most one person may have at once. {what_to_do}"
-        )
+        raise UploadLimitReached(gettext(
+            "You already have %(count)d unfinished uploads (in progress, stopped or waiting for you), and %(most)d "
+            "is the most one person may have at once. %(what_to_do)s"
+        ) % {"count": held["count"], "most": most, "what_to_do": what_to_do})
     most_bytes = settings.UPLOAD_MAX_UNFINISHED_BYTES_PER_USER
     held_bytes = held["size"] or 0
     if held_bytes + size > most_bytes:
-        raise UploadLimitReached(
-            f"Your unfinished uploads already take {human_size(held_bytes)}; with this file "
-            f"({human_size(size)}) they would pass {human_size(most_bytes)}, the most one person "
-            f"may have at once. {what_to_do}"
-        )
+        raise UploadLimitReached(gettext(
+            "Your unfinished uploads already take %(held)s; with this file (%(size)s) they would pass %(most)s, the "
+            "most one person may have at once. %(what_to_do)s"
+        ) % {"held": local_size(held_bytes), "size": local_size(size), "most": local_size(most_bytes),
+             "what_to_do": what_to_do})
 
 
 def upload_expire(*, upload: Upload) -> None:
@@ -122,12 +124,13 @@ def upload_expire(*, upload: Upload) -> None:
     if move(
         upload,
         Status.FAILED,
-        "The unfinished upload expired",
-        error_message=f"This upload was not finished within {allowed} of its start, so it has expired.",
-        error_hint="Upload the file again.",
+        gettext_noop("The unfinished upload expired"),
+        error_message=gettext_noop("This upload was not finished within %(allowed)s of its start, so it has expired.")
+        % {"allowed": allowed},
+        error_hint=gettext_noop("Upload the file again."),
         error_code=ErrorCode.EXPIRED,
     ):
-        delete_staged(upload, "Deleted the staged copy of the unfinished upload")
+        delete_staged(upload, gettext_noop("Deleted the staged copy of the unfinished upload"))
 
 
 def upload_receive(
@@ -164,7 +167,7 @@ def _all_received(upload: Upload) -> None:
     """The last byte is in: queue the push. An early push that holds the row (SENDING_EARLY) sees
     the last byte itself; one that gave up a moment ago left the row RECEIVING: hence read again."""
     upload.status = Upload.objects.values_list("status", flat=True).get(pk=upload.pk)
-    if upload.status == Status.RECEIVING and move(upload, Status.RECEIVED, "All bytes received"):
+    if upload.status == Status.RECEIVING and move(upload, Status.RECEIVED, gettext_noop("All bytes received")):
         dispatch.enqueue_push(upload.pk)
 
 

@@ -29,6 +29,7 @@ from django.core.files.storage import storages
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.translation import gettext_noop
 
 from uploads.staging.errors import ScratchNoRoom, StagingBusy, StagingUnavailable, TakenOver
 
@@ -84,15 +85,15 @@ def s3_errors(what: str) -> Iterator[None]:
         if code in KEY_CODES:
             _log().error("staging: object storage refused the portal's keys (%s) for %s", code, what)
             raise StagingUnavailable(
-                "The portal cannot use its file storage just now. Nothing is lost: an administrator has "
-                "to fix the storage settings, then your upload continues.", for_admin=FOR_ADMIN_KEYS,
+                gettext_noop("The portal cannot use its file storage just now. Nothing is lost: an administrator "
+                             "has to fix the storage settings, then your upload continues."), for_admin=FOR_ADMIN_KEYS,
             ) from None
         _log().warning("staging: object storage error %s for %s", code, what)
-        raise StagingUnavailable("The portal's file storage had a problem; try again in a moment.") from None
+        raise StagingUnavailable(gettext_noop("The portal's file storage had a problem; try again in a moment.")) from None
     except BotoCoreError as exc:  # unreachable, timed out, connection cut
         _log().warning("staging: object storage unreachable for %s: %s", what, type(exc).__name__)
         raise StagingUnavailable(
-            "The portal cannot reach its file storage just now. Nothing is lost: try again in a moment."
+            gettext_noop("The portal cannot reach its file storage just now. Nothing is lost: try again in a moment.")
         ) from None
 
 
