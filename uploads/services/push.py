@@ -173,6 +173,8 @@ def _push_error(upload: Upload, exc: Exception) -> PortalError:
     if isinstance(exc, staging.StagingUnavailable):  # object storage away, or refusing the keys: try again
         return PortalError(exc.message, hint=exc.for_admin or HINT_CONTACT_ADMIN, code="staging_unavailable",
                            detail=exc.for_admin)
+    if isinstance(exc, staging.StagedFileChanged):  # during the check: what was pinned is gone
+        return diskimage.FileChanged("the staged file changed while it was checked")
     if isinstance(exc, staging.ScratchNoRoom):
         return PortalError(NO_SCRATCH_ROOM, hint=HINT_CONTACT_ADMIN, code="no_scratch_room",
                            detail="STAGING_SCRATCH_DIR is full")
@@ -245,10 +247,13 @@ def _push_is_abandoned(upload: Upload) -> bool:
 def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     """Stream the file to the image; the bytes are inspected again on the way, so a file that
     changed since it was checked stops the PUT (diskimage.FileChanged)."""
-    try:
-        staged = staging.open_for_reading(upload.converted_name or upload.staged_name)
+    name = upload.converted_name or upload.staged_name
+    try:  # the version the check saw, and no other (an object's ETag: If-Match)
+        staged = staging.open_for_reading(name, (upload.checked_file or {}).get(name))
     except FileNotFoundError:  # not an error of IMS: the file to send is gone
         raise StagedFileMissing() from None
+    except staging.StagedFileChanged:
+        raise diskimage.FileChanged("the staged file's version is not the one checked") from None
     with staged:
         body = diskimage.wrap_stream(staged, upload.send_format, size=upload.send_size)
         result = client.upload_file(

@@ -37,3 +37,8 @@ class StagingUnavailable(OSError):
 
 class ScratchNoRoom(Exception):
     """The local scratch folder has no room for a copy of a staged object."""
+
+
+class StagedFileChanged(Exception):
+    """The staged file is no longer the version that was checked (another size, modification
+    time or ETag): what was checked must be what is sent, so it is not read."""

@@ -30,13 +30,14 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from uploads.staging.errors import ScratchNoRoom, StagingBusy, StagingUnavailable, TakenOver
+from uploads.staging.errors import ScratchNoRoom, StagedFileChanged, StagingBusy, StagingUnavailable, TakenOver
 
 BUFFER_SIZE = 1024 * 1024
 PENDING_INFIX = ".part-"
 # How often a writer that is streaming tells the database it is alive (so no PATCH takes over).
 ALIVE_EVERY_SECONDS = 5
 MISSING_CODES = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
+CHANGED_CODES = {"PreconditionFailed", "412"}
 KEY_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidSecurity", "403"}
 FOR_ADMIN_KEYS = (
     "The object storage refuses the portal's keys: check STAGING_S3_ACCESS_KEY and "
@@ -81,6 +82,8 @@ def s3_errors(what: str) -> Iterator[None]:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in MISSING_CODES:
             raise FileNotFoundError(what) from None
+        if code in CHANGED_CODES:  # If-Match: the object is another one than the one pinned
+            raise StagedFileChanged(what) from None
         if code in KEY_CODES:
             _log().error("staging: object storage refused the portal's keys (%s) for %s", code, what)
             raise StagingUnavailable(
@@ -392,11 +395,14 @@ def version(name: str) -> list | None:
 
 
 class ObjectReader(io.RawIOBase):
-    """One streaming GET of an object (or of a range of it), read in the caller's buffers."""
+    """One streaming GET of an object (or of a range of it), read in the caller's buffers; with
+    `etag`, only of that version of the object (If-Match: StagedFileChanged otherwise)."""
 
-    def __init__(self, name: str, byte_range: str | None = None):
+    def __init__(self, name: str, byte_range: str | None = None, etag: str | None = None):
         self.name = name
         extra = {"Range": byte_range} if byte_range else {}
+        if etag:
+            extra["IfMatch"] = etag
         with s3_errors(name):
             reply = client().get_object(Bucket=bucket(), Key=key(name), **extra)
         self.body = reply["Body"]
@@ -404,6 +410,11 @@ class ObjectReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def read(self, size: int = -1) -> bytes:
+        # The body's own bytes, without the copy into a buffer readinto() makes (the push reads so).
+        with s3_errors(self.name):
+            return self.body.read(None if size is None or size < 0 else size)
 
     def readinto(self, buffer) -> int:
         with s3_errors(self.name):
@@ -417,8 +428,9 @@ class ObjectReader(io.RawIOBase):
         super().close()
 
 
-def open_for_reading(name: str) -> ObjectReader:
-    return ObjectReader(name)
+def open_for_reading(name: str, version: list | None = None) -> ObjectReader:
+    """One streaming GET; with `version` (see version()), of that version only."""
+    return ObjectReader(name, etag=version[1] if version else None)
 
 
 def read_range(name: str, offset: int, length: int) -> bytes:
@@ -427,17 +439,117 @@ def read_range(name: str, offset: int, length: int) -> bytes:
         return reader.read()
 
 
+class ObjectImage:
+    """A staged object as uploads/diskimage.py's Image, pinned to one version (its ETag): the
+    check reads only what it needs, by ranged GETs, and qemu-img reads it through
+    uploads/nbd.py; nothing is copied to a local disk (bench/README.md: why, and the figures).
+
+    Ranges are fetched in aligned blocks of BLOCK bytes (at least), and the last BLOCKS_KEPT
+    blocks are kept: qemu-img asks for a cluster at a time, and a format's tables sit together,
+    so a few GETs serve many of its reads, in bounded memory."""
+
+    BLOCK = 256 * 1024
+    BLOCKS_KEPT = 16
+
+    def __init__(self, name: str, version: list):
+        self.name = name
+        self.version = version
+        self.size, self.etag = version
+        self.path = None
+        self._blocks: dict[int, bytes] = {}  # block number -> bytes; insertion order: oldest first
+        self.gets = 0
+
+    def open(self) -> "SequentialReader":
+        return SequentialReader(self)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        first, last = offset // self.BLOCK, (end - 1) // self.BLOCK
+        missing = [n for n in range(first, last + 1) if n not in self._blocks]
+        if missing:
+            self._fetch(missing[0], missing[-1])
+        data = b"".join(self._blocks[n] for n in range(first, last + 1))
+        return data[offset - first * self.BLOCK : end - first * self.BLOCK]
+
+    def _fetch(self, first: int, last: int) -> None:
+        start, stop = first * self.BLOCK, min((last + 1) * self.BLOCK, self.size)
+        self.gets += 1
+        with ObjectReader(self.name, f"bytes={start}-{stop - 1}", etag=self.etag) as reader:
+            for n in range(first, last + 1):
+                want = min(self.BLOCK, stop - n * self.BLOCK)
+                block = reader.read(want)
+                if len(block) != want:
+                    raise StagingUnavailable("The portal's file storage had a problem; try again in a moment.")
+                self._blocks.pop(n, None)
+                self._blocks[n] = block
+        while len(self._blocks) > max(self.BLOCKS_KEPT, last - first + 1):
+            del self._blocks[next(iter(self._blocks))]
+
+    def range_reader(self, offset: int, length: int) -> ObjectReader:
+        return ObjectReader(self.name, f"bytes={offset}-{offset + length - 1}", etag=self.etag)
+
+
+class SequentialReader(io.RawIOBase):
+    """The object from its start, read in order by ranged GETs of growing length (1 MiB first:
+    most formats are decided within it; up to 64 MiB for a file read through), each streamed in
+    the caller's buffers; closing stops after the current range."""
+
+    FIRST, LARGEST = 1024 * 1024, 64 * 1024 * 1024
+
+    def __init__(self, image: ObjectImage):
+        self.image = image
+        self.position = 0
+        self.window = self.FIRST
+        self.reader: ObjectReader | None = None
+        self.left = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.position >= self.image.size or not len(buffer):
+            return 0
+        if not self.left:
+            if self.reader is not None:
+                self.reader.close()
+            self.left = min(self.window, self.image.size - self.position)
+            self.reader = self.image.range_reader(self.position, self.left)
+            self.window = min(self.window * 4, self.LARGEST)
+        count = self.reader.readinto(memoryview(buffer)[: min(len(buffer), self.left)])
+        if not count:
+            raise StagingUnavailable("The portal's file storage had a problem; try again in a moment.")
+        self.left -= count
+        self.position += count
+        return count
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        super().close()
+
+
+def image(name: str) -> ObjectImage:
+    """The staged object as it is now, pinned (FileNotFoundError while it is not whole)."""
+    pinned = version(name)
+    if pinned is None:
+        raise FileNotFoundError(name)
+    return ObjectImage(name, pinned)
+
+
 def _scratch_dir() -> str:
     os.makedirs(settings.STAGING_SCRATCH_DIR, exist_ok=True)
     return settings.STAGING_SCRATCH_DIR
 
 
 @contextmanager
-def local_copy(name: str) -> Iterator[str]:
-    """A scratch copy of the object for a program that needs a file, after checking the
-    scratch folder has room for it (and the reserve); deleted when the block ends."""
+def local_copy(name: str, version: list | None = None) -> Iterator[str]:
+    """A scratch copy of the object (of that `version` only, when given) for a program that
+    needs a file (qemu-img convert), after checking the scratch folder has room for it (and the
+    reserve); deleted when the block ends."""
     folder = _scratch_dir()
-    with ObjectReader(name) as reader:
+    with open_for_reading(name, version) as reader:
         free = shutil.disk_usage(folder).free
         if free < reader.length + settings.STAGING_FREE_RESERVE_BYTES:
             _log().warning("staging: no scratch room for %s (%s bytes, %s free)", name, reader.length, free)
