@@ -166,6 +166,30 @@ class SimClient:
         return self._call("POST", f"images/{image_id}/status", json={"status": status})
 
 
+def portal_process_env(*, database_url: str, redis_url: str, staging: Path, sim_url: str, **extra: str) -> dict:
+    """The environment of the portal's own processes (gunicorn, workers, beat) in a test stack:
+    the test database, a private Redis, a staging folder and the simulator, production-like
+    (DEBUG off), with the test client's keys so that its sessions are valid; `extra` adds or
+    overrides settings (object staging, TLS behind a proxy, timings)."""
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "STAGING_DIR": str(staging),
+        "IMS_ENDPOINT": sim_url,
+        "IAM_ENDPOINT": f"{sim_url}/v3",
+        "SECRET_KEY": django_settings.SECRET_KEY,  # the test client's sessions must be valid
+        "TOKEN_ENCRYPTION_KEY": django_settings.TOKEN_ENCRYPTION_KEY,
+        "DEBUG": "0",
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "UPLOAD_POLL_SECONDS": "0.5",
+        "LOG_LEVEL": "INFO",
+        **extra,
+    }
+
+
 def mount_small_disk(folder: Path, size_mb: int) -> tuple[str | None, str]:
     """Mount a small file system on `folder`: (what was mounted or None, why not)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,26 +228,13 @@ class FaultStack:
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.sim = SimClient(f"http://127.0.0.1:{sim_port}")
         self.web_url = f"http://127.0.0.1:{web_port}"
-        self.env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "DJANGO_SETTINGS_MODULE": "portal.settings",
-            "DATABASE_URL": database_url,
-            "REDIS_URL": self.redis_url,
-            "STAGING_DIR": str(self.staging),
-            "IMS_ENDPOINT": self.sim.url,
-            "IAM_ENDPOINT": f"{self.sim.url}/v3",
-            "SECRET_KEY": django_settings.SECRET_KEY,  # the test client's sessions must be valid
-            "TOKEN_ENCRYPTION_KEY": django_settings.TOKEN_ENCRYPTION_KEY,
-            "DEBUG": "0",
-            "ALLOWED_HOSTS": "127.0.0.1",
-            "UPLOAD_POLL_SECONDS": "0.5",
-            "STAGING_FREE_RESERVE_BYTES": "0",  # the small staging disk is all for the tests
-            "RECONCILE_EVERY_SECONDS": str(RECONCILE_EVERY_SECONDS),
-            "RECONCILE_GRACE_SECONDS": str(RECONCILE_GRACE_SECONDS),
+        self.env = portal_process_env(
+            database_url=database_url, redis_url=self.redis_url, staging=self.staging, sim_url=self.sim.url,
+            STAGING_FREE_RESERVE_BYTES="0",  # the small staging disk is all for the tests
+            RECONCILE_EVERY_SECONDS=str(RECONCILE_EVERY_SECONDS),
+            RECONCILE_GRACE_SECONDS=str(RECONCILE_GRACE_SECONDS),
             **push_timing(),
-            "LOG_LEVEL": "INFO",
-        }
+        )
         self.redis = Process(
             "redis",
             [redis_server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",

@@ -175,9 +175,10 @@ def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: Bi
 
     try:
         written = staging.write_at(staged, offset, stream, length, hasher, None if checksum else progress)
-    except staging.StagingFull as full:
-        if not checksum:  # what was written before the disk filled up is kept
-            staged.record(lambda: record_received(upload, offset + full.written))
+    except (staging.StagingFull, staging.StagingUnavailable) as stopped:
+        # What was written before the disk filled up (or the object storage went away) is kept.
+        if not checksum and stopped.written:
+            staged.record(lambda: record_received(upload, offset + stopped.written))
         raise
     if checksum and hasher.digest() != checksum[1]:
         staged.truncate(offset)

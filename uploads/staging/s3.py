@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -166,6 +167,7 @@ class Writer:
         self.recovered = False  # the multipart upload had been completed by a request that died
         self.stale_pending: set[str] = set()
         self.last_alive = time.monotonic()
+        self.confirmed = 0  # bytes of the current chunk in parts the store confirmed
 
     def __enter__(self) -> "Writer":
         rows = _multipart().objects
@@ -213,10 +215,11 @@ class Writer:
             raise TakenOver(self.name)
         if offset + length == self.row.size and self._completed_earlier():
             return self._take_as_sent(body, length, hasher)
-        with tempfile.TemporaryFile(dir=_scratch_dir()) as spool:
+        with tempfile.TemporaryFile(dir=_scratch_dir()) as spool, \
+                tempfile.TemporaryFile(dir=_scratch_dir()) as spare:
             if self.pending_size:
                 self._copy_pending(spool)
-            written = self._fill_parts(spool, body, length, hasher, progress)
+            written, spool = self._fill_parts(spool, spare, body, length, hasher, progress)
             self._keep_rest(spool)
         return written
 
@@ -244,27 +247,55 @@ class Writer:
             self.recovered = True
         return read if read == length else 0
 
-    def _fill_parts(self, spool, body, length: int, hasher, progress) -> int:
+    def _fill_parts(self, spool, spare, body, length: int, hasher, progress):
+        """Receive into `spool` until it holds a part, then send that part from a thread while
+        the next one is received into the other spool file: receiving and sending overlap, and
+        at most two parts wait on the local disk (never in memory). A part joins `parts` only
+        once the store confirmed it, in order, so what record() stores is always what the
+        store holds. Returns the bytes kept and the spool holding the rest."""
         written = 0
         buffer = memoryview(bytearray(min(BUFFER_SIZE, max(length, 1))))
-        while written < length:
-            room = part_size(self.row.size) - spool.tell()
-            try:
-                count = body.readinto(buffer[: min(len(buffer), length - written, room)])
-            except OSError:  # the client went away mid-chunk
-                break
-            if not count:
-                break
-            if hasher is not None:
-                hasher.update(buffer[:count])
-            spool.write(buffer[:count])
-            written += count
-            self._alive()
-            if spool.tell() == part_size(self.row.size) and written < length:
-                self._send_part(spool)
-                if progress is not None:
-                    progress(written)
-        return written
+        sender = _PartSender(self)
+        self.confirmed = 0
+        try:
+            while written < length:
+                room = part_size(self.row.size) - spool.tell()
+                try:
+                    count = body.readinto(buffer[: min(len(buffer), length - written, room)])
+                except OSError:  # the client went away mid-chunk
+                    break
+                if not count:
+                    break
+                if hasher is not None:
+                    hasher.update(buffer[:count])
+                spool.write(buffer[:count])
+                written += count
+                self._alive()
+                if spool.tell() == part_size(self.row.size) and written < length:
+                    self._confirm(sender.wait(), progress)
+                    self._alive(force=True)
+                    sender.send(spool, len(self.parts) + 1, written)
+                    spool, spare = spare, spool
+                    spool.seek(0)
+                    spool.truncate()
+            self._confirm(sender.wait(), progress)
+        except StagingUnavailable as away:
+            away.written = self.confirmed  # the caller records the parts the store holds
+            raise
+        finally:
+            sender.close()  # a part still in flight ends before its spool file is closed
+        return written, spool
+
+    def _confirm(self, sent: tuple | None, progress) -> None:
+        """A part the store confirmed (number, size, ETag, the chunk's bytes up to its end)."""
+        if sent is None:
+            return
+        number, size, etag, written = sent
+        self.parts.append([number, size, etag])
+        self.pending_key, self.pending_size = "", 0
+        self.confirmed = written
+        if progress is not None:
+            progress(written)
 
     def _copy_pending(self, spool) -> None:
         with s3_errors(self.name):
@@ -356,6 +387,39 @@ class Writer:
                 return
             client().complete_multipart_upload(Bucket=bucket(), Key=key(self.name), UploadId=self.row.multipart_id,
                                                MultipartUpload={"Parts": parts})
+
+
+class _PartSender:
+    """Sends one part at a time in a thread of its own (boto3's clients may be shared between
+    threads; the database is only touched by the request's thread)."""
+
+    def __init__(self, writer: Writer):
+        self.writer = writer
+        self.pool: ThreadPoolExecutor | None = None
+        self.future = None
+
+    def send(self, spool, number: int, written: int) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-part")
+        self.future = self.pool.submit(self._send, spool, number, written)
+
+    def _send(self, spool, number: int, written: int) -> tuple:
+        size = spool.tell()
+        spool.seek(0)
+        writer = self.writer
+        with s3_errors(writer.name):
+            reply = client().upload_part(Bucket=bucket(), Key=key(writer.name), UploadId=writer.row.multipart_id,
+                                         PartNumber=number, Body=spool, ContentLength=size)
+        return number, size, reply["ETag"], written
+
+    def wait(self) -> tuple | None:
+        """The part in flight, once the store confirmed it (its error if it failed); None if none."""
+        future, self.future = self.future, None
+        return None if future is None else future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def _copy_stream(stream, out, size: int) -> int:
