@@ -6,7 +6,7 @@ import time
 
 from django.conf import settings
 
-from uploads import diskimage, qemu, staging
+from uploads import diskimage, obs_import, qemu, staging
 from uploads.errors import StagedFileMissing
 from uploads.models import Status, Upload
 from uploads.services.state import PROGRESS_WRITE_SECONDS, move, note, save
@@ -42,7 +42,10 @@ def check_file(upload: Upload, attempt: int) -> None:
     if needed_gb > upload.min_disk:
         note(upload, _min_disk_raised(upload.min_disk, needed_gb, result.virtual_size))
         save(upload, attempt, min_disk=needed_gb)
-    if result.needs_conversion(settings.IMS_DISK_FORMATS):
+    accepted = list(settings.IMS_DISK_FORMATS)
+    if obs_import.takes_as_is(upload, result.detected_format):  # IMS's import converts it itself
+        accepted.append(result.detected_format)
+    if result.needs_conversion(accepted):
         with staging.local_copy(upload.staged_name, image.version) as source:  # object staging: a scratch copy
             _convert(upload, attempt, result, source)
         save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name),
@@ -50,7 +53,7 @@ def check_file(upload: Upload, attempt: int) -> None:
                            upload.converted_name: staging.version(upload.converted_name)})
     else:
         staging.delete(upload.converted_name)
-        save(upload, attempt, send_format=result.upload_format(settings.IMS_DISK_FORMATS), send_size=upload.size,
+        save(upload, attempt, send_format=result.upload_format(accepted), send_size=upload.size,
              converted_name="")
 
 

@@ -14,7 +14,7 @@ from django.db.models import Count, QuerySet, Sum
 from django.urls import reverse
 from django.utils import timezone
 
-from uploads import staging
+from uploads import obs_import, staging
 from uploads.models import FINISHED, ErrorCode, Status, Upload
 from uploads.services import dispatch
 from uploads.services.state import ServiceError, delete_staged, duration, move, note
@@ -68,7 +68,7 @@ def upload_create(*, owner, size: int, filename: str, name: str, disk_format: st
         tags=tags or [],
         receive_expires_at=timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS),
     )
-    upload.staged_name = staging.name_for(upload.uid)
+    upload.staged_name = staging.name_for(upload.uid, obs_import.staged_suffix(disk_format))
     with transaction.atomic():
         # The owner's row, locked until this commits: two creations at once are counted one
         # after the other, so that they cannot both slip past the limits.

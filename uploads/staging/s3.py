@@ -492,9 +492,84 @@ class ObjectReader(io.RawIOBase):
         super().close()
 
 
-def open_for_reading(name: str, version: list | None = None) -> ObjectReader:
-    """One streaming GET; with `version` (see version()), of that version only."""
-    return ObjectReader(name, etag=version[1] if version else None)
+def open_for_reading(name: str, version: list | None = None) -> "ReadAhead":
+    """One streaming GET; with `version` (see version()), of that version only. A thread reads
+    ahead (READ_AHEAD_BUFFERS of 1 MiB at most), so that the bytes come from the store while the
+    caller sends the previous ones on (the push: to IMS)."""
+    return ReadAhead(ObjectReader(name, etag=version[1] if version else None))
+
+
+READ_AHEAD_BUFFERS = 4
+
+
+class ReadAhead(io.RawIOBase):
+    """A stream read by a thread of its own into a bounded queue: receiving from the store and
+    whatever the reader does with the bytes overlap, in at most READ_AHEAD_BUFFERS buffers."""
+
+    def __init__(self, reader: ObjectReader):
+        import queue
+        import threading
+
+        self.reader = reader
+        self.length = reader.length
+        self._queue = queue.Queue(maxsize=READ_AHEAD_BUFFERS)
+        self._left = memoryview(b"")
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._fill, name="s3-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self.reader.read(BUFFER_SIZE)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the reader, raised in its thread
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(BUFFER_SIZE), b""))
+        if not self._left:
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return b""
+            self._left = memoryview(item)
+        data, self._left = self._left[:size], self._left[size:]
+        return bytes(data) if len(data) < len(data.obj) else data.obj
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stop.set()
+            self._thread.join(timeout=30)
+            self.reader.close()
+        super().close()
 
 
 def read_range(name: str, offset: int, length: int) -> bytes:
