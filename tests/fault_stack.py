@@ -12,6 +12,9 @@ The staging folder is a small file system (tmpfs, else a loop-mounted ext4) wher
 allows mounting one, so that a test can fill it up; elsewhere it is a plain folder and the
 full-disk test is skipped with the reason.
 
+With object staging (`s3_fault_stack`, `s3_faults_stack`: tests/test_faults_s3.py) the same
+processes stage in the Swift store of tests/s3_fixture.py, under a prefix of their own.
+
 Usage: `from tests.fault_stack import fault_stack, faults_stack  # noqa: F401` in a test module.
 """
 
@@ -218,7 +221,9 @@ def unmount(folder: Path) -> None:
 class FaultStack:
     """Redis, the simulator, gunicorn, workers and beat as separate processes on the test database."""
 
-    def __init__(self, folder: Path, database_url: str, redis_server: str = "redis-server"):
+    def __init__(self, folder: Path, database_url: str, redis_server: str = "redis-server",
+                 staging_env: dict[str, str] | None = None):
+        """`staging_env`: settings that put staging elsewhere (object staging: STAGING_S3_*)."""
         self.folder = folder
         self.logs = folder / "logs"
         self.logs.mkdir()
@@ -234,6 +239,7 @@ class FaultStack:
             RECONCILE_EVERY_SECONDS=str(RECONCILE_EVERY_SECONDS),
             RECONCILE_GRACE_SECONDS=str(RECONCILE_GRACE_SECONDS),
             **push_timing(),
+            **(staging_env or {}),
         )
         self.redis = Process(
             "redis",
@@ -392,3 +398,57 @@ def faults_stack(fault_stack, transactional_db, settings, monkeypatch):
     monkeypatch.setattr(services.dispatch, "enqueue_push", refuse)
     monkeypatch.setattr(services.dispatch, "enqueue_discard", refuse)
     return fault_stack
+
+
+@pytest.fixture(scope="module")
+def s3_fault_stack(swift_store, django_db_setup, django_db_blocker, tmp_path_factory):
+    """The processes, once per test module, staging in the Swift store (5 MiB parts)."""
+    import uuid
+
+    from tests.s3_fixture import PART
+
+    try:
+        redis_server = find_redis_server()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no redis-server for the fault-injection tests: {exc}")
+    from django.db import connection
+
+    prefix = f"faults-{uuid.uuid4().hex[:8]}/"
+    folder = tmp_path_factory.mktemp("faults-s3")
+    staging_env = {**swift_store.env(prefix=prefix), "STAGING_S3_PART_SIZE": str(PART),
+                   "STAGING_SCRATCH_DIR": str(folder / "scratch")}
+    stack = FaultStack(folder, _database_url(connection.settings_dict), redis_server, staging_env=staging_env)
+    stack.store, stack.prefix = swift_store, prefix
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        if "proxy" not in swift_store.processes:
+            swift_store.start(["proxy"])
+        with django_db_blocker.unblock():
+            _wait_for_worker_sessions_to_end()
+
+
+@pytest.fixture
+def s3_faults_stack(s3_fault_stack, transactional_db, settings, monkeypatch):
+    """As faults_stack, with this test process looking into the same store and prefix."""
+    from tests.s3_fixture import PART
+    from uploads import services
+
+    stack = s3_fault_stack
+    if "proxy" not in stack.store.processes:  # a test that failed while the store was away
+        stack.store.start(["proxy"])
+    stack.reset()
+    settings.IMS_ENDPOINT = stack.sim.url
+    settings.IAM_ENDPOINT = f"{stack.sim.url}/v3"
+    settings.STORAGES = {**settings.STORAGES, "staging": {
+        "BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": stack.store.storage_options(stack.prefix)}}
+    settings.STAGING_S3_PART_SIZE = PART
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the test process sent a task: drive the portal over HTTP instead")
+
+    monkeypatch.setattr(services.dispatch, "enqueue_push", refuse)
+    monkeypatch.setattr(services.dispatch, "enqueue_discard", refuse)
+    return stack

@@ -16,7 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import diskimage, fairness, obs_import, staging
 from uploads.errors import PortalError, Problem, StagedFileMissing
-from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, ImsClient
+from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, CloudError, ImsClient
 from uploads.models import WORKING, ErrorCode, Status, Upload
 from uploads.services import cloud, dispatch, images
 from uploads.services.check import Stopped, check_file
@@ -255,15 +255,37 @@ def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     except staging.StagedFileChanged:
         raise diskimage.FileChanged("the staged file's version is not the one checked") from None
     with staged:
-        body = diskimage.wrap_stream(staged, upload.send_format, size=upload.send_size)
-        result = client.upload_file(
-            upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
-        )
+        reading = _StagedReads(staged)
+        body = diskimage.wrap_stream(reading, upload.send_format, size=upload.send_size)
+        try:
+            result = client.upload_file(
+                upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
+            )
+        except CloudError:
+            if reading.failed is not None:  # not IMS's connection: the object storage went away
+                raise reading.failed from None
+            raise
     sums = {"md5": result.md5, "sha512": result.sha512}
     if not upload.converted_name:  # what was sent is the file as uploaded
         sums["staged_sha512"] = result.sha512
     save(upload, attempt, **sums)
     note(upload, f"Sent {human_size(result.sent_bytes)} to IMS (md5 {result.md5})")
+
+
+class _StagedReads:
+    """The staged file as the PUT reads it, remembering a failure of staging (object storage
+    gone mid-read), which requests would otherwise report as a broken connection to IMS."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.failed: staging.StagingUnavailable | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.stream.read(size)
+        except staging.StagingUnavailable as exc:
+            self.failed = exc
+            raise
 
 
 def _progress_recorder(upload: Upload, attempt: int):
