@@ -15,8 +15,10 @@ always reports what object storage really holds. The last byte completes the mul
 
 import io
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -514,9 +516,6 @@ class ReadAhead(io.RawIOBase):
     whatever the reader does with the bytes overlap, in at most READ_AHEAD_BUFFERS buffers."""
 
     def __init__(self, reader: ObjectReader):
-        import queue
-        import threading
-
         self.reader = reader
         self.length = reader.length
         self._queue = queue.Queue(maxsize=READ_AHEAD_BUFFERS)
@@ -537,8 +536,6 @@ class ReadAhead(io.RawIOBase):
             self._put(exc)
 
     def _put(self, item) -> None:
-        import queue
-
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.5)
@@ -603,12 +600,17 @@ class ObjectImage:
         self.size, self.etag = version
         self.path = None
         self._blocks: dict[int, bytes] = {}  # block number -> bytes; insertion order: oldest first
+        self._lock = threading.Lock()  # the NBD export may read from a thread per connection
         self.gets = 0
 
     def open(self) -> "SequentialReader":
         return SequentialReader(self)
 
     def read_at(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            return self._read_at(offset, length)
+
+    def _read_at(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
