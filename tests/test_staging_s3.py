@@ -239,22 +239,6 @@ def test_parts_are_sent_while_the_next_is_received_and_in_order(tus_client, obje
     assert stored(object_staging, Upload.objects.get()) == data
 
 
-def test_a_patch_of_one_part_is_cut_so_that_most_of_it_is_sent_while_the_rest_arrives(
-    tus_client, object_staging, settings
-):
-    settings.STAGING_S3_PART_SIZE = 4 * PART
-    data = os.urandom(6 * PART + 2 * 1024**2)
-    url = new_upload(tus_client, len(data))
-    assert patch(tus_client, url, data[: 4 * PART], 0).status_code == 204  # one part's worth: four parts
-    assert [size for _, size, _ in StagedMultipart.objects.get().parts] == [PART] * 4
-    assert patch(tus_client, url, data[4 * PART:], 4 * PART).status_code == 204  # never a part under 5 MiB
-    upload = Upload.objects.get()
-    head = object_staging.client().head_object(Bucket=object_staging.bucket,
-                                               Key=object_staging.prefix + upload.staged_name)
-    assert head["ETag"].strip('"').endswith("-6")  # the four, then 5 MiB and 7 MiB
-    assert stored(object_staging, upload) == data
-
-
 def test_a_store_failing_mid_patch_keeps_the_parts_it_confirmed_and_the_upload_resumes(
     tus_client, object_staging, monkeypatch
 ):

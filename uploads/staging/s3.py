@@ -132,8 +132,6 @@ def create(name: str, size: int) -> None:
 
 # S3's smallest part (but the last one).
 MIN_PART = 5 * 1024**2
-# Into how many parts a PATCH of up to a few parts is cut (see Writer._fill_parts).
-OVERLAP_PARTS = 4
 
 
 def smallest_part(total: int) -> int:
@@ -261,13 +259,9 @@ class Writer:
         buffer = memoryview(bytearray(min(BUFFER_SIZE, max(length, 1))))
         sender = _PartSender(self)
         self.confirmed = 0
-        full, smallest = part_size(self.row.size), smallest_part(self.row.size)
-        # The last part of a PATCH is sent while nothing else is received: a PATCH of a part or
-        # a few is cut into about OVERLAP_PARTS parts, so most of it is sent while more arrives.
-        early = max(smallest, -(-(spool.tell() + length) // OVERLAP_PARTS))
         try:
             while written < length:
-                room = full - spool.tell()
+                room = part_size(self.row.size) - spool.tell()
                 try:
                     count = body.readinto(buffer[: min(len(buffer), length - written, room)])
                 except OSError:  # the client went away mid-chunk
@@ -279,8 +273,7 @@ class Writer:
                 spool.write(buffer[:count])
                 written += count
                 self._alive()
-                left = length - written
-                if left and (spool.tell() == full or (spool.tell() >= early and left >= smallest)):
+                if spool.tell() == part_size(self.row.size) and written < length:
                     self._confirm(sender.wait(), progress)
                     self._alive(force=True)
                     sender.send(spool, len(self.parts) + 1, written)
