@@ -272,6 +272,33 @@ def test_a_store_failing_mid_patch_keeps_the_parts_it_confirmed_and_the_upload_r
     assert stored(object_staging, Upload.objects.get()) == data
 
 
+def test_a_store_failing_at_a_patchs_last_part_keeps_the_parts_before_it(tus_client, object_staging, monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    real_client = staging.s3.client
+
+    class FailsPartThree:
+        def __getattr__(self, name):
+            method = getattr(real_client(), name)
+            if name != "upload_part":
+                return method
+
+            def upload_part(**kwargs):
+                if kwargs["PartNumber"] == 3:
+                    raise EndpointConnectionError(endpoint_url="http://store")
+                return method(**kwargs)
+            return upload_part
+
+    data = os.urandom(3 * PART)
+    url = new_upload(tus_client, len(data))
+    with monkeypatch.context() as patched:
+        patched.setattr(staging.s3, "client", FailsPartThree)
+        assert patch(tus_client, url, data, 0).status_code == 503  # its third part is its last
+    assert head_offset(tus_client, url) == 2 * PART
+    assert patch(tus_client, url, data[2 * PART:], 2 * PART).status_code == 204
+    assert stored(object_staging, Upload.objects.get()) == data
+
+
 # ---------------------------------------------------------------------------------------------
 # The worker's side, and faults
 

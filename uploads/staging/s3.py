@@ -222,7 +222,11 @@ class Writer:
             if self.pending_size:
                 self._copy_pending(spool)
             written, spool = self._fill_parts(spool, spare, body, length, hasher, progress)
-            self._keep_rest(spool)
+            try:
+                self._keep_rest(spool)
+            except StagingUnavailable as away:  # the parts before it are in the store: keep them
+                away.written = self.confirmed
+                raise
         return written
 
     def _completed_earlier(self) -> bool:
