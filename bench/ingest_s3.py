@@ -2,13 +2,15 @@
 multipart upload of the same file to the same store, and the web's memory whatever the chunk.
 
 A single-node Swift with s3api (tests/s3_fixture.py: installed once into its own venv, started
-here in the work folder) is the store. The portal's web server runs as production runs it
-(gunicorn with gunicorn.conf.py) with STAGING_S3_* pointing at it, on a throwaway SQLite database.
+here in the work folder) is the store. The portal's ingest pool (the gunicorn
+that serves /tus/) runs as `make run-prod` starts it, with STAGING_S3_* pointing at the store, on
+a throwaway SQLite database.
 Each round uploads the same 1 GiB file of random bytes:
 
 - `boto3`: create_multipart_upload, upload_part of each 64 MiB part from the file, complete:
   the reference, what any S3 client does, in this process;
-- `tuspy`: tuspy in 64 MiB chunks through /tus/ (the web spools each part and sends it on);
+- `tuspy`: tuspy in 64 MiB chunks through /tus/ (the web spools each part and sends it from a
+  thread while it receives the next);
 - `curl`: `curl -T` PATCHes of `--curl-chunks-mib` chunks (by default 64 MiB, and 7 and 200 MiB,
   no multiples of the part size), to show the web's memory does not follow the chunk size.
 
@@ -48,7 +50,8 @@ from bench.common import (  # noqa: E402
     warm_cache,
     workdir,
 )
-from bench.ingest import give_cloud_account, signed_in_headers, start_web  # noqa: E402
+from bench.front import start_pool  # noqa: E402
+from bench.ingest import give_cloud_account, signed_in_headers  # noqa: E402
 
 PART = 64 * MIB
 
@@ -169,8 +172,9 @@ def main() -> int:
         give_cloud_account(user)
         headers = signed_in_headers(user)
         source = make_random_file(work / "data.raw", size)
-        web, url, how = start_web(env, work / "web.log")
-        say(f"Swift at {store.endpoint}; web server ({how}) at {url}")
+        web, address = start_pool("ingest", env, work / "web.log")  # as `make run-prod` starts /tus/'s pool
+        url = f"http://{address}"
+        say(f"Swift at {store.endpoint}; the ingest gunicorn at {url}")
         warm_cache(source)
         ways = {"boto3": lambda: run_boto3(store, source, size),
                 "tuspy_64m": lambda: run_tuspy(url, headers, source, 64 * MIB),

@@ -6,8 +6,12 @@ worker runs as `make run` runs it, with that backend configured; the file (1 GiB
 behind an empty boot sector, so it checks as raw) is staged before the clock starts (a hard link
 into the staging folder; an object put with boto3), the upload is marked received and its push
 queued, and the clock stops when the upload is Ready. Both pushes include the check, the stream
-check and MD5 + SHA-512; from object staging the check reads a scratch copy (qemu-img needs a
-file) and the push one streaming GET. ratio = best local time / best object time.
+check and MD5 + SHA-512; from object staging the check reads the head and tail by ranged GETs
+(qemu-img, when the format needs it, reads the object over NBD: uploads/nbd.py) and the push one
+streaming GET. ratio = best local time / best object time. Each run also prints the CPU seconds
+per GiB of the worker, the simulator and the store (Swift's proxy and object server share the two
+cores with everything else: its CPU is this machine's, not the portal's), and the cores other
+people's processes used meanwhile.
 
     .venv/bin/python bench/push_s3.py [--size-gib 1] [--runs 3] [--keep]
 """
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     GIB,
     MIB,
+    OthersLoad,
     PeakRss,
     cleanup,
     create_user,
@@ -37,7 +42,9 @@ from bench.common import (  # noqa: E402
     say,
     start_simulator,
     stop_process,
+    tree_cpu_seconds,
     use_portal_in_this_process,
+    wait_for_quiet,
     warm_cache,
     workdir,
 )
@@ -76,11 +83,18 @@ def stage(backend: str, owner, source: Path, size: int, store):
     return upload
 
 
-def push(upload, worker_pid: int, size: int) -> tuple[float, PeakRss]:
+def cpu_of(pids: list[int]) -> float:
+    return sum(tree_cpu_seconds(pid) for pid in pids)
+
+
+def push(upload, worker_pid: int, size: int, peers: dict[str, list[int]]) -> tuple[float, PeakRss, dict, float]:
+    """Queue the push and wait for Ready: seconds, the worker's memory and CPU, the CPU seconds
+    of each peer (the simulator, the store), the cores others' processes used meanwhile."""
     from uploads import services
     from uploads.models import Upload
 
-    with PeakRss(worker_pid) as rss:
+    before = {name: cpu_of(pids) for name, pids in peers.items()}
+    with OthersLoad() as others, PeakRss(worker_pid) as rss:
         started = time.perf_counter()
         services.dispatch.enqueue_push(upload.pk)
         deadline = time.monotonic() + size / (10 * MIB) + 120
@@ -89,10 +103,11 @@ def push(upload, worker_pid: int, size: int) -> tuple[float, PeakRss]:
                 raise RuntimeError(f"the push did not finish in time ({status})")
             time.sleep(0.02)
         seconds = time.perf_counter() - started
+    used = {name: cpu_of(pids) - before[name] for name, pids in peers.items()}
     upload.refresh_from_db()
     if upload.status != "ready":
         raise RuntimeError(f"the push ended {upload.status}: {upload.error_message}")
-    return seconds, rss
+    return seconds, rss, used, others.cores
 
 
 def clean_up(upload, backend: str, client) -> None:
@@ -121,6 +136,8 @@ def main() -> int:
     say(f"work folder {work}")
     times: dict[str, list[float]] = {"local": [], "s3": []}
     peaks: dict[str, list[int]] = {"local": [], "s3": []}
+    cpu: dict[str, list[float]] = {"local": [], "s3": [], "store": []}
+    others_max = 0.0
     processes = []
     store = None
     try:
@@ -152,18 +169,26 @@ def main() -> int:
         for round_number in range(args.runs + 1):  # the first round is untimed: it warms both
             for backend in (("local", "s3") if round_number % 2 == 0 else ("s3", "local")):
                 worker = start_worker({**env, **(s3_env if backend == "s3" else {})}, work / f"worker-{backend}.log")
+                peers = {"simulator": [sim.pid], "store": [p.pid for p in store.processes.values()]}
                 try:
                     upload = stage(backend, owner, source, size, store)
-                    seconds, rss = push(upload, worker.pid, size)
+                    wait_for_quiet(longest=10)
+                    seconds, rss, used, others = push(upload, worker.pid, size, peers)
                     clean_up(upload, backend, client)
                 finally:
                     stop_process(worker)
+                gib = size / GIB
                 if round_number:
                     times[backend].append(seconds)
                     peaks[backend].append(rss.peak_busiest)
+                    cpu[backend].append(rss.cpu_seconds / gib)
+                    if backend == "s3":
+                        cpu["store"].append(used["store"] / gib)
+                    others_max = max(others_max, others)
                 say(f"{backend}: {seconds:.2f} s, {size / MIB / seconds:.0f} MiB/s; worker peak RSS "
-                    f"{mb(rss.peak_tree)} MB tree, {mb(rss.peak_busiest)} MB pushing process"
-                    + ("" if round_number else " (untimed)"))
+                    f"{mb(rss.peak_tree)} MB tree, {mb(rss.peak_busiest)} MB pushing process; CPU s/GiB: worker "
+                    f"{rss.cpu_seconds / gib:.1f}, simulator {used['simulator'] / gib:.1f}, store "
+                    f"{used['store'] / gib:.1f}; others {others:.1f} cores" + ("" if round_number else " (untimed)"))
     finally:
         for process in processes:
             stop_process(process)
@@ -184,6 +209,10 @@ def main() -> int:
     for backend, found in peaks.items():
         if found:
             figures[f"worker_rss_mb_{backend}"] = mb(max(found))
+    for side, found in cpu.items():
+        if found:
+            figures[f"{'store' if side == 'store' else 'worker_' + side}_cpu_s_per_gib"] = f"{min(found):.1f}"
+    figures["others_cores_max"] = f"{others_max:.1f}"
     print_result(figures)
     return 0
 

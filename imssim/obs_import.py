@@ -14,7 +14,8 @@ import threading
 import uuid
 
 READ_SIZE = 1024 * 1024
-# IMS takes the format from the object's extension.
+# IMS takes the format from the object's extension, and imports every format of its upload page
+# as it is (converting it itself), not only the four its native upload takes.
 EXTENSION_FORMATS = {"img": "raw", "raw": "raw", "qcow2": "qcow2", "vhd": "vhd", "zvhd2": "zvhd2",
                      "vmdk": "vmdk", "vhdx": "vhdx", "qcow": "qcow", "vdi": "vdi", "qed": "qed", "zvhd": "zvhd"}
 NO_ACCESS = ("Failed to access OBS: the user has not authorized IMS to access OBS, or the bucket is "
@@ -67,7 +68,7 @@ def _run(sim, account, job: dict, bucket: str, key: str, fields: dict, now_stamp
     try:
         if failing:
             raise _JobFailed("IMS.0193", sim.faults()["import_fail_reason"])
-        image = sim.create_image(account, fields)
+        image = sim.create_image(account, fields, disk_formats=set(EXTENSION_FORMATS.values()))
         size, md5, sha512 = _copy_object(sim, bucket, key, sim.image_path(image["id"]))
         with sim._lock:
             sim._images[image["id"]].fields.update(status="saving")

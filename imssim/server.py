@@ -438,8 +438,10 @@ class Simulator:
                 record.expires_at = min(record.expires_at, time.time())
 
     # ---- IMS images ----
-    def create_image(self, account: Account, body) -> dict:
-        fields = build_image_fields(body, self.disk_formats, account.project_id)
+    def create_image(self, account: Account, body, disk_formats=None) -> dict:
+        """`disk_formats`: what the route takes (the native POST: self.disk_formats; the import
+        from OBS: every format IMS imports)."""
+        fields = build_image_fields(body, disk_formats or self.disk_formats, account.project_id)
         with self._lock:
             self._images[fields["id"]] = ImageRecord(fields)
         return dict(fields)
@@ -573,7 +575,7 @@ class Simulator:
                 f = record.fields
                 result.append({"id": image_id, "name": f["name"], "owner": f["owner"],
                                "status": f["status"], "size": f["size"], "checksum": f["checksum"],
-                               "os_hash_value": f["os_hash_value"],
+                               "os_hash_value": f["os_hash_value"], "disk_format": f.get("disk_format"),
                                "path": str(self.image_path(image_id))})
             return result
 

@@ -12,6 +12,9 @@ The staging folder is a small file system (tmpfs, else a loop-mounted ext4) wher
 allows mounting one, so that a test can fill it up; elsewhere it is a plain folder and the
 full-disk test is skipped with the reason.
 
+With object staging (`s3_fault_stack`, `s3_faults_stack`: tests/test_faults_s3.py) the same
+processes stage in the Swift store of tests/s3_fixture.py, under a prefix of their own.
+
 Usage: `from tests.fault_stack import fault_stack, faults_stack  # noqa: F401` in a test module.
 """
 
@@ -166,6 +169,30 @@ class SimClient:
         return self._call("POST", f"images/{image_id}/status", json={"status": status})
 
 
+def portal_process_env(*, database_url: str, redis_url: str, staging: Path, sim_url: str, **extra: str) -> dict:
+    """The environment of the portal's own processes (gunicorn, workers, beat) in a test stack:
+    the test database, a private Redis, a staging folder and the simulator, production-like
+    (DEBUG off), with the test client's keys so that its sessions are valid; `extra` adds or
+    overrides settings (object staging, TLS behind a proxy, timings)."""
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "STAGING_DIR": str(staging),
+        "IMS_ENDPOINT": sim_url,
+        "IAM_ENDPOINT": f"{sim_url}/v3",
+        "SECRET_KEY": django_settings.SECRET_KEY,  # the test client's sessions must be valid
+        "TOKEN_ENCRYPTION_KEY": django_settings.TOKEN_ENCRYPTION_KEY,
+        "DEBUG": "0",
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "UPLOAD_POLL_SECONDS": "0.5",
+        "LOG_LEVEL": "INFO",
+        **extra,
+    }
+
+
 def mount_small_disk(folder: Path, size_mb: int) -> tuple[str | None, str]:
     """Mount a small file system on `folder`: (what was mounted or None, why not)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,7 +221,9 @@ def unmount(folder: Path) -> None:
 class FaultStack:
     """Redis, the simulator, gunicorn, workers and beat as separate processes on the test database."""
 
-    def __init__(self, folder: Path, database_url: str, redis_server: str = "redis-server"):
+    def __init__(self, folder: Path, database_url: str, redis_server: str = "redis-server",
+                 staging_env: dict[str, str] | None = None):
+        """`staging_env`: settings that put staging elsewhere (object staging: STAGING_S3_*)."""
         self.folder = folder
         self.logs = folder / "logs"
         self.logs.mkdir()
@@ -204,26 +233,14 @@ class FaultStack:
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.sim = SimClient(f"http://127.0.0.1:{sim_port}")
         self.web_url = f"http://127.0.0.1:{web_port}"
-        self.env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "DJANGO_SETTINGS_MODULE": "portal.settings",
-            "DATABASE_URL": database_url,
-            "REDIS_URL": self.redis_url,
-            "STAGING_DIR": str(self.staging),
-            "IMS_ENDPOINT": self.sim.url,
-            "IAM_ENDPOINT": f"{self.sim.url}/v3",
-            "SECRET_KEY": django_settings.SECRET_KEY,  # the test client's sessions must be valid
-            "TOKEN_ENCRYPTION_KEY": django_settings.TOKEN_ENCRYPTION_KEY,
-            "DEBUG": "0",
-            "ALLOWED_HOSTS": "127.0.0.1",
-            "UPLOAD_POLL_SECONDS": "0.5",
-            "STAGING_FREE_RESERVE_BYTES": "0",  # the small staging disk is all for the tests
-            "RECONCILE_EVERY_SECONDS": str(RECONCILE_EVERY_SECONDS),
-            "RECONCILE_GRACE_SECONDS": str(RECONCILE_GRACE_SECONDS),
+        self.env = portal_process_env(
+            database_url=database_url, redis_url=self.redis_url, staging=self.staging, sim_url=self.sim.url,
+            STAGING_FREE_RESERVE_BYTES="0",  # the small staging disk is all for the tests
+            RECONCILE_EVERY_SECONDS=str(RECONCILE_EVERY_SECONDS),
+            RECONCILE_GRACE_SECONDS=str(RECONCILE_GRACE_SECONDS),
             **push_timing(),
-            "LOG_LEVEL": "INFO",
-        }
+            **(staging_env or {}),
+        )
         self.redis = Process(
             "redis",
             [redis_server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
@@ -382,3 +399,57 @@ def faults_stack(fault_stack, transactional_db, settings, monkeypatch):
     monkeypatch.setattr(services.dispatch, "enqueue_discard", refuse)
     monkeypatch.setattr(services.dispatch, "enqueue_early_push", refuse)
     return fault_stack
+
+
+@pytest.fixture(scope="module")
+def s3_fault_stack(swift_store, django_db_setup, django_db_blocker, tmp_path_factory):
+    """The processes, once per test module, staging in the Swift store (5 MiB parts)."""
+    import uuid
+
+    from tests.s3_fixture import PART
+
+    try:
+        redis_server = find_redis_server()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no redis-server for the fault-injection tests: {exc}")
+    from django.db import connection
+
+    prefix = f"faults-{uuid.uuid4().hex[:8]}/"
+    folder = tmp_path_factory.mktemp("faults-s3")
+    staging_env = {**swift_store.env(prefix=prefix), "STAGING_S3_PART_SIZE": str(PART),
+                   "STAGING_SCRATCH_DIR": str(folder / "scratch")}
+    stack = FaultStack(folder, _database_url(connection.settings_dict), redis_server, staging_env=staging_env)
+    stack.store, stack.prefix = swift_store, prefix
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        if "proxy" not in swift_store.processes:
+            swift_store.start(["proxy"])
+        with django_db_blocker.unblock():
+            _wait_for_worker_sessions_to_end()
+
+
+@pytest.fixture
+def s3_faults_stack(s3_fault_stack, transactional_db, settings, monkeypatch):
+    """As faults_stack, with this test process looking into the same store and prefix."""
+    from tests.s3_fixture import PART
+    from uploads import services
+
+    stack = s3_fault_stack
+    if "proxy" not in stack.store.processes:  # a test that failed while the store was away
+        stack.store.start(["proxy"])
+    stack.reset()
+    settings.IMS_ENDPOINT = stack.sim.url
+    settings.IAM_ENDPOINT = f"{stack.sim.url}/v3"
+    settings.STORAGES = {**settings.STORAGES, "staging": {
+        "BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": stack.store.storage_options(stack.prefix)}}
+    settings.STAGING_S3_PART_SIZE = PART
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the test process sent a task: drive the portal over HTTP instead")
+
+    monkeypatch.setattr(services.dispatch, "enqueue_push", refuse)
+    monkeypatch.setattr(services.dispatch, "enqueue_discard", refuse)
+    return stack

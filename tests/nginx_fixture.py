@@ -16,7 +16,6 @@ Usage: `from tests.nginx_fixture import nginx_stack  # noqa: F401` in a test mod
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from django.conf import settings as django_settings
 
 from deploy.nginx import render
 from tests.conftest import _database_url, _wait_for_worker_sessions_to_end
-from tests.fault_stack import Process, SimClient, free_port, http_ok
+from tests.fault_stack import Process, SimClient, free_port, http_ok, portal_process_env
 from tools.ensure_redis import find_redis_server
 from tools.prodserver import gunicorn_argv
 
@@ -62,26 +61,10 @@ class NginxStack:
         self.certificate, key = render.make_certificate(folder)
         self.sim = SimClient(f"http://127.0.0.1:{sim_port}")
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        self.env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "DJANGO_SETTINGS_MODULE": "portal.settings",
-            "DATABASE_URL": database_url,
-            "REDIS_URL": self.redis_url,
-            "STAGING_DIR": str(self.staging),
-            "IMS_ENDPOINT": self.sim.url,
-            "IAM_ENDPOINT": f"{self.sim.url}/v3",
-            "SECRET_KEY": django_settings.SECRET_KEY,  # the test client's sessions must be valid
-            "TOKEN_ENCRYPTION_KEY": django_settings.TOKEN_ENCRYPTION_KEY,
-            "DEBUG": "0",
-            "ALLOWED_HOSTS": "127.0.0.1",
-            "CSRF_TRUSTED_ORIGINS": self.url,
-            "SECURE_HTTPS": "1",
-            "SECURE_BEHIND_PROXY": "1",
-            "SECURE_HSTS_SECONDS": "3600",
-            "UPLOAD_POLL_SECONDS": "0.5",
-            "LOG_LEVEL": "INFO",
-        }
+        self.env = portal_process_env(
+            database_url=database_url, redis_url=self.redis_url, staging=self.staging, sim_url=self.sim.url,
+            CSRF_TRUSTED_ORIGINS=self.url, SECURE_HTTPS="1", SECURE_BEHIND_PROXY="1", SECURE_HSTS_SECONDS="3600",
+        )
         self.redis = Process(
             "redis", [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                       "--appendonly", "no", "--dir", str(folder)],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from uploads import qemu, services
+from uploads import qemu, services, staging
 from uploads.models import Status, Upload
 
 # Each test runs with local staging and with object staging (tests/s3_fixture.py).
@@ -324,3 +324,61 @@ def test_a_converted_file_is_pushed_with_one_lookup_of_the_token(alice_connected
     upload.refresh_from_db()
     assert upload.status == Status.READY and upload.converted_name
     assert len(decrypted) == 2  # the push's one lookup (asked again after converting), and the first poll's
+
+
+def test_a_converted_file_is_sent_and_matches_what_staging_holds(alice_connected, sim, disk, tmp_path):
+    image = tmp_path / "legacy.vdi"
+    qemu_img("convert", "-f", "raw", "-O", "vdi", disk, image)
+    upload = received(alice_connected, image, "vdi")
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY, upload.error_message
+    assert (upload.detected_format, upload.send_format) == ("vdi", "qcow2")
+    with staging.open_for_reading(upload.converted_name) as converted:
+        sent = hashlib.md5(converted.read()).hexdigest()
+    [stored] = sim.images()
+    assert stored["checksum"] == sent == upload.md5
+    assert upload.checked_file == {upload.staged_name: staging.version(upload.staged_name),
+                                   upload.converted_name: staging.version(upload.converted_name)}
+
+
+def test_the_check_makes_no_local_copy_of_a_file_it_does_not_convert(alice_connected, sim, disk, tmp_path,
+                                                                     monkeypatch):
+    image = tmp_path / "web.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", disk, image)
+    upload = received(alice_connected, image, "qcow2")
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a local copy was made")
+
+    monkeypatch.setattr(staging, "local_copy", no_copy)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY, upload.error_message
+    assert upload.inspection["checks"]["qemu_img_check"] == "passed"  # qemu-img read it too
+
+
+def test_a_staged_file_replaced_after_its_check_is_never_sent(alice_connected, sim, disk, tmp_path, monkeypatch):
+    image = tmp_path / "web.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", disk, image)
+    upload = received(alice_connected, image, "qcow2")
+    original = services.images.prepare_image
+
+    def replace_then_prepare(upload, client, attempt):  # same size and format, other bytes
+        other = bytearray(image.read_bytes())
+        other[-1] ^= 0xFF
+        if staging.is_object_storage():
+            bucket, key = staging.object_location(upload.staged_name)
+            staging.s3.client().put_object(Bucket=bucket, Key=key, Body=bytes(other))
+        else:
+            replacement = Path(staging.path(upload.staged_name) + ".new")
+            replacement.write_bytes(other)
+            os.replace(replacement, staging.path(upload.staged_name))
+        return original(upload, client, attempt)
+
+    monkeypatch.setattr(services.images, "prepare_image", replace_then_prepare)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "file_changed"
+    assert not [r for r in ims_requests(sim) if r["path"].endswith("/file")]  # not one byte went out
+    assert sim.images() == []

@@ -414,6 +414,52 @@ def test_it_refuses_a_bad_image_in_plain_words(corpus, sample):
     assert_plain_words(result.problem)
 
 
+class ServedImage:
+    """A file seen as object staging sees an object: no path, so qemu-img reads it over NBD
+    (uploads/nbd.py) and the inspectors through read_at/open only."""
+
+    path = None
+
+    def __init__(self, file):
+        self.file = diskimage.FileImage(file)
+        self.size = self.file.size
+
+    def read_at(self, offset, length):
+        return self.file.read_at(offset, length)
+
+    def open(self):
+        return self.file.open()
+
+
+@pytest.mark.parametrize("sample", GOOD + REFUSED, ids=str)
+def test_an_image_read_by_ranges_and_over_nbd_is_judged_as_the_file_is(corpus, sample):
+    on_disk = inspect_file(corpus / sample.file, declared_format=sample.declared)
+    served = ServedImage(corpus / sample.file)
+
+    remote = inspect_file(served, declared_format=sample.declared)
+
+    def outcomes(checks):  # qemu-img's messages name the file (a path, or the socket)
+        return {name: outcome.split(":")[0] for name, outcome in checks.items()}
+
+    assert outcomes(remote.checks) == outcomes(on_disk.checks)
+    assert (remote.detected_format, remote.virtual_size) == (on_disk.detected_format, on_disk.virtual_size)
+    assert (remote.problem and remote.problem.code) == (on_disk.problem and on_disk.problem.code)
+
+
+def test_a_read_that_fails_during_qemu_img_is_raised_not_taken_for_a_damaged_file(corpus):
+    class StoreAway(Exception):
+        pass
+
+    class Flaky(ServedImage):
+        def read_at(self, offset, length):
+            if offset >= 64 * KiB:  # the inspectors are done; qemu-img's reads fail
+                raise StoreAway()
+            return super().read_at(offset, length)
+
+    with pytest.raises(StoreAway):
+        inspect_file(Flaky(corpus / "v3.qcow2"), declared_format="qcow2")
+
+
 @pytest.fixture
 def no_qemu_img(monkeypatch):
     """qemu-img must not run: any attempt fails the test."""

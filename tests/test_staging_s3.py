@@ -181,7 +181,7 @@ def test_a_silent_writer_is_taken_over_and_cannot_write_after(tus_client, object
     assert head_offset(tus_client, url) == 5
 
 
-def test_the_worker_streams_the_object_and_copies_it_only_for_qemu_img(tus_client, object_staging, tmp_path):
+def test_the_worker_streams_the_object_and_copies_it_only_for_a_conversion(tus_client, object_staging, tmp_path):
     data = os.urandom(PART + 3)
     url = new_upload(tus_client, len(data))
     send(tus_client, url, data, [len(data)])
@@ -192,6 +192,111 @@ def test_the_worker_streams_the_object_and_copies_it_only_for_qemu_img(tus_clien
     with staging.local_copy(name) as copy:
         assert open(copy, "rb").read() == data
     assert not os.listdir(tmp_path / "scratch")  # the scratch copy is gone afterwards
+
+
+def test_the_check_reads_the_object_by_ranges_pinned_to_its_etag(tus_client, object_staging):
+    data = os.urandom(3 * PART + 5)
+    url = new_upload(tus_client, len(data))
+    send(tus_client, url, data, [len(data)])
+    name = Upload.objects.get().staged_name
+    image = staging.image(name)
+    assert image.path is None and image.size == len(data) and image.version == staging.version(name)
+    assert image.read_at(PART - 3, 10) == data[PART - 3: PART + 7]
+    assert image.read_at(len(data) - 4, 100) == data[-4:]  # fewer at the end
+    assert image.read_at(PART, 10) == data[PART: PART + 10] and image.gets == 2  # the second from its blocks
+    with image.open() as stream:  # in order, by growing ranges
+        assert stream.read() == data
+    # The object is replaced: the pinned image, and a push of the checked version, read nothing of it.
+    bucket, key = staging.object_location(name)
+    staging.s3.client().put_object(Bucket=bucket, Key=key, Body=data[::-1])
+    with pytest.raises(staging.StagedFileChanged):
+        image.read_at(2 * PART + 1000, 10)
+    with pytest.raises(staging.StagedFileChanged):
+        staging.open_for_reading(name, image.version)
+
+
+def test_parts_are_sent_while_the_next_is_received_and_in_order(tus_client, object_staging, monkeypatch):
+    import threading
+
+    real_client, threads = staging.s3.client, set()
+
+    class Watching:
+        def __getattr__(self, name):
+            method = getattr(real_client(), name)
+            if name != "upload_part":
+                return method
+
+            def upload_part(**kwargs):
+                threads.add(threading.current_thread().name)
+                return method(**kwargs)
+            return upload_part
+
+    monkeypatch.setattr(staging.s3, "client", Watching)
+    data = os.urandom(4 * PART + 11)
+    url = new_upload(tus_client, len(data))
+    send(tus_client, url, data, [len(data)])
+    assert any(name.startswith("s3-part") for name in threads)  # not the request's own thread
+    assert stored(object_staging, Upload.objects.get()) == data
+
+
+def test_a_store_failing_mid_patch_keeps_the_parts_it_confirmed_and_the_upload_resumes(
+    tus_client, object_staging, monkeypatch
+):
+    from botocore.exceptions import EndpointConnectionError
+
+    real_client = staging.s3.client
+
+    class FailsPartThree:
+        def __getattr__(self, name):
+            method = getattr(real_client(), name)
+            if name != "upload_part":
+                return method
+
+            def upload_part(**kwargs):
+                if kwargs["PartNumber"] == 3:
+                    raise EndpointConnectionError(endpoint_url="http://store")
+                return method(**kwargs)
+            return upload_part
+
+    data = os.urandom(5 * PART + 3)
+    url = new_upload(tus_client, len(data))
+    with monkeypatch.context() as patched:
+        patched.setattr(staging.s3, "client", FailsPartThree)
+        response = patch(tus_client, url, data, 0)
+    assert response.status_code == 503
+    assert "Nothing is lost" in response.content.decode()
+    row = StagedMultipart.objects.get()
+    assert [(number, size) for number, size, _ in row.parts] == [(1, PART), (2, PART)] and not row.pending_key
+    assert head_offset(tus_client, url) == 2 * PART  # what the store holds, no more, no less
+    assert patch(tus_client, url, data[2 * PART:], 2 * PART).status_code == 204
+    assert stored(object_staging, Upload.objects.get()) == data
+
+
+def test_a_store_failing_at_a_patchs_last_part_keeps_the_parts_before_it(tus_client, object_staging, monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    real_client = staging.s3.client
+
+    class FailsPartThree:
+        def __getattr__(self, name):
+            method = getattr(real_client(), name)
+            if name != "upload_part":
+                return method
+
+            def upload_part(**kwargs):
+                if kwargs["PartNumber"] == 3:
+                    raise EndpointConnectionError(endpoint_url="http://store")
+                return method(**kwargs)
+            return upload_part
+
+    data = os.urandom(3 * PART)
+    url = new_upload(tus_client, len(data))
+    with monkeypatch.context() as patched:
+        patched.setattr(staging.s3, "client", FailsPartThree)
+        assert patch(tus_client, url, data, 0).status_code == 503  # its third part is its last
+    assert head_offset(tus_client, url) == 2 * PART
+    assert patch(tus_client, url, data[2 * PART:], 2 * PART).status_code == 204
+    assert stored(object_staging, Upload.objects.get()) == data
 
 
 # ---------------------------------------------------------------------------------------------

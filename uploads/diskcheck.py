@@ -7,7 +7,6 @@ all at once, plus the first and last bytes) and call `judge()`: identify the for
 inspector's safety checks and ours (uploads/diskformats.py), compare with the declared format.
 """
 
-import os
 import struct
 from typing import BinaryIO
 
@@ -61,11 +60,12 @@ class Collector:
         return Evidence(list(matches), bytes(self.head), self.tail if at_end else None, size)
 
 
-def read_evidence(path: str, size: int) -> tuple[Evidence, int]:
+def read_evidence(image, size: int) -> tuple[Evidence, int]:
     """Read only until every inspector has decided (a few hundred KiB for most formats; a
     streamOptimized VMDK keeps its footer at the end, so that one is read through), then the
-    last 512 bytes. Returns the evidence and the number of bytes read."""
-    with open(path, "rb") as f:
+    last 512 bytes. `image` is a diskimage.Image: a file, or a staged object read by ranges.
+    Returns the evidence and the number of bytes read."""
+    with image.open() as f:
         collector = Collector(f)
         evidence = None
         while evidence is None:
@@ -74,21 +74,14 @@ def read_evidence(path: str, size: int) -> tuple[Evidence, int]:
                 collector.finish()  # EOF: inspectors still waiting for data did not match
             evidence = collector.evidence(size, at_end=collector.count >= size)
         read = collector.count
-        if evidence.tail is None:
-            f.seek(max(0, size - TAIL_SIZE))
-            evidence.tail = f.read(TAIL_SIZE)
-            read += len(evidence.tail)
-    evidence.read_at = lambda offset, length: _read_at(path, offset, min(length, MAX_TABLE_READ))
+    if evidence.tail is None:
+        evidence.tail = image.read_at(max(0, size - TAIL_SIZE), min(size, TAIL_SIZE))
+        read += len(evidence.tail)
+    evidence.read_at = lambda offset, length: image.read_at(offset, min(length, MAX_TABLE_READ))
     return evidence, read
 
 
-MAX_TABLE_READ = 64 * 1024  # the most _read_at returns: the tables it is used for are small
-
-
-def _read_at(path: str, offset: int, length: int) -> bytes:
-    """length bytes at offset (fewer at the end of the file)."""
-    with open(path, "rb") as f:
-        return os.pread(f.fileno(), length, offset)
+MAX_TABLE_READ = 64 * 1024  # the most evidence.read_at returns: the tables it is used for are small
 
 
 # ---------------------------------------------------------------------------------------------

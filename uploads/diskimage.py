@@ -39,14 +39,15 @@ differently:
     zvhd2   format that cannot be a ZVHD (such as QCOW2)
 """
 
+import contextlib
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from oslo_utils.imageutils import format_inspector as oslo
 
-from uploads import qemu
+from uploads import nbd, qemu
 from uploads.diskcheck import LONG_READ_CHUNK_SIZE, Collector, judge, read_evidence, virtual_size
 from uploads.diskformats import LABELS, PASS_THROUGH_FORMATS, PORTAL_FORMATS
 from uploads.errors import (
@@ -116,6 +117,35 @@ class FileChanged(PortalError):
         return f"{self.message} ({self.detail})"  # a log says which check failed
 
 
+class Image(Protocol):
+    """What inspect_file reads: a local file (FileImage), or a staged object read by ranged GETs
+    (uploads/staging/s3.py: ObjectImage), which qemu-img reads through uploads/nbd.py."""
+
+    size: int
+    path: str | None  # a local file's path, None for an object
+
+    def open(self) -> BinaryIO:
+        """The bytes from the start, read in order (a context manager)."""
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset`, fewer at the end."""
+
+
+class FileImage:
+    """A local file as an Image."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.size = os.stat(self.path).st_size
+
+    def open(self) -> BinaryIO:
+        return open(self.path, "rb")
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), length, offset)
+
+
 def _size_text(n: int) -> str:
     """128 GB, 1.5 GB, 300 MB: OpenStack's GB (GiB), as IMS counts them."""
     value, unit = (n / GiB, "GB") if n >= GiB else (n / 1024**2, "MB")
@@ -127,7 +157,7 @@ def _size_text(n: int) -> str:
 
 
 def inspect_file(
-    path: str | os.PathLike,
+    image: "str | os.PathLike | Image",
     *,
     declared_format: str,
     max_bytes: int = IMS_MAX_FILE_BYTES,
@@ -135,22 +165,25 @@ def inspect_file(
     qemu_img: str = "qemu-img",
     limits: qemu.Limits = qemu.INFO_LIMITS,
 ) -> Inspection:
-    """Find out what the file at `path` is and whether it may be sent as `declared_format`.
+    """Find out what the file (a path, or an Image) is and whether it may be sent as
+    `declared_format`.
 
     Never raises for anything about the file itself (that is `Inspection.problem`); raises
     InspectError when the check could not run (qemu-img missing or too slow), ValueError for a
-    format name the portal does not know, OSError when the file cannot be read.
+    format name the portal does not know, OSError when the file cannot be read (and whatever an
+    object Image raises when its store is away or the object changed).
     """
-    path = os.fspath(path)
+    if isinstance(image, (str, os.PathLike)):
+        image = FileImage(image)
     declared = declared_format.lower()
     if declared not in PORTAL_FORMATS:
         raise ValueError(f"unknown disk format {declared_format!r}")
-    result = Inspection(declared_format=declared, actual_size=os.stat(path).st_size)
+    result = Inspection(declared_format=declared, actual_size=image.size)
     result.problem = _check_file_size(result, max_bytes)
     if result.problem:
         return result
 
-    evidence, result.bytes_read = read_evidence(path, result.actual_size)
+    evidence, result.bytes_read = read_evidence(image, result.actual_size)
     fmt, inspector, result.problem = judge(evidence, declared, result.checks)
     result.detected_format = fmt
     if result.problem:
@@ -164,7 +197,8 @@ def inspect_file(
     result.problem = _check_virtual_size(result, max_virtual_bytes)
     if result.problem:
         return result
-    result.problem = _second_opinion(path, result, qemu_img=qemu_img, limits=limits)
+    with _for_qemu(image) as target:
+        result.problem = _second_opinion(target, result, qemu_img=qemu_img, limits=limits)
     if result.problem is None:
         result.problem = _check_virtual_size(result, max_virtual_bytes)  # qemu-img may say more
     return result
@@ -204,7 +238,21 @@ def _check_virtual_size(result: Inspection, max_virtual_bytes: int) -> Problem |
     return None
 
 
-def _second_opinion(path: str, result: Inspection, *, qemu_img: str, limits: qemu.Limits) -> Problem | None:
+@contextlib.contextmanager
+def _for_qemu(image: Image) -> Iterator["str | nbd.Export"]:
+    """What qemu-img opens: a local file's path, or else the image served over NBD (nbd.py says
+    why); a read that failed there (the store away, the object changed) is raised afterwards
+    instead of being taken for qemu-img's verdict on the file."""
+    if image.path is not None:
+        yield image.path
+        return
+    with nbd.export(image.read_at, image.size) as served:
+        yield served
+        if served.error is not None:
+            raise served.error
+
+
+def _second_opinion(path: "str | nbd.Export", result: Inspection, *, qemu_img: str, limits: qemu.Limits) -> Problem | None:
     """Ask qemu-img, forced to the detected format, whether it sees the same safe image."""
     fmt = result.detected_format
     try:

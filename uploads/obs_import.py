@@ -20,18 +20,44 @@ from uploads.models import Status, Upload
 
 IMPORTING = "importing"  # ims_status while the job runs: the pages say "IMS is importing the file from OBS"
 MESSAGE = gettext_noop("IMS is importing the file from OBS")
-# IMS names the staged object by its extension; the portal's names say the format only for these.
-EXTENSION_FORMATS = {".img": "raw", ".qcow2": "qcow2"}
+# IMS's import takes every format of its upload page as it is (IMS-API.md: QCOW2, VMDK, VHD,
+# RAW, VHDX, QED, VDI, QCOW, ZVHD2, ZVHD) and reads the format from the object's extension: the
+# staged object is named so (staged_suffix), and the portal converts nothing IMS converts itself.
+IMPORT_EXTENSIONS = {
+    "raw": "img", "qcow2": "qcow2", "vhd": "vhd", "vmdk": "vmdk", "vhdx": "vhdx", "qed": "qed",
+    "vdi": "vdi", "qcow": "qcow", "zvhd2": "zvhd2", "zvhd": "zvhd",
+}
+EXTENSION_FORMATS = {f".{ext}": fmt for fmt, ext in IMPORT_EXTENSIONS.items()}
 NO_ACCESS_WORDS = ("access", "authoriz", "permission", "forbidden", "denied")
+
+
+def possible() -> bool:
+    """The import is switched on, and staging is object storage (OBS) that IMS can read."""
+    return bool(settings.IMS_IMPORT_FROM_OBS) and staging.is_object_storage()
+
+
+def staged_suffix(disk_format: str) -> str:
+    """The extension of a new upload's staged object: the one IMS reads `disk_format` from when
+    the import is possible, else "img" (the name says nothing then)."""
+    return IMPORT_EXTENSIONS.get(disk_format, "img") if possible() else "img"
+
+
+def _format_named_by(name: str) -> str | None:
+    return next((fmt for ext, fmt in EXTENSION_FORMATS.items() if name.endswith(ext)), None)
+
+
+def takes_as_is(upload: Upload, detected_format: str | None) -> bool:
+    """IMS will import the staged object in the format the check found, without a conversion
+    by the portal: its name tells IMS that format. (A file sent as another format than the one
+    declared at its start, after "Upload it as ...", has a name that says otherwise: it goes by
+    PUT, converted first where IMS_DISK_FORMATS needs it.)"""
+    return possible() and detected_format is not None and _format_named_by(upload.staged_name) == detected_format
 
 
 def applies(upload: Upload) -> bool:
     """Import from OBS when it is switched on, staging is object storage, and the object's name
     tells IMS the format the file is sent as."""
-    if not (settings.IMS_IMPORT_FROM_OBS and staging.is_object_storage()):
-        return False
-    name = upload.converted_name or upload.staged_name
-    return any(name.endswith(ext) and fmt == upload.send_format for ext, fmt in EXTENSION_FORMATS.items())
+    return possible() and _format_named_by(upload.converted_name or upload.staged_name) == upload.send_format
 
 
 def import_image(upload: Upload, client: ImsClient, attempt: int) -> bool:

@@ -71,6 +71,21 @@ ABANDONED_AFTER_SECONDS = 60  # a new private folder is locked within microsecon
 
 
 @contextlib.contextmanager
+def _opened(target, fmt: str) -> Iterator[tuple[_Alone, list[str]]]:
+    """Where qemu-img runs and the arguments that name the image, forced to `fmt`: a local
+    file alone in a private folder (_alone), or an image served over NBD (uploads/nbd.py's
+    Export) from the private folder that holds only its socket, with backing files switched
+    off in the options themselves ("backing": null)."""
+    if not hasattr(target, "socket_path"):
+        with _alone(target) as alone:
+            yield alone, ["-f", QEMU_DRIVERS[fmt], alone.path]
+        return
+    spec = {"driver": QEMU_DRIVERS[fmt], "backing": None,
+            "file": {"driver": "nbd", "server": {"type": "unix", "path": target.socket_path}}}
+    yield _Alone(os.path.dirname(target.socket_path), target.socket_path), ["json:" + json.dumps(spec)]
+
+
+@contextlib.contextmanager
 def _alone(path: str | os.PathLike) -> Iterator[_Alone]:
     """A fresh private folder beside the file, holding only a hard link to it named "disk".
 
@@ -173,16 +188,17 @@ def last_lines(text: str, n: int = 3) -> str:
 
 
 def qemu_img_info(
-    path: str | os.PathLike, fmt: str, *, qemu_img: str = "qemu-img", limits: Limits = INFO_LIMITS
+    path, fmt: str, *, qemu_img: str = "qemu-img", limits: Limits = INFO_LIMITS
 ) -> dict:
-    """`qemu-img info -f <driver> --output=json --force-share` under limits; fmt is a portal name.
+    """`qemu-img info -f <driver> --output=json --force-share` under limits; fmt is a portal name;
+    `path` a local file or an nbd.Export.
 
     The format is always forced: letting qemu-img guess is what made backing-file attacks possible.
-    qemu-img info does not open backing files, and runs alone with the file (_alone).
+    qemu-img info does not open backing files, and runs alone with the file (_opened).
     Raises QemuImgFailed when it refuses the file.
     """
-    with _alone(path) as alone:
-        cmd = [qemu_img, "info", "-f", QEMU_DRIVERS[fmt], "--output=json", "--force-share", alone.path]
+    with _opened(path, fmt) as (alone, image):
+        cmd = [qemu_img, "info", "--output=json", "--force-share", *image]
         proc = _run_limited(cmd, limits, alone)
     if proc.returncode != 0:
         raise QemuImgFailed(
@@ -193,13 +209,14 @@ def qemu_img_info(
 
 
 def qemu_img_check(
-    path: str | os.PathLike, fmt: str, *, qemu_img: str = "qemu-img", limits: Limits = INFO_LIMITS
+    path, fmt: str, *, qemu_img: str = "qemu-img", limits: Limits = INFO_LIMITS
 ) -> subprocess.CompletedProcess:
-    """`qemu-img check -f <driver> --output=json --force-share` under limits, alone with the file:
-    it reads the format's tables and finds data that points past the end. Unlike `info`, `check`
-    opens a backing file if there is one: run it only on a file whose own checks passed."""
-    with _alone(path) as alone:
-        cmd = [qemu_img, "check", "-f", QEMU_DRIVERS[fmt], "--force-share", "--output=json", alone.path]
+    """`qemu-img check -f <driver> --output=json --force-share` under limits, alone with the file
+    (or an nbd.Export): it reads the format's tables and finds data that points past the end.
+    Unlike `info`, `check` opens a backing file if there is one (but over NBD, where the options
+    forbid it): run it only on a file whose own checks passed."""
+    with _opened(path, fmt) as (alone, image):
+        cmd = [qemu_img, "check", "--force-share", "--output=json", *image]
         return _run_limited(cmd, limits, alone)
 
 

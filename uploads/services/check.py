@@ -7,7 +7,8 @@ import time
 from django.conf import settings
 from django.utils.translation import gettext_noop
 
-from uploads import diskimage, qemu, staging
+from uploads import diskimage, obs_import, qemu, staging
+from uploads.errors import StagedFileMissing
 from uploads.models import Status, Upload
 from uploads.services.state import PROGRESS_WRITE_SECONDS, move, note, save
 from uploads.sizes import human_size
@@ -19,28 +20,42 @@ class Stopped(Exception):
 
 def check_file(upload: Upload, attempt: int) -> None:
     """Inspect the staged file; convert it when IMS does not take its format. Afterwards the
-    upload knows what to send: `send_format` and `send_size` of the staged or converted file."""
-    with staging.local_copy(upload.staged_name) as source:  # object staging: a scratch copy
-        _check_local_file(upload, attempt, source)
+    upload knows what to send: `send_format` and `send_size` of the staged or converted file,
+    and `checked_file` the versions that were checked, which the push sends and nothing else.
 
-
-def _check_local_file(upload: Upload, attempt: int, source: str) -> None:
-    result = inspect_and_record(upload, attempt, source)
-    if result.needs_conversion(settings.IMS_DISK_FORMATS):
-        _convert(upload, attempt, result, source)
-        save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name))
+    From object staging, nothing is copied to the local disk to check a file: the Python
+    inspectors read the head, the tail and the tables they need by ranged GETs, and qemu-img
+    (info, check) reads the object through a read-only NBD export on a private socket
+    (uploads/nbd.py explains why that and not a presigned URL or a sparse copy). Only a
+    conversion copies the object to the scratch folder, because qemu-img convert writes a new
+    file anyway and reads every byte of the old one."""
+    image, result = inspect_and_record(upload, attempt)
+    accepted = list(settings.IMS_DISK_FORMATS)
+    if obs_import.takes_as_is(upload, result.detected_format):  # IMS's import converts it itself
+        accepted.append(result.detected_format)
+    if result.needs_conversion(accepted):
+        with staging.local_copy(upload.staged_name, image.version) as source:  # object staging: a scratch copy
+            _convert(upload, attempt, result, source)
+        save(upload, attempt, send_format="qcow2", send_size=staging.size(upload.converted_name),
+             checked_file={upload.staged_name: image.version,
+                           upload.converted_name: staging.version(upload.converted_name)})
     else:
         staging.delete(upload.converted_name)
-        save(upload, attempt, send_format=result.upload_format(settings.IMS_DISK_FORMATS), send_size=upload.size,
+        save(upload, attempt, send_format=result.upload_format(accepted), send_size=upload.size,
              converted_name="")
 
 
-def inspect_and_record(upload: Upload, attempt: int, source: str) -> diskimage.Inspection:
-    """Inspect the file at `source` and write down what was found (raising min_disk to hold the
-    disk inside); a file that may not be sent as it is raises its Problem."""
-    result = diskimage.inspect_file(source, declared_format=upload.disk_format)
+def inspect_and_record(upload: Upload, attempt: int) -> tuple[diskimage.Image, diskimage.Inspection]:
+    """Inspect the staged file, pinned to the version seen (`checked_file`), and write down what
+    was found (raising min_disk to hold the disk inside); a file that may not be sent as it is
+    raises its Problem."""
+    try:
+        image = staging.image(upload.staged_name)  # pinned: its size and ETag (or mtime and inode)
+    except FileNotFoundError:
+        raise StagedFileMissing() from None
+    result = diskimage.inspect_file(image, declared_format=upload.disk_format)
     save(upload, attempt, detected_format=result.detected_format or "", virtual_size=result.virtual_size,
-         inspection=_inspection_record(result))
+         inspection=_inspection_record(result), checked_file={upload.staged_name: image.version})
     if result.problem:
         raise result.problem  # the file may not be sent as it is: the push refuses it
     note(upload, _described(result), _checks_text(result))
@@ -48,7 +63,7 @@ def inspect_and_record(upload: Upload, attempt: int, source: str) -> diskimage.I
     if needed_gb > upload.min_disk:
         note(upload, _min_disk_raised(upload.min_disk, needed_gb, result.virtual_size))
         save(upload, attempt, min_disk=needed_gb)
-    return result
+    return image, result
 
 
 def _convert(upload: Upload, attempt: int, result: diskimage.Inspection, source: str) -> None:
@@ -58,8 +73,9 @@ def _convert(upload: Upload, attempt: int, result: diskimage.Inspection, source:
                 % {"format": label},
                 on_attempt=attempt, convert_percent=0):
         raise Stopped()
-    # The file as uploaded is never sent: its SHA-512 is taken here, for the owner to compare.
-    with staging.open_for_reading(upload.staged_name) as staged:
+    # The file as uploaded is never sent: its SHA-512 is taken here, for the owner to compare
+    # (from the local copy qemu-img converts: the same bytes, pinned, without another GET).
+    with open(source, "rb") as staged:
         save(upload, attempt, staged_sha512=hashlib.file_digest(staged, "sha512").hexdigest())
     name = staging.name_for(upload.uid, "qcow2")
     staging.delete(name)  # what an earlier, interrupted attempt left

@@ -202,8 +202,7 @@ def _check_whole_file(upload: Upload, attempt: int, progress: Progress) -> None:
                 on_attempt=attempt):
         raise Stopped()
     progress.early = False
-    with staging.local_copy(upload.staged_name) as source:
-        result = check.inspect_and_record(upload, attempt, source)
+    _, result = check.inspect_and_record(upload, attempt)
     from uploads import review  # review uses state.move: import here to avoid the cycle
 
     if result.needs_conversion(settings.IMS_DISK_FORMATS):

@@ -62,11 +62,12 @@ def holds_the_file(upload: Upload, image, attempt: int) -> bool:
 
 
 def sums_of_file_to_send(upload: Upload) -> dict | None:
-    """MD5 and SHA-512 of the file IMS is given (the staged or the converted one), in one read
-    with a fixed buffer; None when that file is gone."""
-    try:
-        source = staging.open_for_reading(upload.converted_name or upload.staged_name)
-    except FileNotFoundError:
+    """MD5 and SHA-512 of the file IMS is given (the staged or the converted one, the version the
+    check pinned), in one read with a fixed buffer; None when that file is gone or changed."""
+    name = upload.converted_name or upload.staged_name
+    try:  # the version that was checked, and no other: IMS must hold exactly that
+        source = staging.open_for_reading(name, (upload.checked_file or {}).get(name))
+    except (FileNotFoundError, staging.StagedFileChanged):
         return None
     md5, sha512 = hashlib.md5(usedforsecurity=False), hashlib.sha512()
     buffer = bytearray(READ_BUFFER_BYTES)

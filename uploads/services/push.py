@@ -17,7 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import diskimage, fairness, obs_import, staging
 from uploads.errors import PortalError, Problem, StagedFileMissing
-from uploads.ims import HINT_CONTACT_ADMIN, ImsClient
+from uploads.ims import HINT_CONTACT_ADMIN, CloudError, ImsClient
 from uploads.models import WORKING, ErrorCode, Status, Upload
 from uploads.services import cloud, dispatch, images
 from uploads.services.check import Stopped, check_file
@@ -177,6 +177,8 @@ def _push_error(upload: Upload, exc: Exception) -> PortalError:
     if isinstance(exc, staging.StagingUnavailable):  # object storage away, or refusing the keys: try again
         return PortalError(exc.message, hint=exc.for_admin or HINT_CONTACT_ADMIN, code="staging_unavailable",
                            detail=exc.for_admin)
+    if isinstance(exc, staging.StagedFileChanged):  # during the check: what was pinned is gone
+        return diskimage.FileChanged("the staged file changed while it was checked")
     if isinstance(exc, staging.ScratchNoRoom):
         return PortalError(NO_SCRATCH_ROOM, hint=HINT_CONTACT_ADMIN, code="no_scratch_room",
                            detail="STAGING_SCRATCH_DIR is full")
@@ -256,20 +258,45 @@ def _push_is_abandoned(upload: Upload) -> bool:
 def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     """Stream the file to the image; the bytes are inspected again on the way, so a file that
     changed since it was checked stops the PUT (diskimage.FileChanged)."""
-    try:
-        staged = staging.open_for_reading(upload.converted_name or upload.staged_name)
+    name = upload.converted_name or upload.staged_name
+    try:  # the version the check saw, and no other (an object's ETag: If-Match)
+        staged = staging.open_for_reading(name, (upload.checked_file or {}).get(name))
     except FileNotFoundError:  # not an error of IMS: the file to send is gone
         raise StagedFileMissing() from None
+    except staging.StagedFileChanged:
+        raise diskimage.FileChanged("the staged file's version is not the one checked") from None
     with staged:
-        body = diskimage.wrap_stream(staged, upload.send_format, size=upload.send_size)
-        result = client.upload_file(
-            upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
-        )
+        reading = _StagedReads(staged)
+        body = diskimage.wrap_stream(reading, upload.send_format, size=upload.send_size)
+        try:
+            result = client.upload_file(
+                upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
+            )
+        except CloudError:
+            if reading.failed is not None:  # not IMS's connection: the object storage went away
+                raise reading.failed from None
+            raise
     sums = {"md5": result.md5, "sha512": result.sha512}
     if not upload.converted_name:  # what was sent is the file as uploaded
         sums["staged_sha512"] = result.sha512
     save(upload, attempt, **sums)
     note(upload, gettext_noop("Sent %(size)s to IMS (md5 %(md5)s)") % {"size": human_size(result.sent_bytes), "md5": result.md5})
+
+
+class _StagedReads:
+    """The staged file as the PUT reads it, remembering a failure of staging (object storage
+    gone mid-read), which requests would otherwise report as a broken connection to IMS."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.failed: staging.StagingUnavailable | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.stream.read(size)
+        except staging.StagingUnavailable as exc:
+            self.failed = exc
+            raise
 
 
 def _progress_recorder(upload: Upload, attempt: int):

@@ -15,7 +15,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext, gettext_noop
 
-from uploads import staging
+from uploads import obs_import, staging
 from uploads.models import FINISHED, RECEIVING_STATES, ErrorCode, Status, Upload
 from uploads.services import dispatch, early_push
 from uploads.services.state import ServiceError, delete_staged, duration, move, note
@@ -70,7 +70,7 @@ def upload_create(*, owner, size: int, filename: str, name: str, disk_format: st
         tags=tags or [],
         receive_expires_at=timezone.now() + timedelta(seconds=settings.TUS_UPLOAD_EXPIRY_SECONDS),
     )
-    upload.staged_name = staging.name_for(upload.uid)
+    upload.staged_name = staging.name_for(upload.uid, obs_import.staged_suffix(disk_format))
     with transaction.atomic():
         # The owner's row, locked until this commits: two creations at once are counted one
         # after the other, so that they cannot both slip past the limits.
@@ -186,9 +186,10 @@ def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: Bi
 
     try:
         written = staging.write_at(staged, offset, stream, length, hasher, None if checksum else progress)
-    except staging.StagingFull as full:
-        if not checksum:  # what was written before the disk filled up is kept
-            staged.record(lambda: record_received(upload, offset + full.written))
+    except (staging.StagingFull, staging.StagingUnavailable) as stopped:
+        # What was written before the disk filled up (or the object storage went away) is kept.
+        if not checksum and stopped.written:
+            staged.record(lambda: record_received(upload, offset + stopped.written))
         raise
     if checksum and hasher.digest() != checksum[1]:
         staged.truncate(offset)

@@ -6,21 +6,27 @@ S3Storage). Nothing outside this package knows which one holds the bytes:
 
 - `create(name, size)`, then `locked_for_writing(name, idle)` + `write_at(...)` + the writer's
   `record(...)` for each tus chunk;
-- `open_for_reading(name)`: one stream, read in fixed buffers (the push, the checksums);
-- `local_copy(name)`: a local path for programs that need a file (qemu-img): the file itself, or
-  a scratch copy of the object, deleted afterwards; `local_output(name)` the other way round;
+- `image(name)`: what the check reads (diskimage's Image), pinned to the file's `version()`: a
+  local file, or an object read by ranged GETs (qemu-img reads it over NBD, uploads/nbd.py);
+- `open_for_reading(name, version)`: one stream, read in fixed buffers (the push, the
+  checksums), of the checked version only (StagedFileChanged otherwise);
+- `local_copy(name, version)`: a local path for a program that needs a file (qemu-img convert):
+  the file itself, or a scratch copy of the object, deleted afterwards; `local_output(name)`
+  the other way round;
 - `size`, `exists`, `delete`, `free_bytes`, and `abort_orphans` for the clean-up.
 """
 
 from django.core.files.storage import storages
 
 from uploads.staging import checks, local, s3  # noqa: F401  (checks: registers the deploy check)
-from uploads.staging.errors import ScratchNoRoom, StagingBusy, StagingFull, StagingUnavailable, TakenOver
+from uploads.staging.errors import (
+    ScratchNoRoom, StagedFileChanged, StagingBusy, StagingFull, StagingUnavailable, TakenOver,
+)
 
 __all__ = [
-    "ScratchNoRoom", "StagingBusy", "StagingFull", "StagingUnavailable", "TakenOver", "Writer", "abort_orphans",
+    "ScratchNoRoom", "StagedFileChanged", "StagingBusy", "StagingFull", "StagingUnavailable", "TakenOver", "Writer", "abort_orphans",
     "create",
-    "delete", "exists", "free_bytes", "is_object_storage", "local_copy", "local_output", "locked_for_writing",
+    "delete", "exists", "free_bytes", "image", "is_object_storage", "local_copy", "local_output", "locked_for_writing",
     "name_for", "object_location", "open_for_reading", "path", "size", "version", "write_at",
 ]
 
@@ -77,14 +83,22 @@ def version(name: str) -> list | None:
     return _backend().version(name)
 
 
-def open_for_reading(name: str):
-    """A binary stream of the staged file (FileNotFoundError when it is gone)."""
-    return _backend().open_for_reading(name)
+def image(name: str):
+    """The staged file as the check reads it (uploads/diskimage.py's Image), with `.version`:
+    the version() it is pinned to (FileNotFoundError when it is gone or not whole)."""
+    return _backend().image(name)
 
 
-def local_copy(name: str):
-    """A context manager yielding a local path of the staged file (ScratchNoRoom, FileNotFoundError)."""
-    return _backend().local_copy(name)
+def open_for_reading(name: str, version: list | None = None):
+    """A binary stream of the staged file (FileNotFoundError when it is gone); with `version`,
+    of that version only (StagedFileChanged when the file is another one now)."""
+    return _backend().open_for_reading(name, version)
+
+
+def local_copy(name: str, version: list | None = None):
+    """A context manager yielding a local path of the staged file (ScratchNoRoom,
+    FileNotFoundError; StagedFileChanged when `version` is given and the file is another one)."""
+    return _backend().local_copy(name, version)
 
 
 def local_output(name: str):

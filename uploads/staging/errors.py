@@ -29,11 +29,17 @@ class StagingUnavailable(OSError):
     keys). `message` is for the person who sees it; `for_admin` says what an administrator
     has to do, when retrying alone cannot help."""
 
-    def __init__(self, message: str, *, for_admin: str = ""):
+    def __init__(self, message: str, *, for_admin: str = "", written: int = 0):
         super().__init__(message)
         self.message = message
         self.for_admin = for_admin
+        self.written = written  # of a chunk: the bytes the store confirmed before it went away
 
 
 class ScratchNoRoom(Exception):
     """The local scratch folder has no room for a copy of a staged object."""
+
+
+class StagedFileChanged(Exception):
+    """The staged file is no longer the version that was checked (another size, modification
+    time or ETag): what was checked must be what is sent, so it is not read."""

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from django.core.files.storage import storages
 
-from uploads.staging.errors import StagingBusy, StagingFull, TakenOver
+from uploads.staging.errors import StagedFileChanged, StagingBusy, StagingFull, TakenOver
 
 BUFFER_SIZE = 1024 * 1024
 # The file beside a staged file that names the request writing into it (see Writer).
@@ -246,10 +246,17 @@ def size(name: str) -> int | None:
 
 
 def version(name: str) -> list | None:
+    return _current_version(name)
+
+
+def _current_version(name: str) -> list | None:
     try:
-        stat = os.stat(path(name))
+        return _version_of(os.stat(path(name)))
     except FileNotFoundError:
         return None
+
+
+def _version_of(stat: os.stat_result) -> list:
     return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
@@ -257,8 +264,25 @@ def exists(name: str) -> bool:
     return size(name) is not None
 
 
-def open_for_reading(name: str) -> BinaryIO:
-    return open(path(name), "rb")
+def open_for_reading(name: str, version: list | None = None) -> BinaryIO:
+    """The file; with `version` (see version()), only while it is still that version."""
+    staged = open(path(name), "rb")
+    if version is not None and _version_of(os.fstat(staged.fileno())) != list(version):
+        staged.close()
+        raise StagedFileChanged(name)
+    return staged
+
+
+def image(name: str):
+    """The staged file as diskimage's Image (a local file: qemu-img reads it directly), with
+    the version it had when the check started."""
+    from uploads.diskimage import FileImage  # diskimage does not need Django; loaded when used
+
+    found = FileImage(path(name))
+    found.version = version(name)
+    if found.version is None:
+        raise FileNotFoundError(name)
+    return found
 
 
 def delete(name: str) -> None:
@@ -268,10 +292,13 @@ def delete(name: str) -> None:
 
 
 @contextmanager
-def local_copy(name: str) -> Iterator[str]:
+def local_copy(name: str, version: list | None = None) -> Iterator[str]:
     """The staged file itself: it is already on a local disk."""
-    if not exists(name):
+    found = _current_version(name)
+    if found is None:
         raise FileNotFoundError(name)
+    if version is not None and found != list(version):
+        raise StagedFileChanged(name)
     yield path(name)
 
 

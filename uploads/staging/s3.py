@@ -15,11 +15,14 @@ always reports what object storage really holds. The last byte completes the mul
 
 import io
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -31,13 +34,14 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext_noop
 
-from uploads.staging.errors import ScratchNoRoom, StagingBusy, StagingUnavailable, TakenOver
+from uploads.staging.errors import ScratchNoRoom, StagedFileChanged, StagingBusy, StagingUnavailable, TakenOver
 
 BUFFER_SIZE = 1024 * 1024
 PENDING_INFIX = ".part-"
 # How often a writer that is streaming tells the database it is alive (so no PATCH takes over).
 ALIVE_EVERY_SECONDS = 5
 MISSING_CODES = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
+CHANGED_CODES = {"PreconditionFailed", "412"}
 KEY_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidSecurity", "403"}
 FOR_ADMIN_KEYS = (
     "The object storage refuses the portal's keys: check STAGING_S3_ACCESS_KEY and "
@@ -82,6 +86,8 @@ def s3_errors(what: str) -> Iterator[None]:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in MISSING_CODES:
             raise FileNotFoundError(what) from None
+        if code in CHANGED_CODES:  # If-Match: the object is another one than the one pinned
+            raise StagedFileChanged(what) from None
         if code in KEY_CODES:
             _log().error("staging: object storage refused the portal's keys (%s) for %s", code, what)
             raise StagingUnavailable(
@@ -164,6 +170,7 @@ class Writer:
         self.recovered = False  # the multipart upload had been completed by a request that died
         self.stale_pending: set[str] = set()
         self.last_alive = time.monotonic()
+        self.confirmed = 0  # bytes of the current chunk in parts the store confirmed
 
     def __enter__(self) -> "Writer":
         rows = _multipart().objects
@@ -211,11 +218,16 @@ class Writer:
             raise TakenOver(self.name)
         if offset + length == self.row.size and self._completed_earlier():
             return self._take_as_sent(body, length, hasher)
-        with tempfile.TemporaryFile(dir=_scratch_dir()) as spool:
+        with tempfile.TemporaryFile(dir=_scratch_dir()) as spool, \
+                tempfile.TemporaryFile(dir=_scratch_dir()) as spare:
             if self.pending_size:
                 self._copy_pending(spool)
-            written = self._fill_parts(spool, body, length, hasher, progress)
-            self._keep_rest(spool)
+            written, spool = self._fill_parts(spool, spare, body, length, hasher, progress)
+            try:
+                self._keep_rest(spool)
+            except StagingUnavailable as away:  # the parts before it are in the store: keep them
+                away.written = self.confirmed
+                raise
         return written
 
     def _completed_earlier(self) -> bool:
@@ -242,27 +254,55 @@ class Writer:
             self.recovered = True
         return read if read == length else 0
 
-    def _fill_parts(self, spool, body, length: int, hasher, progress) -> int:
+    def _fill_parts(self, spool, spare, body, length: int, hasher, progress):
+        """Receive into `spool` until it holds a part, then send that part from a thread while
+        the next one is received into the other spool file: receiving and sending overlap, and
+        at most two parts wait on the local disk (never in memory). A part joins `parts` only
+        once the store confirmed it, in order, so what record() stores is always what the
+        store holds. Returns the bytes kept and the spool holding the rest."""
         written = 0
         buffer = memoryview(bytearray(min(BUFFER_SIZE, max(length, 1))))
-        while written < length:
-            room = part_size(self.row.size) - spool.tell()
-            try:
-                count = body.readinto(buffer[: min(len(buffer), length - written, room)])
-            except OSError:  # the client went away mid-chunk
-                break
-            if not count:
-                break
-            if hasher is not None:
-                hasher.update(buffer[:count])
-            spool.write(buffer[:count])
-            written += count
-            self._alive()
-            if spool.tell() == part_size(self.row.size) and written < length:
-                self._send_part(spool)
-                if progress is not None:
-                    progress(written)
-        return written
+        sender = _PartSender(self)
+        self.confirmed = 0
+        try:
+            while written < length:
+                room = part_size(self.row.size) - spool.tell()
+                try:
+                    count = body.readinto(buffer[: min(len(buffer), length - written, room)])
+                except OSError:  # the client went away mid-chunk
+                    break
+                if not count:
+                    break
+                if hasher is not None:
+                    hasher.update(buffer[:count])
+                spool.write(buffer[:count])
+                written += count
+                self._alive()
+                if spool.tell() == part_size(self.row.size) and written < length:
+                    self._confirm(sender.wait(), progress)
+                    self._alive(force=True)
+                    sender.send(spool, len(self.parts) + 1, written)
+                    spool, spare = spare, spool
+                    spool.seek(0)
+                    spool.truncate()
+            self._confirm(sender.wait(), progress)
+        except StagingUnavailable as away:
+            away.written = self.confirmed  # the caller records the parts the store holds
+            raise
+        finally:
+            sender.close()  # a part still in flight ends before its spool file is closed
+        return written, spool
+
+    def _confirm(self, sent: tuple | None, progress) -> None:
+        """A part the store confirmed (number, size, ETag, the chunk's bytes up to its end)."""
+        if sent is None:
+            return
+        number, size, etag, written = sent
+        self.parts.append([number, size, etag])
+        self.pending_key, self.pending_size = "", 0
+        self.confirmed = written
+        if progress is not None:
+            progress(written)
 
     def _copy_pending(self, spool) -> None:
         with s3_errors(self.name):
@@ -356,6 +396,39 @@ class Writer:
                                                MultipartUpload={"Parts": parts})
 
 
+class _PartSender:
+    """Sends one part at a time in a thread of its own (boto3's clients may be shared between
+    threads; the database is only touched by the request's thread)."""
+
+    def __init__(self, writer: Writer):
+        self.writer = writer
+        self.pool: ThreadPoolExecutor | None = None
+        self.future = None
+
+    def send(self, spool, number: int, written: int) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-part")
+        self.future = self.pool.submit(self._send, spool, number, written)
+
+    def _send(self, spool, number: int, written: int) -> tuple:
+        size = spool.tell()
+        spool.seek(0)
+        writer = self.writer
+        with s3_errors(writer.name):
+            reply = client().upload_part(Bucket=bucket(), Key=key(writer.name), UploadId=writer.row.multipart_id,
+                                         PartNumber=number, Body=spool, ContentLength=size)
+        return number, size, reply["ETag"], written
+
+    def wait(self) -> tuple | None:
+        """The part in flight, once the store confirmed it (its error if it failed); None if none."""
+        future, self.future = self.future, None
+        return None if future is None else future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
 def _copy_stream(stream, out, size: int) -> int:
     copied = 0
     while copied < size:
@@ -393,11 +466,14 @@ def version(name: str) -> list | None:
 
 
 class ObjectReader(io.RawIOBase):
-    """One streaming GET of an object (or of a range of it), read in the caller's buffers."""
+    """One streaming GET of an object (or of a range of it), read in the caller's buffers; with
+    `etag`, only of that version of the object (If-Match: StagedFileChanged otherwise)."""
 
-    def __init__(self, name: str, byte_range: str | None = None):
+    def __init__(self, name: str, byte_range: str | None = None, etag: str | None = None):
         self.name = name
         extra = {"Range": byte_range} if byte_range else {}
+        if etag:
+            extra["IfMatch"] = etag
         with s3_errors(name):
             reply = client().get_object(Bucket=bucket(), Key=key(name), **extra)
         self.body = reply["Body"]
@@ -405,6 +481,11 @@ class ObjectReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def read(self, size: int = -1) -> bytes:
+        # The body's own bytes, without the copy into a buffer readinto() makes (the push reads so).
+        with s3_errors(self.name):
+            return self.body.read(None if size is None or size < 0 else size)
 
     def readinto(self, buffer) -> int:
         with s3_errors(self.name):
@@ -418,8 +499,79 @@ class ObjectReader(io.RawIOBase):
         super().close()
 
 
-def open_for_reading(name: str) -> ObjectReader:
-    return ObjectReader(name)
+def open_for_reading(name: str, version: list | None = None) -> "ReadAhead":
+    """One streaming GET; with `version` (see version()), of that version only. A thread reads
+    ahead (READ_AHEAD_BUFFERS of 1 MiB at most), so that the bytes come from the store while the
+    caller sends the previous ones on (the push: to IMS)."""
+    return ReadAhead(ObjectReader(name, etag=version[1] if version else None))
+
+
+READ_AHEAD_BUFFERS = 4
+
+
+class ReadAhead(io.RawIOBase):
+    """A stream read by a thread of its own into a bounded queue: receiving from the store and
+    whatever the reader does with the bytes overlap, in at most READ_AHEAD_BUFFERS buffers."""
+
+    def __init__(self, reader: ObjectReader):
+        self.reader = reader
+        self.length = reader.length
+        self._queue = queue.Queue(maxsize=READ_AHEAD_BUFFERS)
+        self._left = memoryview(b"")
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._fill, name="s3-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self.reader.read(BUFFER_SIZE)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the reader, raised in its thread
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(BUFFER_SIZE), b""))
+        if not self._left:
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return b""
+            self._left = memoryview(item)
+        data, self._left = self._left[:size], self._left[size:]
+        return bytes(data) if len(data) < len(data.obj) else data.obj
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stop.set()
+            self._thread.join(timeout=30)
+            self.reader.close()
+        super().close()
 
 
 def read_range(name: str, offset: int, length: int) -> bytes:
@@ -428,17 +580,122 @@ def read_range(name: str, offset: int, length: int) -> bytes:
         return reader.read()
 
 
+class ObjectImage:
+    """A staged object as uploads/diskimage.py's Image, pinned to one version (its ETag): the
+    check reads only what it needs, by ranged GETs, and qemu-img reads it through
+    uploads/nbd.py; nothing is copied to a local disk (bench/README.md: why, and the figures).
+
+    Ranges are fetched in aligned blocks of BLOCK bytes (at least), and the last BLOCKS_KEPT
+    blocks are kept: qemu-img asks for a cluster at a time, and a format's tables sit together,
+    so a few GETs serve many of its reads, in bounded memory."""
+
+    BLOCK = 256 * 1024
+    BLOCKS_KEPT = 16
+
+    def __init__(self, name: str, version: list):
+        self.name = name
+        self.version = version
+        self.size, self.etag = version
+        self.path = None
+        self._blocks: dict[int, bytes] = {}  # block number -> bytes; insertion order: oldest first
+        self._lock = threading.Lock()  # the NBD export may read from a thread per connection
+        self.gets = 0
+
+    def open(self) -> "SequentialReader":
+        return SequentialReader(self)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            return self._read_at(offset, length)
+
+    def _read_at(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        first, last = offset // self.BLOCK, (end - 1) // self.BLOCK
+        missing = [n for n in range(first, last + 1) if n not in self._blocks]
+        if missing:
+            self._fetch(missing[0], missing[-1])
+        data = b"".join(self._blocks[n] for n in range(first, last + 1))
+        return data[offset - first * self.BLOCK : end - first * self.BLOCK]
+
+    def _fetch(self, first: int, last: int) -> None:
+        start, stop = first * self.BLOCK, min((last + 1) * self.BLOCK, self.size)
+        self.gets += 1
+        with ObjectReader(self.name, f"bytes={start}-{stop - 1}", etag=self.etag) as reader:
+            for n in range(first, last + 1):
+                want = min(self.BLOCK, stop - n * self.BLOCK)
+                block = reader.read(want)
+                if len(block) != want:
+                    raise StagingUnavailable("The portal's file storage had a problem; try again in a moment.")
+                self._blocks.pop(n, None)
+                self._blocks[n] = block
+        while len(self._blocks) > max(self.BLOCKS_KEPT, last - first + 1):
+            del self._blocks[next(iter(self._blocks))]
+
+    def range_reader(self, offset: int, length: int) -> ObjectReader:
+        return ObjectReader(self.name, f"bytes={offset}-{offset + length - 1}", etag=self.etag)
+
+
+class SequentialReader(io.RawIOBase):
+    """The object from its start, read in order by ranged GETs of growing length (1 MiB first:
+    most formats are decided within it; up to 64 MiB for a file read through), each streamed in
+    the caller's buffers; closing stops after the current range."""
+
+    FIRST, LARGEST = 1024 * 1024, 64 * 1024 * 1024
+
+    def __init__(self, image: ObjectImage):
+        self.image = image
+        self.position = 0
+        self.window = self.FIRST
+        self.reader: ObjectReader | None = None
+        self.left = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.position >= self.image.size or not len(buffer):
+            return 0
+        if not self.left:
+            if self.reader is not None:
+                self.reader.close()
+            self.left = min(self.window, self.image.size - self.position)
+            self.reader = self.image.range_reader(self.position, self.left)
+            self.window = min(self.window * 4, self.LARGEST)
+        count = self.reader.readinto(memoryview(buffer)[: min(len(buffer), self.left)])
+        if not count:
+            raise StagingUnavailable("The portal's file storage had a problem; try again in a moment.")
+        self.left -= count
+        self.position += count
+        return count
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        super().close()
+
+
+def image(name: str) -> ObjectImage:
+    """The staged object as it is now, pinned (FileNotFoundError while it is not whole)."""
+    pinned = version(name)
+    if pinned is None:
+        raise FileNotFoundError(name)
+    return ObjectImage(name, pinned)
+
+
 def _scratch_dir() -> str:
     os.makedirs(settings.STAGING_SCRATCH_DIR, exist_ok=True)
     return settings.STAGING_SCRATCH_DIR
 
 
 @contextmanager
-def local_copy(name: str) -> Iterator[str]:
-    """A scratch copy of the object for a program that needs a file, after checking the
-    scratch folder has room for it (and the reserve); deleted when the block ends."""
+def local_copy(name: str, version: list | None = None) -> Iterator[str]:
+    """A scratch copy of the object (of that `version` only, when given) for a program that
+    needs a file (qemu-img convert), after checking the scratch folder has room for it (and the
+    reserve); deleted when the block ends."""
     folder = _scratch_dir()
-    with ObjectReader(name) as reader:
+    with open_for_reading(name, version) as reader:
         free = shutil.disk_usage(folder).free
         if free < reader.length + settings.STAGING_FREE_RESERVE_BYTES:
             _log().warning("staging: no scratch room for %s (%s bytes, %s free)", name, reader.length, free)
