@@ -1,13 +1,17 @@
 """Review in a real browser, two people at once: alice uploads, carol reviews (two browser
 contexts, so two sessions). Rejected with a reason, alice sees why, uploads a fixed file, carol
-approves it from the queue, and alice sees it Ready without reloading.
+approves it from the queue, and alice sees it Ready without reloading. alice's mails (rejected,
+then ready) arrive, and she reads the rejected upload's page in German as well.
 
 The worker's part runs in this test's thread (services.upload_push against the simulator); the
 tasks the services would queue are caught (task_queue), so no other module's worker sees them.
 """
 
+import time
+
 import pytest
 from django.contrib.auth.models import Permission
+from django.core import mail
 
 from tests.conftest import connect_cloud
 from tests.test_browser import browser_page, qcow2_file, screenshot  # noqa: F401  (browser_page: a fixture)
@@ -43,6 +47,26 @@ def pushed(upload: Upload) -> Upload:
     return upload
 
 
+def mail_arrives(address: str, subject_part: str, timeout: float = 30):
+    """The mail to `address` whose subject holds `subject_part`, once it is in the outbox."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [m for m in mail.outbox if m.to == [address] and subject_part in m.subject]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no mail to {address} about {subject_part!r}: {[m.subject for m in mail.outbox]}")
+
+
+@pytest.fixture
+def mails_here(settings, monkeypatch):
+    """Mails are sent in this process (the live server's thread or the test's) to Django's outbox."""
+    from portal.celery import app
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    monkeypatch.setattr(app.conf, "task_always_eager", True)
+
+
 @pytest.fixture
 def carol(django_user_model):
     user = django_user_model.objects.create_user("carol", "carol@example.com", "carol-pw-1234")
@@ -51,7 +75,7 @@ def carol(django_user_model):
 
 
 def test_rejected_with_a_reason_then_a_fixed_file_approved_and_ready(
-    live_server, settings, alice, carol, sim, task_queue, browser_page, tmp_path  # noqa: F811
+    live_server, settings, alice, carol, sim, task_queue, mails_here, browser_page, tmp_path  # noqa: F811
 ):
     settings.UPLOAD_REVIEW_REQUIRED = True
     connect_cloud(alice)
@@ -84,6 +108,21 @@ def test_rejected_with_a_reason_then_a_fixed_file_approved_and_ready(
     # alice sees the reason and the way on, without reloading.
     card.locator('[data-live="badge"]', has_text="Rejected").wait_for()
     assert "Install cloud-init first, please." in card.locator('[data-live="error-message"]').inner_text()
+    rejected_mail = mail_arrives("alice@example.com", "was rejected by a reviewer")
+    assert "Install cloud-init first, please." in rejected_mail.body
+    assert f"/uploads/{first.uid}/" in rejected_mail.body
+
+    # The same page in German, as a browser set to German shows it.
+    german = uploader.context.browser.new_context(locale="de-DE", viewport={"width": 1280, "height": 900}).new_page()
+    sign_in(german, live_server, "alice")
+    german.goto(f"{live_server.url}/uploads/{first.uid}/")
+    assert german.locator("html").get_attribute("lang") == "de"
+    german.locator('[data-live="badge"]', has_text="Abgelehnt").wait_for()
+    assert "Install cloud-init first, please." in german.locator('[data-live="error-message"]').inner_text()
+    assert "Meine Uploads" in german.locator("nav").inner_text()
+    screenshot(german, tmp_path, "rejected-de.png")
+    german.context.close()
+
     again = card.locator('[data-live="upload_again"]')
     assert again.is_visible() and "button--primary" in again.get_attribute("class")
     screenshot(uploader, tmp_path, "rejected.png")
@@ -109,3 +148,5 @@ def test_rejected_with_a_reason_then_a_fixed_file_approved_and_ready(
     uploader.locator('[data-live="badge"]', has_text="Ready").wait_for()
     assert fixed.ims_image_id in uploader.locator('[data-live="image-id"]').inner_text()
     assert [image["name"] for image in sim.images()] == [fixed.name]  # the rejected one never reached IMS
+    ready_mail = mail_arrives("alice@example.com", "is ready in IMS")
+    assert fixed.ims_image_id in ready_mail.body and f"/uploads/{fixed.uid}/" in ready_mail.body
