@@ -111,6 +111,11 @@ class Upload(models.Model):
     md5 = models.CharField(max_length=32, blank=True)
     sha512 = models.CharField(max_length=128, blank=True)
     staged_sha512 = models.CharField(max_length=128, blank=True)
+    # The staged file's sums as it arrived, when one web process hashed every byte of it
+    # (uploads/running_sums.py): {"md5", "sha512", "seal"} (staging/local.py seal()); empty when
+    # not (PATCHes on several processes, object staging). The push then trusts them while the
+    # seal holds, instead of hashing the file again while sending.
+    received_sums = models.JSONField(default=dict, blank=True, editable=False)
 
     # IMS's view of the image.
     ims_image_id = models.CharField(max_length=64, blank=True, db_index=True)

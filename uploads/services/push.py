@@ -16,6 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import diskimage, fairness, obs_import, staging
 from uploads.errors import PortalError, Problem, StagedFileMissing
+from uploads.filebody import Sealed
 from uploads.ims import HINT_CONTACT_ADMIN, HINT_RECONNECT, ImsClient
 from uploads.models import WORKING, ErrorCode, Status, Upload
 from uploads.services import cloud, dispatch, images
@@ -243,22 +244,47 @@ def _push_is_abandoned(upload: Upload) -> bool:
 
 
 def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
-    """Stream the file to the image; the bytes are inspected again on the way, so a file that
-    changed since it was checked stops the PUT (diskimage.FileChanged)."""
+    """Stream the file to the image, proving on the way that the bytes sent are the bytes
+    checked: a file sealed when it arrived (its sums computed then, `_sealed`) goes without
+    being read or hashed again, its tail held back until the seal is confirmed; any other file
+    is hashed while it is sent and its bytes inspected again on the way. Either way a file that
+    changed since it was checked stops the PUT before its end (diskimage.FileChanged)."""
     try:
         staged = staging.open_for_reading(upload.converted_name or upload.staged_name)
     except FileNotFoundError:  # not an error of IMS: the file to send is gone
         raise StagedFileMissing() from None
     with staged:
-        body = diskimage.wrap_stream(staged, upload.send_format, size=upload.send_size)
+        sealed = _sealed(upload, staged)
+        body = staged if sealed else diskimage.wrap_stream(staged, upload.send_format, size=upload.send_size)
         result = client.upload_file(
-            upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
+            upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt),
+            sealed=sealed,
         )
     sums = {"md5": result.md5, "sha512": result.sha512}
     if not upload.converted_name:  # what was sent is the file as uploaded
         sums["staged_sha512"] = result.sha512
     save(upload, attempt, **sums)
-    note(upload, f"Sent {human_size(result.sent_bytes)} to IMS (md5 {result.md5})")
+    how = " (sums computed as it arrived; sealed since)" if sealed else ""
+    note(upload, f"Sent {human_size(result.sent_bytes)} to IMS (md5 {result.md5}){how}")
+
+
+def _sealed(upload: Upload, staged) -> Sealed | None:
+    """The staged file as it arrived, with the sums computed then, when that is what is sent and
+    its seal still holds (uploads/staging/local.py seal()); None: hash it while sending."""
+    received = upload.received_sums
+    if upload.converted_name or not received or staging.is_object_storage():
+        return None
+    seal = received["seal"]
+    fd = staged.fileno()
+    if seal["size"] != upload.send_size or not staging.local.seal_holds(fd, seal):
+        note(upload, "The staged file changed since it arrived: its sums are computed again while sending")
+        return None
+
+    def confirm(tail: bytes) -> None:
+        if not staging.local.tail_holds(fd, seal, tail):
+            raise diskimage.FileChanged("the staged file changed while it was being sent (its seal broke)")
+
+    return Sealed(md5=received["md5"], sha512=received["sha512"], tail_size=seal["tail_size"], confirm=confirm)
 
 
 def _progress_recorder(upload: Upload, attempt: int):

@@ -4,6 +4,7 @@ chunks, and expiring an upload that was never finished."""
 import hashlib
 import logging
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import BinaryIO
 
@@ -14,7 +15,8 @@ from django.db.models import Count, QuerySet, Sum
 from django.urls import reverse
 from django.utils import timezone
 
-from uploads import staging
+from uploads import running_sums, staging
+from uploads.filebody import Hashing
 from uploads.models import FINISHED, ErrorCode, Status, Upload
 from uploads.services import dispatch
 from uploads.services.state import ServiceError, delete_staged, duration, move, note
@@ -141,6 +143,11 @@ def upload_receive(
     end. A writer silent for REQUEST_IDLE_TIMEOUT_SECONDS is taken over by the next PATCH
     (staging.TakenOver then ends the silent one). The row is only ever moved forward, and only
     while it is receiving (UploadStopped otherwise: a cancel during the chunk wins).
+
+    In local staging, the MD5 and SHA-512 of the file are computed on the way in when this
+    process has them up to `offset` (uploads/running_sums.py); the PATCH that writes the last
+    byte then seals the file and records both sums with it (`Upload.received_sums`), so that
+    the push need not hash it again.
     """
     try:
         writer = staging.locked_for_writing(upload.staged_name, settings.REQUEST_IDLE_TIMEOUT_SECONDS)
@@ -150,9 +157,14 @@ def upload_receive(
                 raise UploadStopped()
             if received != offset:
                 raise OffsetConflict(received)
-            new_offset = offset + _write_chunk(upload, staged, offset, stream, length, checksum)
-            if not staged.record(lambda: record_received(upload, new_offset)):
+            # Taken only now, as this request's alone: the offset is the recorded one and locked.
+            sums = None if staging.is_object_storage() else running_sums.take(upload.pk, offset)
+            new_offset = offset + _write_chunk(upload, staged, offset, stream, length, checksum, sums)
+            done = _received_sums(staged, sums) if sums is not None and new_offset == upload.size else {}
+            if not staged.record(lambda: record_received(upload, new_offset, **done)):
                 raise UploadStopped()
+            if sums is not None and new_offset < upload.size:
+                running_sums.keep(upload.pk, sums)
     except FileNotFoundError:  # the staged file was deleted: cancelled or expired meanwhile
         raise UploadStopped() from None
     if new_offset == upload.size and move(upload, Status.RECEIVED, "All bytes received"):
@@ -160,10 +172,17 @@ def upload_receive(
     return new_offset
 
 
+def _received_sums(staged: staging.Writer, sums: running_sums.RunningSums) -> dict:
+    md5, sha512 = sums.hexdigests()
+    return {"received_sums": {"md5": md5, "sha512": sha512, "seal": staged.seal()}}
+
+
 def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: BinaryIO, length: int,
-                 checksum: tuple[str, bytes] | None) -> int:
-    """Write the chunk; returns how many bytes of it were kept."""
+                 checksum: tuple[str, bytes] | None, sums: running_sums.RunningSums | None = None) -> int:
+    """Write the chunk; returns how many bytes of it were kept. `sums`, when given, go on over
+    exactly those bytes (and are put back as they were when the chunk is not kept)."""
     hasher = hashlib.new(checksum[0]) if checksum else None
+    before = sums.copy() if sums is not None and checksum else None
     last_record = time.monotonic()
 
     def progress(written: int) -> None:
@@ -174,23 +193,31 @@ def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: Bi
                 raise UploadStopped()
 
     try:
-        written = staging.write_at(staged, offset, stream, length, hasher, None if checksum else progress)
+        with Hashing(sums.md5, sums.sha512) if sums is not None else nullcontext() as hashing:
+            written = staging.write_at(staged, offset, stream, length, hasher, None if checksum else progress,
+                                       hashing=hashing)
     except staging.StagingFull as full:
         if not checksum:  # what was written before the disk filled up is kept
             staged.record(lambda: record_received(upload, offset + full.written))
         raise
     if checksum and hasher.digest() != checksum[1]:
         staged.truncate(offset)
+        if before is not None:
+            running_sums.keep(upload.pk, before)
         raise ChecksumMismatch()
+    if sums is not None:
+        sums.offset = offset + written
     return written
 
 
-def record_received(upload: Upload, received: int) -> bool:
-    """Write the bytes received, forward only and only while receiving; False when the row
-    stopped receiving (a cancel or expiry won). The expiry stays where creation put it: bytes
-    that trickle in do not push it back."""
+def record_received(upload: Upload, received: int, **fields) -> bool:
+    """Write the bytes received (and `fields` with them), forward only and only while receiving;
+    False when the row stopped receiving (a cancel or expiry won). The expiry stays where
+    creation put it: bytes that trickle in do not push it back."""
     rows = Upload.objects.filter(pk=upload.pk, status=Status.RECEIVING, received_bytes__lte=received)
-    if not rows.update(received_bytes=received):
+    if not rows.update(received_bytes=received, **fields):
         return False
     upload.received_bytes = received
+    for key, value in fields.items():
+        setattr(upload, key, value)
     return True

@@ -6,6 +6,7 @@ one fixed-size buffer at a time, so that a chunk of any size never sits in memor
 
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 import struct
@@ -151,6 +152,10 @@ class Writer:
             self._check()
             return self.file.write(view)
 
+    def seal(self) -> dict:
+        """The staged file's seal (see seal()), taken after this writer's last write."""
+        return seal(self.file.fileno())
+
     def record(self, update: Callable[[], bool]) -> bool:
         """Run `update` (a database write of the progress) only while still the writer."""
         with self._turn():
@@ -194,42 +199,56 @@ def locked_for_writing(name: str, idle_seconds: float = 60) -> Writer:
 
 
 def write_at(staged, offset: int, body, length: int, hasher=None,
-             progress: Callable[[int], None] | None = None) -> int:
+             progress: Callable[[int], None] | None = None, hashing=None) -> int:
     """Copy up to `length` bytes from `body` (anything with `readinto()`, see request_body.py)
-    into the staged file (a Writer, or a plain file) at `offset`, through one reused buffer.
+    into the staged file (a Writer, or a plain file) at `offset`, through reused buffers.
 
     Returns how many bytes were written; a client that goes away mid-chunk, or sends nothing
     for the idle timeout, leaves what arrived, and the caller records that as the new offset.
     Bytes past the offset from an earlier, interrupted write are cut off first, so the file
     always ends at the recorded offset. `hasher` (a hashlib object), when given, sees every
     byte written; `progress`, when given, is told the count written after each buffer.
+    `hashing` (a started filebody.Hashing), when given, is handed each buffer once it is
+    written, exactly the bytes written and nothing else; it hashes in threads of its own while
+    the next buffer arrives (two buffers take turns), and all of it is hashed on return.
     """
     written = 0
     staged.truncate(offset)
     staged.seek(offset)
-    buffer = memoryview(bytearray(min(BUFFER_SIZE, max(length, 1))))
-    while written < length:
-        try:
-            count = body.readinto(buffer[: min(len(buffer), length - written)])
-        except OSError:  # the client went away mid-chunk
-            break
-        if not count:
-            break
-        chunk = buffer[:count]
-        if hasher is not None:
-            hasher.update(chunk)
-        try:
-            with _ONE_WRITER:
-                _write_all(staged, chunk)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                # Give back the space of the buffer that did not fit; what came before it stays.
-                staged.truncate(offset + written)
-                raise StagingFull(staged.name, written) from None
-            raise
-        written += count
-        if progress is not None:
-            progress(written)
+    size = min(BUFFER_SIZE, max(length, 1))
+    buffers = [memoryview(bytearray(size)) for _ in range(2 if hashing is not None else 1)]
+    turn = 0
+    try:
+        while written < length:
+            buffer = buffers[turn]
+            try:
+                count = body.readinto(buffer[: min(len(buffer), length - written)])
+            except OSError:  # the client went away mid-chunk
+                break
+            if not count:
+                break
+            chunk = buffer[:count]
+            if hasher is not None:
+                hasher.update(chunk)
+            try:
+                with _ONE_WRITER:
+                    _write_all(staged, chunk)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    # Give back the space of the buffer that did not fit; what came before it stays.
+                    staged.truncate(offset + written)
+                    raise StagingFull(staged.name, written) from None
+                raise
+            if hashing is not None:
+                hashing.wait()  # the other buffer is hashed: it may be filled again next
+                hashing.add(chunk)
+                turn = 1 - turn
+            written += count
+            if progress is not None:
+                progress(written)
+    finally:
+        if hashing is not None:
+            hashing.wait()
     return written
 
 
@@ -255,6 +274,51 @@ def version(name: str) -> list | None:
 
 def exists(name: str) -> bool:
     return size(name) is not None
+
+
+# How many bytes at each end of a sealed file are also sealed by digest (see seal()).
+SEAL_SAMPLE = 1024 * 1024
+
+
+def seal(fd: int) -> dict:
+    """What proves later that a received file is still the one whose sums were computed as it
+    arrived: its size, inode, device and modification time (every write or truncation sets the
+    modification time, a replacement brings another inode; since Linux 6.13 a change right after
+    a stat() gets a fine-grained time, so no write hides in the clock's tick), and the SHA-256 of
+    its first and last SEAL_SAMPLE bytes. Not the change time: the check's hard link to the file
+    (uploads/qemu.py `_alone`) changes it without touching a byte. Taken by the writer after its
+    last write; `seal_holds()` and `tail_holds()` compare."""
+    stat = os.fstat(fd)
+    size = stat.st_size
+    tail_size = min(SEAL_SAMPLE, size)
+    return {
+        **_stat_fields(stat),
+        "head": hashlib.sha256(os.pread(fd, min(SEAL_SAMPLE, size), 0)).hexdigest(),
+        "tail_size": tail_size,
+        "tail": hashlib.sha256(os.pread(fd, tail_size, size - tail_size)).hexdigest(),
+    }
+
+
+def _stat_fields(stat: os.stat_result) -> dict:
+    return {"size": stat.st_size, "ino": stat.st_ino, "dev": stat.st_dev, "mtime_ns": stat.st_mtime_ns}
+
+
+def seal_holds(fd: int, sealed: dict) -> bool:
+    """The open file is still the sealed one: same stat fields, same first and last bytes."""
+    if not sealed or _stat_fields(os.fstat(fd)) != {key: sealed.get(key) for key in _STAT_KEYS}:
+        return False
+    head = os.pread(fd, min(SEAL_SAMPLE, sealed["size"]), 0)
+    return hashlib.sha256(head).hexdigest() == sealed["head"] and tail_holds(
+        fd, sealed, os.pread(fd, sealed["tail_size"], sealed["size"] - sealed["tail_size"]))
+
+
+def tail_holds(fd: int, sealed: dict, tail: bytes) -> bool:
+    """`tail`, just read from the open file, is its sealed tail, and the file is unchanged."""
+    return (_stat_fields(os.fstat(fd)) == {key: sealed.get(key) for key in _STAT_KEYS}
+            and hashlib.sha256(tail).hexdigest() == sealed["tail"])
+
+
+_STAT_KEYS = ("size", "ino", "dev", "mtime_ns")
 
 
 def open_for_reading(name: str) -> BinaryIO:
