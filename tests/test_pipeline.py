@@ -269,7 +269,7 @@ def test_cancel_mid_push_stops_the_put_and_removes_everything(alice_connected, s
     assert upload.status == Status.CANCELLED
     assert not (staging_dir / upload.staged_name).exists()
     assert sim.images() == []
-    assert "Sending stopped" in timeline(upload)
+    assert "Sending stopped" in timeline(upload), " | ".join(timeline(upload))
 
 
 def test_retry_is_refused_while_an_upload_is_being_sent(alice_connected, sim):

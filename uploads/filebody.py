@@ -87,7 +87,7 @@ class SealedBody(FileBody):
     # A slice takes about SLICE_SECONDS at the rate so far (so progress and a cancel are seen as
     # often as with requests' buffers), and SLICE_SIZE at the most: a few dozen calls per GiB.
     SLICE_SIZE = 64 * 1024 * 1024
-    FIRST_SLICE = 4 * 1024 * 1024
+    FIRST_SLICE = 1024 * 1024
     SLICE_SECONDS = 0.5
 
     def __init__(self, fileobj, size, buffer_size, on_progress, sealed: Sealed):
