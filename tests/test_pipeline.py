@@ -659,7 +659,7 @@ def test_sums_computed_as_the_file_arrives_are_sent_without_hashing_again(alice_
         assert upload.received_sums["md5"] == hashlib.md5(data).hexdigest()
         assert upload.received_sums["sha512"] == hashlib.sha512(data).hexdigest()
     else:
-        assert upload.received_sums == {}  # object staging: hashed while sending
+        assert "seal" not in upload.received_sums  # object staging: hashed while sending
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.READY
@@ -670,11 +670,12 @@ def test_sums_computed_as_the_file_arrives_are_sent_without_hashing_again(alice_
     assert (SEALED_NOTE in sent_note(upload)) == (staging_backend == "local"), " | ".join(timeline(upload))
 
 
-def test_patches_that_landed_on_another_process_are_hashed_while_sending(alice_connected, sim):
+def test_an_upload_whose_saved_sums_are_lost_is_hashed_while_sending(alice_connected, sim):
     data = bytes(512) + os.urandom(2_000_000)
-    # The second PATCH finds no sums in this process, as when it lands on another one.
-    upload = received_in_chunks(alice_connected, data, 3, between=lambda u: running_sums.forget(u.pk))
-    assert upload.received_sums == {}
+    # As when a PATCH's process died after a progress record: the state is not of the offset.
+    upload = received_in_chunks(alice_connected, data, 3,
+                                between=lambda u: Upload.objects.filter(pk=u.pk).update(received_sums={}))
+    assert "seal" not in upload.received_sums
     services.upload_push(upload_id=upload.pk)
     upload.refresh_from_db()
     assert upload.status == Status.READY and upload.md5 == hashlib.md5(data).hexdigest()
@@ -714,6 +715,49 @@ def test_a_client_that_goes_away_mid_chunk_leaves_the_running_sums_right(alice_c
     received = services.upload_receive(upload=upload, offset=0, stream=GoneAfter(data), length=len(data))
     assert received == cut
     services.upload_receive(upload=upload, offset=cut, stream=io.BytesIO(data[cut:]), length=len(data) - cut)
+    upload.refresh_from_db()
+    assert upload.received_sums["md5"] == hashlib.md5(data).hexdigest()
+    assert upload.received_sums["sha512"] == hashlib.sha512(data).hexdigest()
+
+
+def test_running_sums_saved_and_restored_equal_hashlibs():
+    data = os.urandom(3_000_001)
+    sums = running_sums.start_or_restore({}, 0)
+    for start, end in ((0, 1), (1, 70_000), (70_000, 1_500_000)):
+        sums.md5.update(data[start:end])  # bytes (read-only) as well as buffers
+        sums.sha512.update(bytearray(data[start:end]))
+    sums.offset = 1_500_000
+    again = running_sums.start_or_restore(sums.saved(), 1_500_000)
+    again.md5.update(memoryview(bytearray(data[1_500_000:])))
+    again.sha512.update(data[1_500_000:])
+    assert again.hexdigests() == (hashlib.md5(data).hexdigest(), hashlib.sha512(data).hexdigest())
+    assert sums.md5.hexdigest() == hashlib.md5(data[:1_500_000]).hexdigest()  # a digest ends nothing
+    assert running_sums.start_or_restore(sums.saved(), 1_500_001) is None  # not of this offset
+    assert running_sums.start_or_restore({**sums.saved(), "kind": "openssl-1-arm"}, 1_500_000) is None
+    assert running_sums.start_or_restore({}, 5) is None
+
+
+def test_the_sums_go_on_from_a_state_saved_in_the_row_by_another_process(alice_connected, sim, staging_dir):
+    import json
+    import subprocess
+    import sys
+
+    data = bytes(512) + os.urandom(2_500_000)
+    upload = services.upload_create(owner=alice_connected, size=len(data), filename="w.raw", name="w",
+                                    disk_format="raw")
+    services.upload_receive(upload=upload, offset=0, stream=io.BytesIO(data[:1_000_000]), length=1_000_000)
+    upload.refresh_from_db()
+    # Another process (another interpreter, its own OpenSSL contexts) goes on from the saved state.
+    script = (
+        "import sys, json, hashlib; from uploads import running_sums; "
+        "sums = running_sums.start_or_restore(json.loads(sys.argv[1]), 1_000_000); "
+        "sums.md5.update(sys.stdin.buffer.read()); print(sums.md5.hexdigest())"
+    )
+    other = subprocess.run([sys.executable, "-c", script, json.dumps(upload.received_sums)], input=data[1_000_000:],
+                           capture_output=True, check=True, cwd=os.getcwd())
+    assert other.stdout.decode().strip() == hashlib.md5(data).hexdigest()
+    services.upload_receive(upload=upload, offset=1_000_000, stream=io.BytesIO(data[1_000_000:]),
+                            length=len(data) - 1_000_000)
     upload.refresh_from_db()
     assert upload.received_sums["md5"] == hashlib.md5(data).hexdigest()
     assert upload.received_sums["sha512"] == hashlib.sha512(data).hexdigest()

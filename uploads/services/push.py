@@ -272,8 +272,8 @@ def _sealed(upload: Upload, staged) -> Sealed | None:
     """The staged file as it arrived, with the sums computed then, when that is what is sent and
     its seal still holds (uploads/staging/local.py seal()); None: hash it while sending."""
     received = upload.received_sums
-    if upload.converted_name or not received or staging.is_object_storage():
-        return None
+    if upload.converted_name or not received.get("seal") or staging.is_object_storage():
+        return None  # ("seal" is missing too while only the state of a PATCH before the last is kept)
     seal = received["seal"]
     fd = staged.fileno()
     if seal["size"] != upload.send_size or not staging.local.seal_holds(fd, seal):

@@ -144,27 +144,25 @@ def upload_receive(
     (staging.TakenOver then ends the silent one). The row is only ever moved forward, and only
     while it is receiving (UploadStopped otherwise: a cancel during the chunk wins).
 
-    In local staging, the MD5 and SHA-512 of the file are computed on the way in when this
-    process has them up to `offset` (uploads/running_sums.py); the PATCH that writes the last
-    byte then seals the file and records both sums with it (`Upload.received_sums`), so that
-    the push need not hash it again.
+    In local staging, the MD5 and SHA-512 of the file are computed on the way in, going on from
+    the state the PATCH before saved with the offset (`Upload.received_sums`: uploads/
+    running_sums.py); the PATCH that writes the last byte seals the file and records both sums
+    with it (`{"md5", "sha512", "seal"}`), so that the push need not hash it again.
     """
     try:
         writer = staging.locked_for_writing(upload.staged_name, settings.REQUEST_IDLE_TIMEOUT_SECONDS)
         with writer as staged:
-            status, received = Upload.objects.values_list("status", "received_bytes").get(pk=upload.pk)
+            status, received, saved = Upload.objects.values_list(
+                "status", "received_bytes", "received_sums").get(pk=upload.pk)
             if status != Status.RECEIVING:
                 raise UploadStopped()
             if received != offset:
                 raise OffsetConflict(received)
-            # Taken only now, as this request's alone: the offset is the recorded one and locked.
-            sums = None if staging.is_object_storage() else running_sums.take(upload.pk, offset)
+            sums = None if staging.is_object_storage() else running_sums.start_or_restore(saved, offset)
             new_offset = offset + _write_chunk(upload, staged, offset, stream, length, checksum, sums)
-            done = _received_sums(staged, sums) if sums is not None and new_offset == upload.size else {}
-            if not staged.record(lambda: record_received(upload, new_offset, **done)):
+            fields = _sums_fields(staged, sums, upload.size)
+            if not staged.record(lambda: record_received(upload, new_offset, **fields)):
                 raise UploadStopped()
-            if sums is not None and new_offset < upload.size:
-                running_sums.keep(upload.pk, sums)
     except FileNotFoundError:  # the staged file was deleted: cancelled or expired meanwhile
         raise UploadStopped() from None
     if new_offset == upload.size and move(upload, Status.RECEIVED, "All bytes received"):
@@ -172,7 +170,13 @@ def upload_receive(
     return new_offset
 
 
-def _received_sums(staged: staging.Writer, sums: running_sums.RunningSums) -> dict:
+def _sums_fields(staged: staging.Writer, sums: running_sums.RunningSums | None, size: int) -> dict:
+    """What the row keeps of the sums with the new offset: their state for the next PATCH, or
+    at the last byte the sums themselves and the file's seal; nothing when not hashing."""
+    if sums is None:
+        return {}
+    if sums.offset < size:
+        return {"received_sums": sums.saved()}
     md5, sha512 = sums.hexdigests()
     return {"received_sums": {"md5": md5, "sha512": sha512, "seal": staged.seal()}}
 
@@ -180,9 +184,8 @@ def _received_sums(staged: staging.Writer, sums: running_sums.RunningSums) -> di
 def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: BinaryIO, length: int,
                  checksum: tuple[str, bytes] | None, sums: running_sums.RunningSums | None = None) -> int:
     """Write the chunk; returns how many bytes of it were kept. `sums`, when given, go on over
-    exactly those bytes (and are put back as they were when the chunk is not kept)."""
+    exactly those bytes (a chunk that is not kept leaves the state saved in the row as it was)."""
     hasher = hashlib.new(checksum[0]) if checksum else None
-    before = sums.copy() if sums is not None and checksum else None
     last_record = time.monotonic()
 
     def progress(written: int) -> None:
@@ -202,8 +205,6 @@ def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: Bi
         raise
     if checksum and hasher.digest() != checksum[1]:
         staged.truncate(offset)
-        if before is not None:
-            running_sums.keep(upload.pk, before)
         raise ChecksumMismatch()
     if sums is not None:
         sums.offset = offset + written
