@@ -720,6 +720,17 @@ def test_a_client_that_goes_away_mid_chunk_leaves_the_running_sums_right(alice_c
     assert upload.received_sums["sha512"] == hashlib.sha512(data).hexdigest()
 
 
+def test_with_hashing_on_arrival_off_the_push_hashes_while_sending(alice_connected, sim, settings):
+    settings.UPLOAD_HASH_ON_ARRIVAL = False
+    data = bytes(512) + os.urandom(1_000_000)
+    upload = received_in_chunks(alice_connected, data, 2)
+    assert upload.received_sums == {}
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.sha512 == hashlib.sha512(data).hexdigest()
+    assert SEALED_NOTE not in sent_note(upload)
+
+
 def test_running_sums_saved_and_restored_equal_hashlibs():
     data = os.urandom(3_000_001)
     sums = running_sums.start_or_restore({}, 0)

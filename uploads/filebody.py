@@ -141,13 +141,15 @@ class Hashing:
     """MD5 and SHA-512 of the bytes added, each computed in a thread of its own beside the caller.
 
     Hashing costs more CPU than sending or receiving (bench/README.md has the figures): in the
-    caller's thread it would halve the speed. hashlib lets go of the GIL while it hashes, so
-    the three threads run on whatever cores are free. At most QUEUED buffers wait for each hash,
-    so memory stays bounded. Use it as a context manager: leaving it waits for the last buffer.
+    caller's thread it would halve the speed. hashlib (and running_sums' OpenSSL contexts) let
+    go of the GIL while they hash, so the three threads run on whatever cores are free. At most
+    QUEUED buffers wait for each hash, so memory stays bounded. Use it as a context manager:
+    leaving it waits for the last buffer.
 
-    `add()` takes bytes the caller will not change; a caller that reuses its buffer calls
-    `wait()` (every buffer added so far is hashed) before it writes into a buffer it added.
-    `md5`, `sha512`: hashlib objects to continue (the sums of what came before), or new ones.
+    `add()` takes bytes the caller will not change and returns a ticket; a caller that reuses
+    its buffers calls `wait(ticket)` (that buffer, and every one before it, is hashed) before it
+    writes into a buffer it added. `md5`, `sha512`: objects with update() to continue (the sums
+    of what came before), or new hashlib ones.
     """
 
     QUEUED = 8
@@ -156,9 +158,13 @@ class Hashing:
         self.md5 = md5 if md5 is not None else hashlib.md5(usedforsecurity=False)
         self.sha512 = sha512 if sha512 is not None else hashlib.sha512()
         self._queues = [queue.Queue(maxsize=self.QUEUED) for _ in range(2)]
+        self._added = 0
+        self._hashed = [0, 0]
+        self._progress = threading.Condition()
         self._threads = [
-            threading.Thread(target=self._run, args=(hasher, line), name=f"hash-{hasher.name}", daemon=True)
-            for hasher, line in zip((self.md5, self.sha512), self._queues)
+            threading.Thread(target=self._run, args=(index, hasher, line), name=f"hash-{hasher.name}",
+                             daemon=True)
+            for index, (hasher, line) in enumerate(zip((self.md5, self.sha512), self._queues))
         ]
 
     def __enter__(self):
@@ -172,24 +178,24 @@ class Hashing:
         for thread in self._threads:
             thread.join()
 
-    def add(self, chunk) -> None:
+    def add(self, chunk) -> int:
         for line in self._queues:
             line.put(chunk)
+        self._added += 1
+        return self._added
 
-    def wait(self) -> None:
-        for line in self._queues:
-            line.join()
+    def wait(self, ticket: int | None = None) -> None:
+        """Until the buffer of `ticket` (by default: the last one added) is hashed by both."""
+        upto = self._added if ticket is None else ticket
+        with self._progress:
+            self._progress.wait_for(lambda: min(self._hashed) >= upto)
 
-    @staticmethod
-    def _run(hasher, line: queue.Queue) -> None:
-        while True:
-            chunk = line.get()
-            try:
-                if chunk is None:
-                    return
-                hasher.update(chunk)
-            finally:
-                line.task_done()
+    def _run(self, index: int, hasher, line: queue.Queue) -> None:
+        while (chunk := line.get()) is not None:
+            hasher.update(chunk)
+            with self._progress:
+                self._hashed[index] += 1
+                self._progress.notify_all()
 
 
 class Aborted(IOError):

@@ -158,7 +158,7 @@ def upload_receive(
                 raise UploadStopped()
             if received != offset:
                 raise OffsetConflict(received)
-            sums = None if staging.is_object_storage() else running_sums.start_or_restore(saved, offset)
+            sums = running_sums.start_or_restore(saved, offset) if _hashes_on_arrival() else None
             new_offset = offset + _write_chunk(upload, staged, offset, stream, length, checksum, sums)
             fields = _sums_fields(staged, sums, upload.size)
             if not staged.record(lambda: record_received(upload, new_offset, **fields)):
@@ -168,6 +168,11 @@ def upload_receive(
     if new_offset == upload.size and move(upload, Status.RECEIVED, "All bytes received"):
         dispatch.enqueue_push(upload.pk)
     return new_offset
+
+
+def _hashes_on_arrival() -> bool:
+    """Object staging keeps hashing while sending (its reads are streamed anyway)."""
+    return settings.UPLOAD_HASH_ON_ARRIVAL and not staging.is_object_storage()
 
 
 def _sums_fields(staged: staging.Writer, sums: running_sums.RunningSums | None, size: int) -> dict:

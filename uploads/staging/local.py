@@ -21,6 +21,8 @@ from django.core.files.storage import storages
 from uploads.staging.errors import StagingBusy, StagingFull, TakenOver
 
 BUFFER_SIZE = 1024 * 1024
+# Buffers of a chunk whose bytes are hashed on the way in (write_at's `hashing`): 4 MiB per PATCH.
+HASHED_BUFFERS = 4
 # The file beside a staged file that names the request writing into it (see Writer).
 WRITER_SUFFIX = ".writer"
 # How long a write waits for another request's write into the same file to end.
@@ -210,17 +212,21 @@ def write_at(staged, offset: int, body, length: int, hasher=None,
     byte written; `progress`, when given, is told the count written after each buffer.
     `hashing` (a started filebody.Hashing), when given, is handed each buffer once it is
     written, exactly the bytes written and nothing else; it hashes in threads of its own while
-    the next buffer arrives (two buffers take turns), and all of it is hashed on return.
+    the next buffers arrive (HASHED_BUFFERS take turns, so that a hashing thread that waits a
+    moment for a core does not stop the receiving), and all of it is hashed on return.
     """
     written = 0
     staged.truncate(offset)
     staged.seek(offset)
     size = min(BUFFER_SIZE, max(length, 1))
-    buffers = [memoryview(bytearray(size)) for _ in range(2 if hashing is not None else 1)]
+    buffers = [memoryview(bytearray(size)) for _ in range(HASHED_BUFFERS if hashing is not None else 1)]
+    tickets = [0] * len(buffers)
     turn = 0
     try:
         while written < length:
             buffer = buffers[turn]
+            if tickets[turn]:
+                hashing.wait(tickets[turn])  # this buffer's bytes are hashed: it may be filled again
             try:
                 count = body.readinto(buffer[: min(len(buffer), length - written)])
             except OSError:  # the client went away mid-chunk
@@ -240,9 +246,8 @@ def write_at(staged, offset: int, body, length: int, hasher=None,
                     raise StagingFull(staged.name, written) from None
                 raise
             if hashing is not None:
-                hashing.wait()  # the other buffer is hashed: it may be filled again next
-                hashing.add(chunk)
-                turn = 1 - turn
+                tickets[turn] = hashing.add(chunk)
+                turn = (turn + 1) % len(buffers)
             written += count
             if progress is not None:
                 progress(written)
