@@ -731,6 +731,25 @@ def test_with_hashing_on_arrival_off_the_push_hashes_while_sending(alice_connect
     assert SEALED_NOTE not in sent_note(upload)
 
 
+def test_hashing_that_cannot_keep_up_is_abandoned_and_the_push_hashes(alice_connected, sim, staging_dir,
+                                                                       monkeypatch):
+    import time
+
+    from uploads.staging import local
+
+    monkeypatch.setattr(local, "HASH_WAIT_GRACE", 0)
+    monkeypatch.setattr(local, "HASH_WAIT_SHARE", 0.0)
+    slow = running_sums._Context.update
+    monkeypatch.setattr(running_sums._Context, "update", lambda self, data: time.sleep(0.02) or slow(self, data))
+    data = bytes(512) + os.urandom(12 * 1024 * 1024)  # 6 MiB chunks: more than the four buffers
+    upload = received_in_chunks(alice_connected, data, 2)
+    assert upload.received_sums == {}  # the bytes did not wait for the hashes
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.sha512 == hashlib.sha512(data).hexdigest()
+    assert SEALED_NOTE not in sent_note(upload)
+
+
 def test_running_sums_saved_and_restored_equal_hashlibs():
     data = os.urandom(3_000_001)
     sums = running_sums.start_or_restore({}, 0)

@@ -84,6 +84,7 @@ class RunningSums:
 
     def __init__(self, offset: int = 0, md5: _Context | None = None, sha512: _Context | None = None):
         self.offset = offset
+        self.abandoned = False  # the receiving outran the hashing: these sums are worth nothing
         self.md5 = md5 or _Context("md5")
         self.sha512 = sha512 or _Context("sha512")
 

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # While a PATCH streams, the bytes received are written to the row at most this often, so that
 # My uploads moves during a 50 MB chunk; at the end of the chunk they are written in any case.
 RECEIVE_PROGRESS_SECONDS = 1.0
+# The nice value of the threads that hash a chunk as it arrives.
+HASH_NICENESS = 10
 
 
 class UploadLimitReached(ServiceError):
@@ -180,6 +182,8 @@ def _sums_fields(staged: staging.Writer, sums: running_sums.RunningSums | None, 
     at the last byte the sums themselves and the file's seal; nothing when not hashing."""
     if sums is None:
         return {}
+    if sums.abandoned:  # the receiving outran the hashing: from here on the push hashes
+        return {"received_sums": {}}
     if sums.offset < size:
         return {"received_sums": sums.saved()}
     md5, sha512 = sums.hexdigests()
@@ -201,7 +205,9 @@ def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: Bi
                 raise UploadStopped()
 
     try:
-        with Hashing(sums.md5, sums.sha512) if sums is not None else nullcontext() as hashing:
+        # The hashing threads give way to the receiving (and the client, on the same machine).
+        hashing = Hashing(sums.md5, sums.sha512, niceness=HASH_NICENESS) if sums is not None else nullcontext()
+        with hashing as hashing:
             written = staging.write_at(staged, offset, stream, length, hasher, None if checksum else progress,
                                        hashing=hashing)
     except staging.StagingFull as full:
@@ -213,6 +219,7 @@ def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: Bi
         raise ChecksumMismatch()
     if sums is not None:
         sums.offset = offset + written
+        sums.abandoned = hashing.abandoned
     return written
 
 

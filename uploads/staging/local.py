@@ -23,6 +23,10 @@ from uploads.staging.errors import StagingBusy, StagingFull, TakenOver
 BUFFER_SIZE = 1024 * 1024
 # Buffers of a chunk whose bytes are hashed on the way in (write_at's `hashing`): 4 MiB per PATCH.
 HASHED_BUFFERS = 4
+# Hashing on the way in is abandoned when the received bytes waited for it more than this share
+# of a PATCH's time, once HASH_WAIT_GRACE bytes are in (bench/README.md, issue 12).
+HASH_WAIT_SHARE = 0.1
+HASH_WAIT_GRACE = 32 * 1024 * 1024
 # The file beside a staged file that names the request writing into it (see Writer).
 WRITER_SUFFIX = ".writer"
 # How long a write waits for another request's write into the same file to end.
@@ -213,7 +217,10 @@ def write_at(staged, offset: int, body, length: int, hasher=None,
     `hashing` (a started filebody.Hashing), when given, is handed each buffer once it is
     written, exactly the bytes written and nothing else; it hashes in threads of its own while
     the next buffers arrive (HASHED_BUFFERS take turns, so that a hashing thread that waits a
-    moment for a core does not stop the receiving), and all of it is hashed on return.
+    moment for a core does not stop the receiving), and all of it is hashed on return. Hashing
+    never slows the receiving for long: when the bytes wait for it more than HASH_WAIT_SHARE of
+    the time (the cores are busy, the client is faster than the hashes), it is abandoned
+    (`hashing.abandoned`: its sums are worth nothing, the push hashes instead).
     """
     written = 0
     staged.truncate(offset)
@@ -222,11 +229,16 @@ def write_at(staged, offset: int, body, length: int, hasher=None,
     buffers = [memoryview(bytearray(size)) for _ in range(HASHED_BUFFERS if hashing is not None else 1)]
     tickets = [0] * len(buffers)
     turn = 0
+    started, waited = time.monotonic(), 0.0
     try:
         while written < length:
             buffer = buffers[turn]
-            if tickets[turn]:
+            if tickets[turn] and not hashing.done(tickets[turn]):
+                began = time.monotonic()
                 hashing.wait(tickets[turn])  # this buffer's bytes are hashed: it may be filled again
+                waited += time.monotonic() - began
+                if written >= HASH_WAIT_GRACE and waited > HASH_WAIT_SHARE * (time.monotonic() - started):
+                    hashing.abandon()
             try:
                 count = body.readinto(buffer[: min(len(buffer), length - written)])
             except OSError:  # the client went away mid-chunk
@@ -245,7 +257,7 @@ def write_at(staged, offset: int, body, length: int, hasher=None,
                     staged.truncate(offset + written)
                     raise StagingFull(staged.name, written) from None
                 raise
-            if hashing is not None:
+            if hashing is not None and not hashing.abandoned:
                 tickets[turn] = hashing.add(chunk)
                 turn = (turn + 1) % len(buffers)
             written += count
