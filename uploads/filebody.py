@@ -154,10 +154,9 @@ class Hashing:
 
     QUEUED = 8
 
-    def __init__(self, md5=None, sha512=None, *, niceness: int = 0):
+    def __init__(self, md5=None, sha512=None):
         self.md5 = md5 if md5 is not None else hashlib.md5(usedforsecurity=False)
         self.sha512 = sha512 if sha512 is not None else hashlib.sha512()
-        self.niceness = niceness  # > 0: the hashing threads give way to every other thread
         self.abandoned = False
         self._queues = [queue.Queue(maxsize=self.QUEUED) for _ in range(2)]
         self._added = 0
@@ -201,11 +200,6 @@ class Hashing:
         self.wait()
 
     def _run(self, index: int, hasher, line: queue.Queue) -> None:
-        if self.niceness:
-            try:  # Linux: a thread is a task of its own, with its own nice value
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.niceness)
-            except (OSError, AttributeError):
-                pass
         while (chunk := line.get()) is not None:
             if not self.abandoned:
                 hasher.update(chunk)

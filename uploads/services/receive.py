@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 # While a PATCH streams, the bytes received are written to the row at most this often, so that
 # My uploads moves during a 50 MB chunk; at the end of the chunk they are written in any case.
 RECEIVE_PROGRESS_SECONDS = 1.0
-# The nice value of the threads that hash a chunk as it arrives.
-HASH_NICENESS = 10
 
 
 class UploadLimitReached(ServiceError):
@@ -205,8 +203,7 @@ def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: Bi
                 raise UploadStopped()
 
     try:
-        # The hashing threads give way to the receiving (and the client, on the same machine).
-        hashing = Hashing(sums.md5, sums.sha512, niceness=HASH_NICENESS) if sums is not None else nullcontext()
+        hashing = Hashing(sums.md5, sums.sha512) if sums is not None else nullcontext()
         with hashing as hashing:
             written = staging.write_at(staged, offset, stream, length, hasher, None if checksum else progress,
                                        hashing=hashing)

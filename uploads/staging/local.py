@@ -25,7 +25,7 @@ BUFFER_SIZE = 1024 * 1024
 HASHED_BUFFERS = 4
 # Hashing on the way in is abandoned when the received bytes waited for it more than this share
 # of a PATCH's time, once HASH_WAIT_GRACE bytes are in (bench/README.md, issue 12).
-HASH_WAIT_SHARE = 0.1
+HASH_WAIT_SHARE = 0.25
 HASH_WAIT_GRACE = 32 * 1024 * 1024
 # The file beside a staged file that names the request writing into it (see Writer).
 WRITER_SUFFIX = ".writer"
