@@ -34,7 +34,6 @@ The last line holds the figures, e.g.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import subprocess
