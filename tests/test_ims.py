@@ -2,11 +2,16 @@
 
 import hashlib
 import io
+import os
 
 import pytest
 import requests
 
 from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_ID, DEMO_PROJECT_NAME, DEMO_USER
+from tests.conftest import wait_for
+from uploads import httpput
+from uploads.diskimage import FileChanged
+from uploads.filebody import Sealed, SealedBody
 from uploads.ims import CloudError, IamClient, ImsClient, explain
 
 
@@ -194,3 +199,136 @@ def test_a_sign_in_reply_that_makes_no_sense_is_explained_without_the_password(m
         IamClient("http://iam.invalid/v3").get_token(domain="d", user="u", password="secret-pw", project="p")
     assert error.value.permanent and "does not understand" in error.value.message
     assert "secret-pw" not in error.value.detail
+
+
+# A file sealed when it arrived (uploads/filebody.py Sealed): its sums are known, nothing is
+# hashed while sending, and on plain http the kernel sends it (uploads/httpput.py).
+
+
+def settled_status(ims, image_id: str) -> str:
+    """The image's status once the server has noticed the end of a body cut short."""
+    wait_for(lambda: ims.get_image(image_id).status != "saving", timeout=10, what="the PUT to end")
+    return ims.get_image(image_id).status
+
+
+def sealed_file(tmp_path, data: bytes, confirm=None):
+    path = tmp_path / "sealed.img"
+    path.write_bytes(data)
+    confirmed = []
+    sealed = Sealed(md5=hashlib.md5(data).hexdigest(), sha512=hashlib.sha512(data).hexdigest(),
+                    tail_size=min(1000, len(data)), confirm=confirm or confirmed.append)
+    return path, sealed, confirmed
+
+
+def test_a_sealed_file_is_sent_by_the_kernel_with_the_sums_it_arrived_with(ims, tmp_path, monkeypatch):
+    data = os.urandom(3_000_000)
+    path, sealed, confirmed = sealed_file(tmp_path, data)
+    calls = []
+    monkeypatch.setattr(os, "sendfile", lambda *args, _real=os.sendfile: calls.append(args) or _real(*args))
+    monkeypatch.setattr(SealedBody, "SLICE_SIZE", 1_000_000)
+    image = ims.create_image(name="sealed", disk_format="raw")
+    progress = []
+    with open(path, "rb") as f:
+        result = ims.upload_file(image.id, f, len(data), on_progress=progress.append, sealed=sealed)
+    assert (result.sent_bytes, result.md5, result.sha512) == (len(data), sealed.md5, sealed.sha512)
+    assert calls and sum(args[3] for args in calls) >= len(data) - 1000
+    assert confirmed == [data[-1000:]]  # the tail went after it was confirmed
+    assert progress == [1_000_000, 2_000_000, 2_999_000, 3_000_000]
+    stored = ims.get_image(image.id)
+    assert stored.status == "active"
+    assert (stored.size, stored.checksum, stored.os_hash_value) == (
+        len(data), hashlib.md5(data).hexdigest(), hashlib.sha512(data).hexdigest())
+
+
+def test_the_sendfile_put_carries_the_token_and_a_content_length(ims, session_sim, tmp_path):
+    path, sealed, _ = sealed_file(tmp_path, b"abc" * 1000)
+    image = ims.create_image(name="x", disk_format="raw")
+    with open(path, "rb") as f:
+        ims.upload_file(image.id, f, 3000, sealed=sealed)
+    assert ims.get_image(image.id).status == "active"  # the simulator wants X-Auth-Token on every call
+    [put] = [r for r in session_sim.requests_seen() if r["method"] == "PUT"]
+    assert put["status"] == 204
+
+
+def test_a_sealed_file_goes_through_requests_where_sendfile_does_not_apply(ims, tmp_path):
+    class OwnTransport(requests.adapters.HTTPAdapter):
+        pass
+
+    ims.session.mount("http://", OwnTransport())  # as over TLS or a proxy: requests sends it
+    data = os.urandom(100_000)
+    path, sealed, confirmed = sealed_file(tmp_path, data)
+    image = ims.create_image(name="x", disk_format="raw")
+    with open(path, "rb") as f:
+        result = ims.upload_file(image.id, f, len(data), sealed=sealed, buffer_size=30_000)
+    assert result.md5 == hashlib.md5(data).hexdigest() and confirmed == [data[-1000:]]
+    assert ims.get_image(image.id).checksum == result.md5
+
+
+@pytest.mark.parametrize("transport", ["sendfile", "requests"])
+def test_a_seal_that_breaks_stops_the_put_before_its_last_byte(ims, tmp_path, transport):
+    if transport == "requests":
+        ims.session.mount("http://", type("OwnTransport", (requests.adapters.HTTPAdapter,), {})())
+
+    def confirm(tail):
+        raise FileChanged("the seal broke")
+
+    path, sealed, _ = sealed_file(tmp_path, os.urandom(2_000_000), confirm=confirm)
+    image = ims.create_image(name="x", disk_format="raw")
+    with pytest.raises(FileChanged), open(path, "rb") as f:
+        ims.upload_file(image.id, f, 2_000_000, sealed=sealed)
+    assert settled_status(ims, image.id) == "queued"  # IMS never got a whole file
+
+
+def test_returning_false_from_progress_aborts_a_sealed_put(ims, tmp_path, monkeypatch):
+    monkeypatch.setattr(SealedBody, "SLICE_SIZE", 100_000)
+    path, sealed, confirmed = sealed_file(tmp_path, os.urandom(1_000_000))
+    image = ims.create_image(name="x", disk_format="raw")
+    with pytest.raises(CloudError) as error, open(path, "rb") as f:
+        ims.upload_file(image.id, f, 1_000_000, on_progress=lambda sent: False, sealed=sealed)
+    assert error.value.code == "aborted" and confirmed == []
+    assert settled_status(ims, image.id) == "queued"
+
+
+def test_a_sealed_put_that_the_server_refuses_early_is_explained(ims, tmp_path):
+    path, sealed, _ = sealed_file(tmp_path, os.urandom(5_000_000))
+    image = ims.create_image(name="x", disk_format="raw")
+    ims.upload_file(image.id, io.BytesIO(b"abc"), 3)
+    with pytest.raises(CloudError) as error, open(path, "rb") as f:
+        ims.upload_file(image.id, f, 5_000_000, sealed=sealed)
+    assert error.value.status == 409 and error.value.code == "conflict"
+
+
+def test_a_server_error_on_a_sealed_put_is_temporary(ims, session_sim, tmp_path):
+    path, sealed, _ = sealed_file(tmp_path, b"abc")
+    image = ims.create_image(name="x", disk_format="raw")
+    session_sim.set_faults(fail_puts=1)
+    with pytest.raises(CloudError) as error, open(path, "rb") as f:
+        ims.upload_file(image.id, f, 3, sealed=sealed)
+    assert error.value.status == 500 and not error.value.permanent
+
+
+def test_a_cut_connection_during_a_sealed_put_is_temporary(ims, session_sim, tmp_path):
+    path, sealed, _ = sealed_file(tmp_path, os.urandom(5_000_000))
+    image = ims.create_image(name="x", disk_format="raw")
+    session_sim.set_faults(cut_put_after_bytes=50_000)
+    with pytest.raises(CloudError) as error, open(path, "rb") as f:
+        ims.upload_file(image.id, f, 5_000_000, sealed=sealed)
+    assert error.value.code == "network" and not error.value.permanent
+    assert "broke after" in error.value.message
+
+
+def test_an_unreachable_ims_is_a_network_error_for_a_sealed_put(tmp_path):
+    path, sealed, _ = sealed_file(tmp_path, b"abc")
+    with pytest.raises(CloudError) as error, open(path, "rb") as f:
+        ImsClient("http://127.0.0.1:9", "t").upload_file("x", f, 3, sealed=sealed)
+    assert error.value.code == "network" and not error.value.permanent
+
+
+def test_sendfile_is_not_used_over_https_or_through_a_proxy(monkeypatch):
+    session = requests.Session()
+    assert httpput.applies(session, "http://ims.example/v2/images/x/file")
+    assert not httpput.applies(session, "https://ims.example/v2/images/x/file")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    assert not httpput.applies(session, "http://ims.example/v2/images/x/file")
+    monkeypatch.setenv("NO_PROXY", "ims.example")
+    assert httpput.applies(session, "http://ims.example/v2/images/x/file")

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from tests.conftest import connect_cloud, wait_for
-from uploads import services
+from uploads import running_sums, services
 from uploads.ims import ImsClient
 from uploads.models import Status, Upload
 
@@ -269,7 +269,7 @@ def test_cancel_mid_push_stops_the_put_and_removes_everything(alice_connected, s
     assert upload.status == Status.CANCELLED
     assert not (staging_dir / upload.staged_name).exists()
     assert sim.images() == []
-    assert "Sending stopped" in timeline(upload)
+    assert "Sending stopped" in timeline(upload), " | ".join(timeline(upload))
 
 
 def test_retry_is_refused_while_an_upload_is_being_sent(alice_connected, sim):
@@ -627,3 +627,198 @@ def test_push_and_poll_say_the_same_about_a_sign_in_that_can_no_longer_be_read(a
         assert upload.status == Status.RECONNECT and upload.error_code == "token_expired"
         assert upload.error_message.startswith("Your stored cloud sign-in can no longer be read"), upload.error_message
         assert upload.error_hint
+
+
+# MD5 and SHA-512 computed as the file arrives (uploads/running_sums.py), trusted by the push
+# while the staged file's seal holds (local staging; object staging hashes while sending).
+
+SEALED_NOTE = "(sums computed as it arrived; sealed since)"
+
+
+def received_in_chunks(owner, data: bytes, chunks: int, between=None) -> Upload:
+    upload = services.upload_create(owner=owner, size=len(data), filename="web.raw", name="web", disk_format="raw")
+    step = -(-len(data) // chunks)
+    for offset in range(0, len(data), step):
+        if between is not None and offset:
+            between(upload)
+        piece = data[offset:offset + step]
+        services.upload_receive(upload=upload, offset=offset, stream=io.BytesIO(piece), length=len(piece))
+    upload.refresh_from_db()
+    assert upload.status == Status.RECEIVED
+    return upload
+
+
+def sent_note(upload) -> str:
+    return next(m for m in timeline(upload) if m.startswith("Sent "))
+
+
+def test_sums_computed_as_the_file_arrives_are_sent_without_hashing_again(alice_connected, sim, staging_backend):
+    data = bytes(512) + os.urandom(3_000_000)
+    upload = received_in_chunks(alice_connected, data, 4)
+    if staging_backend == "local":
+        assert upload.received_sums["md5"] == hashlib.md5(data).hexdigest()
+        assert upload.received_sums["sha512"] == hashlib.sha512(data).hexdigest()
+    else:
+        assert "seal" not in upload.received_sums  # object staging: hashed while sending
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY
+    [image] = sim.images()
+    assert (upload.md5, upload.sha512, upload.staged_sha512) == (
+        hashlib.md5(data).hexdigest(), hashlib.sha512(data).hexdigest(), hashlib.sha512(data).hexdigest())
+    assert image["checksum"] == upload.md5 and open(image["path"], "rb").read() == data
+    assert (SEALED_NOTE in sent_note(upload)) == (staging_backend == "local"), " | ".join(timeline(upload))
+
+
+def test_an_upload_whose_saved_sums_are_lost_is_hashed_while_sending(alice_connected, sim):
+    data = bytes(512) + os.urandom(2_000_000)
+    # As when a PATCH's process died after a progress record: the state is not of the offset.
+    upload = received_in_chunks(alice_connected, data, 3,
+                                between=lambda u: Upload.objects.filter(pk=u.pk).update(received_sums={}))
+    assert "seal" not in upload.received_sums
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.md5 == hashlib.md5(data).hexdigest()
+    assert upload.sha512 == hashlib.sha512(data).hexdigest()
+    assert SEALED_NOTE not in sent_note(upload)
+
+
+def test_a_chunk_refused_for_its_checksum_leaves_the_running_sums_right(alice_connected, sim, staging_dir):
+    data = bytes(512) + os.urandom(1_000_000)
+    upload = services.upload_create(owner=alice_connected, size=len(data), filename="w.raw", name="w",
+                                    disk_format="raw")
+    half = len(data) // 2
+    services.upload_receive(upload=upload, offset=0, stream=io.BytesIO(data[:half]), length=half)
+    damaged = bytes([data[half] ^ 1]) + data[half + 1:]
+    with pytest.raises(services.ChecksumMismatch):
+        services.upload_receive(upload=upload, offset=half, stream=io.BytesIO(damaged), length=len(damaged),
+                                checksum=("sha1", hashlib.sha1(data[half:]).digest()))
+    services.upload_receive(upload=upload, offset=half, stream=io.BytesIO(data[half:]), length=len(data) - half,
+                            checksum=("sha1", hashlib.sha1(data[half:]).digest()))
+    upload.refresh_from_db()
+    assert upload.received_sums["md5"] == hashlib.md5(data).hexdigest()
+    assert upload.received_sums["sha512"] == hashlib.sha512(data).hexdigest()
+
+
+def test_a_client_that_goes_away_mid_chunk_leaves_the_running_sums_right(alice_connected, sim, staging_dir):
+    data = bytes(512) + os.urandom(3 * 1024 * 1024)
+    upload = services.upload_create(owner=alice_connected, size=len(data), filename="w.raw", name="w",
+                                    disk_format="raw")
+    cut = 1024 * 1024 + 4096  # one whole buffer and a bit, then the connection breaks
+
+    class GoneAfter(io.BytesIO):
+        def readinto(self, buffer):
+            if self.tell() >= cut:
+                raise ConnectionResetError()
+            return super().readinto(buffer[: cut - self.tell()])
+
+    received = services.upload_receive(upload=upload, offset=0, stream=GoneAfter(data), length=len(data))
+    assert received == cut
+    services.upload_receive(upload=upload, offset=cut, stream=io.BytesIO(data[cut:]), length=len(data) - cut)
+    upload.refresh_from_db()
+    assert upload.received_sums["md5"] == hashlib.md5(data).hexdigest()
+    assert upload.received_sums["sha512"] == hashlib.sha512(data).hexdigest()
+
+
+def test_with_hashing_on_arrival_off_the_push_hashes_while_sending(alice_connected, sim, settings):
+    settings.UPLOAD_HASH_ON_ARRIVAL = False
+    data = bytes(512) + os.urandom(1_000_000)
+    upload = received_in_chunks(alice_connected, data, 2)
+    assert upload.received_sums == {}
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.sha512 == hashlib.sha512(data).hexdigest()
+    assert SEALED_NOTE not in sent_note(upload)
+
+
+def test_hashing_that_cannot_keep_up_is_abandoned_and_the_push_hashes(alice_connected, sim, staging_dir,
+                                                                       monkeypatch):
+    import time
+
+    from uploads.staging import local
+
+    monkeypatch.setattr(local, "HASH_WAIT_GRACE", 0)
+    monkeypatch.setattr(local, "HASH_WAIT_SHARE", 0.0)
+    slow = running_sums._Context.update
+    monkeypatch.setattr(running_sums._Context, "update", lambda self, data: time.sleep(0.02) or slow(self, data))
+    data = bytes(512) + os.urandom(12 * 1024 * 1024)  # 6 MiB chunks: more than the four buffers
+    upload = received_in_chunks(alice_connected, data, 2)
+    assert upload.received_sums == {}  # the bytes did not wait for the hashes
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.sha512 == hashlib.sha512(data).hexdigest()
+    assert SEALED_NOTE not in sent_note(upload)
+
+
+def test_running_sums_saved_and_restored_equal_hashlibs():
+    data = os.urandom(3_000_001)
+    sums = running_sums.start_or_restore({}, 0)
+    for start, end in ((0, 1), (1, 70_000), (70_000, 1_500_000)):
+        sums.md5.update(data[start:end])  # bytes (read-only) as well as buffers
+        sums.sha512.update(bytearray(data[start:end]))
+    sums.offset = 1_500_000
+    again = running_sums.start_or_restore(sums.saved(), 1_500_000)
+    again.md5.update(memoryview(bytearray(data[1_500_000:])))
+    again.sha512.update(data[1_500_000:])
+    assert again.hexdigests() == (hashlib.md5(data).hexdigest(), hashlib.sha512(data).hexdigest())
+    assert sums.md5.hexdigest() == hashlib.md5(data[:1_500_000]).hexdigest()  # a digest ends nothing
+    assert running_sums.start_or_restore(sums.saved(), 1_500_001) is None  # not of this offset
+    assert running_sums.start_or_restore({**sums.saved(), "kind": "openssl-1-arm"}, 1_500_000) is None
+    assert running_sums.start_or_restore({}, 5) is None
+
+
+def test_the_sums_go_on_from_a_state_saved_in_the_row_by_another_process(alice_connected, sim, staging_dir):
+    import json
+    import subprocess
+    import sys
+
+    data = bytes(512) + os.urandom(2_500_000)
+    upload = services.upload_create(owner=alice_connected, size=len(data), filename="w.raw", name="w",
+                                    disk_format="raw")
+    services.upload_receive(upload=upload, offset=0, stream=io.BytesIO(data[:1_000_000]), length=1_000_000)
+    upload.refresh_from_db()
+    # Another process (another interpreter, its own OpenSSL contexts) goes on from the saved state.
+    script = (
+        "import sys, json, hashlib; from uploads import running_sums; "
+        "sums = running_sums.start_or_restore(json.loads(sys.argv[1]), 1_000_000); "
+        "sums.md5.update(sys.stdin.buffer.read()); print(sums.md5.hexdigest())"
+    )
+    other = subprocess.run([sys.executable, "-c", script, json.dumps(upload.received_sums)], input=data[1_000_000:],
+                           capture_output=True, check=True, cwd=os.getcwd())
+    assert other.stdout.decode().strip() == hashlib.md5(data).hexdigest()
+    services.upload_receive(upload=upload, offset=1_000_000, stream=io.BytesIO(data[1_000_000:]),
+                            length=len(data) - 1_000_000)
+    upload.refresh_from_db()
+    assert upload.received_sums["md5"] == hashlib.md5(data).hexdigest()
+    assert upload.received_sums["sha512"] == hashlib.sha512(data).hexdigest()
+
+
+def test_a_staged_file_touched_after_it_arrived_is_hashed_again_while_sending(alice_connected, sim, staging_dir):
+    upload = received_upload(alice_connected, DATA)
+    assert upload.received_sums
+    os.utime(staging_dir / upload.staged_name)  # same bytes, but the seal no longer proves it
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.READY and upload.md5 == hashlib.md5(DATA).hexdigest()
+    assert "The staged file changed since it arrived: its sums are computed again while sending" in timeline(upload)
+    assert SEALED_NOTE not in sent_note(upload)
+
+
+def test_a_sealed_file_changed_while_it_is_sent_never_becomes_an_image(alice_connected, sim, staging_dir,
+                                                                        monkeypatch):
+    from uploads.filebody import SealedBody
+
+    data = bytes(512) + os.urandom(3_000_000)
+    upload = received_upload(alice_connected, data)
+    original = SealedBody.confirmed_tail
+
+    def change_then_confirm(body):
+        with open(staging_dir / upload.staged_name, "r+b") as staged:  # the head, already sent
+            staged.write(b"\x01")
+        return original(body)
+
+    monkeypatch.setattr(SealedBody, "confirmed_tail", change_then_confirm)
+    services.upload_push(upload_id=upload.pk)
+    upload.refresh_from_db()
+    assert upload.status == Status.FAILED and upload.error_code == "file_changed"
+    assert sim.images() == []  # the half-sent image was deleted

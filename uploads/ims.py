@@ -13,8 +13,9 @@ from typing import BinaryIO
 
 import requests
 
+from uploads import httpput
 from uploads.errors import ErrorCode, PortalError, gettext_noop
-from uploads.filebody import FileBody
+from uploads.filebody import FileBody, Sealed, SealedBody
 from uploads.sizes import human_size
 
 CONNECT_TIMEOUT = 10
@@ -326,24 +327,32 @@ class ImsClient:
         *,
         on_progress: Callable[[int], bool] | None = None,
         buffer_size: int = BUFFER_SIZE,
+        sealed: Sealed | None = None,
     ) -> SendResult:
         """Stream `size` bytes of `fileobj` to the image with a Content-Length, one buffer at a time.
 
-        on_progress(sent_bytes) is called after each buffer; returning False aborts the upload
-        (CloudError code "aborted"). MD5 and SHA-512 of exactly the bytes sent are computed in the
-        same pass.
+        on_progress(sent_bytes) is called after each buffer (each slice, for a sealed file);
+        returning False aborts the upload (CloudError code "aborted"). Without `sealed`, MD5 and
+        SHA-512 of exactly the bytes sent are computed in the same pass. With `sealed` (a file
+        whose sums were computed as it arrived, see filebody.py) nothing is hashed: the result
+        carries the sealed sums, the last bytes go only after `sealed.confirm` accepted them,
+        and on plain http the kernel sends the file (httpput.py; `fileobj` must then be a real
+        file); whatever `confirm` raises ends the PUT before its last byte and is raised here.
         """
-        body = FileBody(fileobj, size, buffer_size, on_progress)
+        url = f"{self.base_url}/v2/images/{image_id}/file"
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        if sealed is None:
+            body = FileBody(fileobj, size, buffer_size, on_progress)
+        else:
+            body = SealedBody(fileobj, size, buffer_size, on_progress, sealed)
         try:
-            with body.hashing:
-                self._call(
-                    "PUT",
-                    f"/v2/images/{image_id}/file",
-                    gettext_noop("sending the file"),
-                    data=body,
-                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-                )
+            if sealed is not None and httpput.applies(self.session, url):
+                self._put_by_sendfile(url, headers, body)
+            elif body.hashing is not None:
+                with body.hashing:
+                    self._put_streamed(image_id, headers, body)
+            else:
+                self._put_streamed(image_id, headers, body)
         except CloudError as exc:
             if body.aborted:
                 raise CloudError(gettext_noop("The upload was stopped."), code=ErrorCode.ABORTED, permanent=True) from None
@@ -356,7 +365,24 @@ class ImsClient:
                 gettext_noop("The staged file is shorter than expected: it changed while being sent."),
                 code="server", permanent=True, hint=HINT_CONTACT_ADMIN,
             )
+        if sealed is not None:
+            return SendResult(body.sent, sealed.md5, sealed.sha512)
         return SendResult(body.sent, body.hashing.md5.hexdigest(), body.hashing.sha512.hexdigest())
+
+    def _put_streamed(self, image_id: str, headers: dict, body: FileBody) -> None:
+        self._call("PUT", f"/v2/images/{image_id}/file", gettext_noop("sending the file"), data=body, headers=headers,
+                   timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+
+    def _put_by_sendfile(self, url: str, headers: dict, body: SealedBody) -> None:
+        """The same PUT as _put_streamed, with the session's token and Accept, by httpput."""
+        own = {name: self.session.headers[name] for name in ("X-Auth-Token", "Accept") if name in self.session.headers}
+        try:
+            response = httpput.put(url, {**own, **headers}, body, connect_timeout=CONNECT_TIMEOUT,
+                                   read_timeout=READ_TIMEOUT)
+        except requests.RequestException as exc:
+            raise _network_error(exc, gettext_noop("sending the file")) from None
+        if response.status_code >= 400:
+            raise explain(response)
 
 
 def _image(data: dict) -> Image:

@@ -112,6 +112,12 @@ class Upload(models.Model):
     md5 = models.CharField(max_length=32, blank=True)
     sha512 = models.CharField(max_length=128, blank=True)
     staged_sha512 = models.CharField(max_length=128, blank=True)
+    # The staged file's MD5 and SHA-512 as it arrived (uploads/running_sums.py): while it arrives
+    # the hashes' state after the last PATCH ({"offset", "kind", "md5_ctx", "sha512_ctx"}), then
+    # {"md5", "sha512", "seal"} (staging/local.py seal()); empty or without "seal" when it was not
+    # hashed on arrival (object staging, a PATCH that found no usable state). The push trusts
+    # the sums while the seal holds, instead of hashing the file again while sending.
+    received_sums = models.JSONField(default=dict, blank=True, editable=False)
 
     # IMS's view of the image.
     ims_image_id = models.CharField(max_length=64, blank=True, db_index=True)

@@ -17,6 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from uploads import diskimage, fairness, obs_import, staging
 from uploads.errors import PortalError, Problem, StagedFileMissing
+from uploads.filebody import Sealed
 from uploads.ims import HINT_CONTACT_ADMIN, CloudError, ImsClient
 from uploads.models import WORKING, ErrorCode, Status, Upload
 from uploads.services import cloud, dispatch, images
@@ -256,8 +257,11 @@ def _push_is_abandoned(upload: Upload) -> bool:
 
 
 def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
-    """Stream the file to the image; the bytes are inspected again on the way, so a file that
-    changed since it was checked stops the PUT (diskimage.FileChanged)."""
+    """Stream the file to the image, proving on the way that the bytes sent are the bytes
+    checked: a file sealed when it arrived (its sums computed then, `_sealed`) goes without
+    being read or hashed again, its tail held back until the seal is confirmed; any other file
+    is hashed while it is sent and its bytes inspected again on the way. Either way a file that
+    changed since it was checked stops the PUT before its end (diskimage.FileChanged)."""
     name = upload.converted_name or upload.staged_name
     try:  # the version the check saw, and no other (an object's ETag: If-Match)
         staged = staging.open_for_reading(name, (upload.checked_file or {}).get(name))
@@ -266,11 +270,13 @@ def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     except staging.StagedFileChanged:
         raise diskimage.FileChanged("the staged file's version is not the one checked") from None
     with staged:
+        sealed = _sealed(upload, staged)
         reading = _StagedReads(staged)
-        body = diskimage.wrap_stream(reading, upload.send_format, size=upload.send_size)
+        body = staged if sealed else diskimage.wrap_stream(reading, upload.send_format, size=upload.send_size)
         try:
             result = client.upload_file(
-                upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt)
+                upload.ims_image_id, body, upload.send_size, on_progress=_progress_recorder(upload, attempt),
+                sealed=sealed,
             )
         except CloudError:
             if reading.failed is not None:  # not IMS's connection: the object storage went away
@@ -280,7 +286,12 @@ def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     if not upload.converted_name:  # what was sent is the file as uploaded
         sums["staged_sha512"] = result.sha512
     save(upload, attempt, **sums)
-    note(upload, gettext_noop("Sent %(size)s to IMS (md5 %(md5)s)") % {"size": human_size(result.sent_bytes), "md5": result.md5})
+    values = {"size": human_size(result.sent_bytes), "md5": result.md5}
+    if sealed:
+        note(upload, gettext_noop("Sent %(size)s to IMS (md5 %(md5)s; sums computed as it arrived, sealed since)")
+             % values)
+    else:
+        note(upload, gettext_noop("Sent %(size)s to IMS (md5 %(md5)s)") % values)
 
 
 class _StagedReads:
@@ -297,6 +308,25 @@ class _StagedReads:
         except staging.StagingUnavailable as exc:
             self.failed = exc
             raise
+
+
+def _sealed(upload: Upload, staged) -> Sealed | None:
+    """The staged file as it arrived, with the sums computed then, when that is what is sent and
+    its seal still holds (uploads/staging/local.py seal()); None: hash it while sending."""
+    received = upload.received_sums
+    if upload.converted_name or not received.get("seal") or staging.is_object_storage():
+        return None  # ("seal" is missing too while only the state of a PATCH before the last is kept)
+    seal = received["seal"]
+    fd = staged.fileno()
+    if seal["size"] != upload.send_size or not staging.local.seal_holds(fd, seal):
+        note(upload, gettext_noop("The staged file changed since it arrived: its sums are computed again while sending"))
+        return None
+
+    def confirm(tail: bytes) -> None:
+        if not staging.local.tail_holds(fd, seal, tail):
+            raise diskimage.FileChanged("the staged file changed while it was being sent (its seal broke)")
+
+    return Sealed(md5=received["md5"], sha512=received["sha512"], tail_size=seal["tail_size"], confirm=confirm)
 
 
 def _progress_recorder(upload: Upload, attempt: int):

@@ -4,6 +4,7 @@ chunks, and expiring an upload that was never finished."""
 import hashlib
 import logging
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import BinaryIO
 
@@ -15,7 +16,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext, gettext_noop
 
-from uploads import obs_import, staging
+from uploads import obs_import, running_sums, staging
+from uploads.filebody import Hashing
 from uploads.models import FINISHED, RECEIVING_STATES, ErrorCode, Status, Upload
 from uploads.services import dispatch, early_push
 from uploads.services.state import ServiceError, delete_staged, duration, move, note
@@ -144,17 +146,25 @@ def upload_receive(
     end. A writer silent for REQUEST_IDLE_TIMEOUT_SECONDS is taken over by the next PATCH
     (staging.TakenOver then ends the silent one). The row is only ever moved forward, and only
     while it is receiving (UploadStopped otherwise: a cancel during the chunk wins).
+
+    In local staging, the MD5 and SHA-512 of the file are computed on the way in, going on from
+    the state the PATCH before saved with the offset (`Upload.received_sums`: uploads/
+    running_sums.py); the PATCH that writes the last byte seals the file and records both sums
+    with it (`{"md5", "sha512", "seal"}`), so that the push need not hash it again.
     """
     try:
         writer = staging.locked_for_writing(upload.staged_name, settings.REQUEST_IDLE_TIMEOUT_SECONDS)
         with writer as staged:
-            status, received = Upload.objects.values_list("status", "received_bytes").get(pk=upload.pk)
+            status, received, saved = Upload.objects.values_list(
+                "status", "received_bytes", "received_sums").get(pk=upload.pk)
             if status not in RECEIVING_STATES:
                 raise UploadStopped()
             if received != offset:
                 raise OffsetConflict(received)
-            new_offset = offset + _write_chunk(upload, staged, offset, stream, length, checksum)
-            if not staged.record(lambda: record_received(upload, new_offset)):
+            sums = running_sums.start_or_restore(saved, offset) if _hashes_on_arrival() else None
+            new_offset = offset + _write_chunk(upload, staged, offset, stream, length, checksum, sums)
+            fields = _sums_fields(staged, sums, upload.size)
+            if not staged.record(lambda: record_received(upload, new_offset, **fields)):
                 raise UploadStopped()
     except FileNotFoundError:  # the staged file was deleted: cancelled or expired meanwhile
         raise UploadStopped() from None
@@ -171,9 +181,28 @@ def _all_received(upload: Upload) -> None:
         dispatch.enqueue_push(upload.pk)
 
 
+def _hashes_on_arrival() -> bool:
+    """Object staging keeps hashing while sending (its reads are streamed anyway)."""
+    return settings.UPLOAD_HASH_ON_ARRIVAL and not staging.is_object_storage()
+
+
+def _sums_fields(staged: staging.Writer, sums: running_sums.RunningSums | None, size: int) -> dict:
+    """What the row keeps of the sums with the new offset: their state for the next PATCH, or
+    at the last byte the sums themselves and the file's seal; nothing when not hashing."""
+    if sums is None:
+        return {}
+    if sums.abandoned:  # the receiving outran the hashing: from here on the push hashes
+        return {"received_sums": {}}
+    if sums.offset < size:
+        return {"received_sums": sums.saved()}
+    md5, sha512 = sums.hexdigests()
+    return {"received_sums": {"md5": md5, "sha512": sha512, "seal": staged.seal()}}
+
+
 def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: BinaryIO, length: int,
-                 checksum: tuple[str, bytes] | None) -> int:
-    """Write the chunk; returns how many bytes of it were kept."""
+                 checksum: tuple[str, bytes] | None, sums: running_sums.RunningSums | None = None) -> int:
+    """Write the chunk; returns how many bytes of it were kept. `sums`, when given, go on over
+    exactly those bytes (a chunk that is not kept leaves the state saved in the row as it was)."""
     hasher = hashlib.new(checksum[0]) if checksum else None
     last_record = time.monotonic()
 
@@ -185,7 +214,10 @@ def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: Bi
                 raise UploadStopped()
 
     try:
-        written = staging.write_at(staged, offset, stream, length, hasher, None if checksum else progress)
+        hashing = Hashing(sums.md5, sums.sha512) if sums is not None else nullcontext()
+        with hashing as hashing:
+            written = staging.write_at(staged, offset, stream, length, hasher, None if checksum else progress,
+                                       hashing=hashing)
     except (staging.StagingFull, staging.StagingUnavailable) as stopped:
         # What was written before the disk filled up (or the object storage went away) is kept.
         if not checksum and stopped.written:
@@ -194,16 +226,21 @@ def _write_chunk(upload: Upload, staged: staging.Writer, offset: int, stream: Bi
     if checksum and hasher.digest() != checksum[1]:
         staged.truncate(offset)
         raise ChecksumMismatch()
+    if sums is not None:
+        sums.offset = offset + written
+        sums.abandoned = hashing.abandoned
     return written
 
 
-def record_received(upload: Upload, received: int) -> bool:
-    """Write the bytes received, forward only and only while receiving; False when the row
-    stopped receiving (a cancel or expiry won). The expiry stays where creation put it: bytes
-    that trickle in do not push it back."""
+def record_received(upload: Upload, received: int, **fields) -> bool:
+    """Write the bytes received (and `fields` with them), forward only and only while receiving;
+    False when the row stopped receiving (a cancel or expiry won). The expiry stays where
+    creation put it: bytes that trickle in do not push it back."""
     rows = Upload.objects.filter(pk=upload.pk, status__in=RECEIVING_STATES, received_bytes__lte=received)
-    if not rows.update(received_bytes=received):
+    if not rows.update(received_bytes=received, **fields):
         return False
     before, upload.received_bytes = upload.received_bytes, received
+    for key, value in fields.items():
+        setattr(upload, key, value)
     early_push.maybe_start(upload, before=before)
     return True

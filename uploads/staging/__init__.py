@@ -62,11 +62,12 @@ def locked_for_writing(name: str, idle_seconds: float = 60):
     return _backend().locked_for_writing(name, idle_seconds)
 
 
-def write_at(staged, offset: int, body, length: int, hasher=None, progress=None) -> int:
-    """Copy up to `length` bytes of `body` into the staged file at `offset`; see local.write_at."""
+def write_at(staged, offset: int, body, length: int, hasher=None, progress=None, hashing=None) -> int:
+    """Copy up to `length` bytes of `body` into the staged file at `offset`; see local.write_at.
+    `hashing` (the sums computed on arrival) is for a local file only: object staging gets None."""
     if isinstance(staged, s3.Writer):
         return staged.write_at(offset, body, length, hasher, progress)
-    return local.write_at(staged, offset, body, length, hasher, progress)
+    return local.write_at(staged, offset, body, length, hasher, progress, hashing)
 
 
 def size(name: str) -> int | None:

@@ -6,6 +6,7 @@ one fixed-size buffer at a time, so that a chunk of any size never sits in memor
 
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 import struct
@@ -20,6 +21,12 @@ from django.core.files.storage import storages
 from uploads.staging.errors import StagedFileChanged, StagingBusy, StagingFull, TakenOver
 
 BUFFER_SIZE = 1024 * 1024
+# Buffers of a chunk whose bytes are hashed on the way in (write_at's `hashing`): 4 MiB per PATCH.
+HASHED_BUFFERS = 4
+# Hashing on the way in is abandoned when the received bytes waited for it more than this share
+# of a PATCH's time, once HASH_WAIT_GRACE bytes are in (bench/README.md, issue 12).
+HASH_WAIT_SHARE = 0.25
+HASH_WAIT_GRACE = 32 * 1024 * 1024
 # The file beside a staged file that names the request writing into it (see Writer).
 WRITER_SUFFIX = ".writer"
 # How long a write waits for another request's write into the same file to end.
@@ -151,6 +158,10 @@ class Writer:
             self._check()
             return self.file.write(view)
 
+    def seal(self) -> dict:
+        """The staged file's seal (see seal()), taken after this writer's last write."""
+        return seal(self.file.fileno())
+
     def record(self, update: Callable[[], bool]) -> bool:
         """Run `update` (a database write of the progress) only while still the writer."""
         with self._turn():
@@ -194,42 +205,67 @@ def locked_for_writing(name: str, idle_seconds: float = 60) -> Writer:
 
 
 def write_at(staged, offset: int, body, length: int, hasher=None,
-             progress: Callable[[int], None] | None = None) -> int:
+             progress: Callable[[int], None] | None = None, hashing=None) -> int:
     """Copy up to `length` bytes from `body` (anything with `readinto()`, see request_body.py)
-    into the staged file (a Writer, or a plain file) at `offset`, through one reused buffer.
+    into the staged file (a Writer, or a plain file) at `offset`, through reused buffers.
 
     Returns how many bytes were written; a client that goes away mid-chunk, or sends nothing
     for the idle timeout, leaves what arrived, and the caller records that as the new offset.
     Bytes past the offset from an earlier, interrupted write are cut off first, so the file
     always ends at the recorded offset. `hasher` (a hashlib object), when given, sees every
     byte written; `progress`, when given, is told the count written after each buffer.
+    `hashing` (a started filebody.Hashing), when given, is handed each buffer once it is
+    written, exactly the bytes written and nothing else; it hashes in threads of its own while
+    the next buffers arrive (HASHED_BUFFERS take turns, so that a hashing thread that waits a
+    moment for a core does not stop the receiving), and all of it is hashed on return. Hashing
+    never slows the receiving for long: when the bytes wait for it more than HASH_WAIT_SHARE of
+    the time (the cores are busy, the client is faster than the hashes), it is abandoned
+    (`hashing.abandoned`: its sums are worth nothing, the push hashes instead).
     """
     written = 0
     staged.truncate(offset)
     staged.seek(offset)
-    buffer = memoryview(bytearray(min(BUFFER_SIZE, max(length, 1))))
-    while written < length:
-        try:
-            count = body.readinto(buffer[: min(len(buffer), length - written)])
-        except OSError:  # the client went away mid-chunk
-            break
-        if not count:
-            break
-        chunk = buffer[:count]
-        if hasher is not None:
-            hasher.update(chunk)
-        try:
-            with _ONE_WRITER:
-                _write_all(staged, chunk)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                # Give back the space of the buffer that did not fit; what came before it stays.
-                staged.truncate(offset + written)
-                raise StagingFull(staged.name, written) from None
-            raise
-        written += count
-        if progress is not None:
-            progress(written)
+    size = min(BUFFER_SIZE, max(length, 1))
+    buffers = [memoryview(bytearray(size)) for _ in range(HASHED_BUFFERS if hashing is not None else 1)]
+    tickets = [0] * len(buffers)
+    turn = 0
+    started, waited = time.monotonic(), 0.0
+    try:
+        while written < length:
+            buffer = buffers[turn]
+            if tickets[turn] and not hashing.done(tickets[turn]):
+                began = time.monotonic()
+                hashing.wait(tickets[turn])  # this buffer's bytes are hashed: it may be filled again
+                waited += time.monotonic() - began
+                if written >= HASH_WAIT_GRACE and waited > HASH_WAIT_SHARE * (time.monotonic() - started):
+                    hashing.abandon()
+            try:
+                count = body.readinto(buffer[: min(len(buffer), length - written)])
+            except OSError:  # the client went away mid-chunk
+                break
+            if not count:
+                break
+            chunk = buffer[:count]
+            if hasher is not None:
+                hasher.update(chunk)
+            try:
+                with _ONE_WRITER:
+                    _write_all(staged, chunk)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    # Give back the space of the buffer that did not fit; what came before it stays.
+                    staged.truncate(offset + written)
+                    raise StagingFull(staged.name, written) from None
+                raise
+            if hashing is not None and not hashing.abandoned:
+                tickets[turn] = hashing.add(chunk)
+                turn = (turn + 1) % len(buffers)
+            written += count
+            if progress is not None:
+                progress(written)
+    finally:
+        if hashing is not None:
+            hashing.wait()
     return written
 
 
@@ -262,6 +298,51 @@ def _version_of(stat: os.stat_result) -> list:
 
 def exists(name: str) -> bool:
     return size(name) is not None
+
+
+# How many bytes at each end of a sealed file are also sealed by digest (see seal()).
+SEAL_SAMPLE = 1024 * 1024
+
+
+def seal(fd: int) -> dict:
+    """What proves later that a received file is still the one whose sums were computed as it
+    arrived: its size, inode, device and modification time (every write or truncation sets the
+    modification time, a replacement brings another inode; since Linux 6.13 a change right after
+    a stat() gets a fine-grained time, so no write hides in the clock's tick), and the SHA-256 of
+    its first and last SEAL_SAMPLE bytes. Not the change time: the check's hard link to the file
+    (uploads/qemu.py `_alone`) changes it without touching a byte. Taken by the writer after its
+    last write; `seal_holds()` and `tail_holds()` compare."""
+    stat = os.fstat(fd)
+    size = stat.st_size
+    tail_size = min(SEAL_SAMPLE, size)
+    return {
+        **_stat_fields(stat),
+        "head": hashlib.sha256(os.pread(fd, min(SEAL_SAMPLE, size), 0)).hexdigest(),
+        "tail_size": tail_size,
+        "tail": hashlib.sha256(os.pread(fd, tail_size, size - tail_size)).hexdigest(),
+    }
+
+
+def _stat_fields(stat: os.stat_result) -> dict:
+    return {"size": stat.st_size, "ino": stat.st_ino, "dev": stat.st_dev, "mtime_ns": stat.st_mtime_ns}
+
+
+def seal_holds(fd: int, sealed: dict) -> bool:
+    """The open file is still the sealed one: same stat fields, same first and last bytes."""
+    if not sealed or _stat_fields(os.fstat(fd)) != {key: sealed.get(key) for key in _STAT_KEYS}:
+        return False
+    head = os.pread(fd, min(SEAL_SAMPLE, sealed["size"]), 0)
+    return hashlib.sha256(head).hexdigest() == sealed["head"] and tail_holds(
+        fd, sealed, os.pread(fd, sealed["tail_size"], sealed["size"] - sealed["tail_size"]))
+
+
+def tail_holds(fd: int, sealed: dict, tail: bytes) -> bool:
+    """`tail`, just read from the open file, is its sealed tail, and the file is unchanged."""
+    return (_stat_fields(os.fstat(fd)) == {key: sealed.get(key) for key in _STAT_KEYS}
+            and hashlib.sha256(tail).hexdigest() == sealed["tail"])
+
+
+_STAT_KEYS = ("size", "ino", "dev", "mtime_ns")
 
 
 def open_for_reading(name: str, version: list | None = None) -> BinaryIO:
