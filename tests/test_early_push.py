@@ -174,7 +174,9 @@ def test_a_qcow2_whose_tail_is_cut_is_refused_and_its_image_never_becomes_active
     assert portal.finished_puts == []  # IMS never had a whole body
     assert sim.images() == [] and upload.ims_image_id == ""
     puts = [r["status"] for r in sim.requests_seen() if r["method"] == "PUT"]
-    assert puts == [None]  # cut before its end: IMS never answered it
+    # Cut before its end: IMS never took it (no answer, or 410 when the DELETE of the image
+    # reached the simulator before it noticed the cut body).
+    assert len(puts) == 1 and puts[0] in (None, 410)
 
 
 def test_a_qcow2_with_a_backing_file_is_never_pushed_early_and_is_refused(portal, sim, alice, tmp_path):

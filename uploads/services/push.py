@@ -288,7 +288,7 @@ def _send_file(upload: Upload, client: ImsClient, attempt: int) -> None:
     save(upload, attempt, **sums)
     values = {"size": human_size(result.sent_bytes), "md5": result.md5}
     if sealed:
-        note(upload, gettext_noop("Sent %(size)s to IMS (md5 %(md5)s; sums computed as it arrived, sealed since)")
+        note(upload, gettext_noop("Sent %(size)s to IMS (md5 %(md5)s) (sums computed as it arrived; sealed since)")
              % values)
     else:
         note(upload, gettext_noop("Sent %(size)s to IMS (md5 %(md5)s)") % values)
