@@ -54,7 +54,7 @@ def test_the_client_and_the_checks_import_nothing_of_django(module):
 def test_a_staged_file_gone_before_sending_fails_in_plain_words(alice_connected, sim, monkeypatch):
     upload = received_upload(alice_connected, DATA)
 
-    def gone(name):
+    def gone(name, version=None):
         raise FileNotFoundError(name)
 
     monkeypatch.setattr(staging, "open_for_reading", gone)
