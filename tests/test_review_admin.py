@@ -313,6 +313,17 @@ def test_all_uploads_and_its_csv_need_the_same_few_queries_however_many_rows(
             assert len(b"".join(response.streaming_content).splitlines()) > 60
 
 
+def test_the_list_leaves_every_json_column_it_does_not_show_in_the_database(alice, carol_client):
+    """Each JSON column (inspection, tags, the pinned versions, the sums' state kept between
+    PATCHes ...) is parsed for nothing on a page of fifty rows: the list defers them all."""
+    from django.db import models
+
+    make_upload(alice, "with-state", received_sums={"offset": 5, "md5_ctx": "A" * 172, "sha512_ctx": "B" * 344})
+    rows = carol_client.get("/review/all/").context["rows"]
+    json_columns = {field.attname for field in Upload._meta.concrete_fields if isinstance(field, models.JSONField)}
+    assert json_columns and json_columns <= rows[0]["upload"].get_deferred_fields()
+
+
 def test_the_review_page_needs_the_same_few_queries_however_long_its_timeline(
     alice, carol_client, django_assert_max_num_queries
 ):

@@ -188,7 +188,7 @@ class UploadFilterForm(forms.Form):
 
 
 # What no row of the list shows: left in the database (JSON to parse, the encrypted token).
-LIST_SKIPS = ("inspection", "tags", "checked_file", "owner__cloud_account__token_encrypted")
+LIST_SKIPS = ("inspection", "tags", "checked_file", "received_sums", "owner__cloud_account__token_encrypted")
 
 
 def filtered(values: dict) -> QuerySet:
