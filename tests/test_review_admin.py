@@ -103,6 +103,14 @@ def test_progress_says_where_a_stopped_upload_stopped_and_how_far_a_moving_one_i
     assert (all_uploads.moving_percent(upload) is not None) == moving  # a bar only while it moves
 
 
+def test_an_upload_sent_on_to_ims_while_it_arrives_is_moving_not_stopped(alice):
+    """sending_early (services/early_push.py) receives and sends at once: the row says how much
+    arrived, with a bar, never "Stopped at ... sent" as for a failed upload."""
+    upload = make_upload(alice, status=Status.SENDING_EARLY, received_bytes=250, sent_bytes=100)
+    assert all_uploads.progress_words(upload) == "25 % received"
+    assert all_uploads.moving_percent(upload) == 25
+
+
 def test_the_reason_is_given_for_failed_refused_and_rejected_rows_only(alice):
     said = "This disk image is damaged."
     assert all_uploads.reason_words(make_upload(alice, status=Status.REFUSED, error_code="corrupt",
