@@ -103,6 +103,14 @@ def test_progress_says_where_a_stopped_upload_stopped_and_how_far_a_moving_one_i
     assert (all_uploads.moving_percent(upload) is not None) == moving  # a bar only while it moves
 
 
+def test_an_upload_sent_on_to_ims_while_it_arrives_is_moving_not_stopped(alice):
+    """sending_early (services/early_push.py) receives and sends at once: the row says how much
+    arrived, with a bar, never "Stopped at ... sent" as for a failed upload."""
+    upload = make_upload(alice, status=Status.SENDING_EARLY, received_bytes=250, sent_bytes=100)
+    assert all_uploads.progress_words(upload) == "25 % received"
+    assert all_uploads.moving_percent(upload) == 25
+
+
 def test_the_reason_is_given_for_failed_refused_and_rejected_rows_only(alice):
     said = "This disk image is damaged."
     assert all_uploads.reason_words(make_upload(alice, status=Status.REFUSED, error_code="corrupt",
@@ -311,6 +319,17 @@ def test_all_uploads_and_its_csv_need_the_same_few_queries_however_many_rows(
         response = carol_client.get(url, params)
         if isinstance(response, StreamingHttpResponse):
             assert len(b"".join(response.streaming_content).splitlines()) > 60
+
+
+def test_the_list_leaves_every_json_column_it_does_not_show_in_the_database(alice, carol_client):
+    """Each JSON column (inspection, tags, the pinned versions, the sums' state kept between
+    PATCHes ...) is parsed for nothing on a page of fifty rows: the list defers them all."""
+    from django.db import models
+
+    make_upload(alice, "with-state", received_sums={"offset": 5, "md5_ctx": "A" * 172, "sha512_ctx": "B" * 344})
+    rows = carol_client.get("/review/all/").context["rows"]
+    json_columns = {field.attname for field in Upload._meta.concrete_fields if isinstance(field, models.JSONField)}
+    assert json_columns and json_columns <= rows[0]["upload"].get_deferred_fields()
 
 
 def test_the_review_page_needs_the_same_few_queries_however_long_its_timeline(

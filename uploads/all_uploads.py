@@ -16,7 +16,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 from django.utils.translation import gettext, gettext_lazy as _, pgettext_lazy
 
-from uploads.models import DiskFormat, ErrorCode, Status, Upload
+from uploads.models import RECEIVING_STATES, DiskFormat, ErrorCode, Status, Upload
 from uploads.sizes import human_size
 
 # The states whose row carries a reason in words (Upload.error_message): why it stopped, or what
@@ -100,7 +100,7 @@ def progress_words(upload: Upload, texts: dict[str, str] | None = None) -> str:
     status = upload.status
     received = _percent(upload.received_bytes, upload.size)
     sent = _percent(upload.sent_bytes, upload.send_size or upload.size)
-    if status == Status.RECEIVING:
+    if status in RECEIVING_STATES:  # also while sent on to IMS as it arrives (sending_early)
         return texts["received"] % {"percent": received}
     if status == Status.CONVERTING:
         return texts["converted"] % {"percent": upload.convert_percent}
@@ -122,7 +122,7 @@ def progress_words(upload: Upload, texts: dict[str, str] | None = None) -> str:
 
 def moving_percent(upload: Upload) -> int | None:
     """The share done of an upload that moves right now (its bar); None for every other."""
-    if upload.status == Status.RECEIVING:
+    if upload.status in RECEIVING_STATES:
         return _percent(upload.received_bytes, upload.size)
     if upload.status == Status.CONVERTING:
         return upload.convert_percent
@@ -188,7 +188,7 @@ class UploadFilterForm(forms.Form):
 
 
 # What no row of the list shows: left in the database (JSON to parse, the encrypted token).
-LIST_SKIPS = ("inspection", "tags", "checked_file", "owner__cloud_account__token_encrypted")
+LIST_SKIPS = ("inspection", "tags", "checked_file", "received_sums", "owner__cloud_account__token_encrypted")
 
 
 def filtered(values: dict) -> QuerySet:
