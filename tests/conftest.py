@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 from django.conf import settings as django_settings
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from imssim.server import DEMO_DOMAIN, DEMO_PASSWORD, DEMO_PROJECT_NAME, DEMO_USER, Simulator
 from tests.openstack_fixture import openstack_peers  # noqa: F401  (a session fixture)
@@ -37,6 +37,15 @@ def wait_for(condition, *, timeout: float = 30.0, interval: float = 0.05, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def default_language():
+    """Each test starts in the default language: a test that renders German (a request through
+    LocaleMiddleware, translation.activate) leaves it active in its thread otherwise."""
+    translation.deactivate()
+    yield
+    translation.deactivate()
 
 
 @pytest.fixture(autouse=True)

@@ -139,6 +139,15 @@ def test_pushes_running_now_show_their_speed_and_a_worker_that_stopped_beating(s
     assert "its worker may have died" in page[page.index(">stuck<"):]
 
 
+def test_an_upload_sent_on_while_it_arrives_is_a_push_running_now_with_its_heartbeat(settings, alice, carol_client):
+    stale = timezone.now() - timedelta(seconds=settings.PUSH_STALE_SECONDS + 60)
+    make_upload(alice, "early", status=Status.SENDING_EARLY, size=1000, sent_bytes=100, heartbeat_at=stale,
+                push_started_at=timezone.now())
+    page = carol_client.get("/review/dashboard/").content.decode()
+    assert page.count("data-push=") == 1 and ">early<" in page
+    assert "its worker may have died" in page[page.index(">early<"):]
+
+
 def test_the_dashboard_shows_at_most_twenty_pushes_and_says_how_many_run(alice, carol_client):
     for number in range(23):
         make_upload(alice, f"push-{number}", status=Status.PUSHING, push_started_at=timezone.now())

@@ -94,11 +94,15 @@ class RunningPush:
     stale: bool  # no heartbeat for PUSH_STALE_SECONDS: its worker may have died
 
 
+# Sending to IMS now: the usual push, and the early push while the browser still uploads.
+SENDING = (Status.PUSHING, Status.SENDING_EARLY)
+
+
 def running_pushes(limit: int = RUNNING_SHOWN) -> list[RunningPush]:
     """The pushes sending now, the longest running first, at most `limit` (uploads_per_state
     says how many there are)."""
     now = timezone.now()
-    rows = Upload.objects.filter(status=Status.PUSHING).select_related("owner").order_by("push_started_at", "pk")
+    rows = Upload.objects.filter(status__in=SENDING).select_related("owner").order_by("push_started_at", "pk")
     pushes = []
     for upload in rows[:limit]:
         age = (now - upload.heartbeat_at).total_seconds() if upload.heartbeat_at else None

@@ -101,7 +101,7 @@ def _wait_for_job(upload: Upload, client: ImsClient, attempt: int) -> ims.Import
         if not Upload.objects.filter(pk=upload.pk, status=Status.PUSHING, attempt=attempt).exists():
             return None  # cancelled or taken over: the job's image is deleted by whoever did that
         if time.monotonic() > deadline:
-            raise CloudError("IMS is taking too long to import the file from OBS.", code="server", permanent=False,
+            raise CloudError(gettext_noop("IMS is taking too long to import the file from OBS."), code="server", permanent=False,
                              hint=ims.HINT_RETRY_LATER, detail=str(job.raw))
         time.sleep(settings.IMS_IMPORT_POLL_SECONDS)
 

@@ -65,7 +65,7 @@ def dashboard_page(request):
         "bytes_days": dashboard.BYTES_DAYS,
         "chart": chart,
         "pushes": dashboard.running_pushes(),
-        "pushes_total": next(state["count"] for state in states if state["status"] == Status.PUSHING),
+        "pushes_total": sum(state["count"] for state in states if state["status"] in dashboard.SENDING),
         # Without JavaScript the page asks the workers itself when told to (?workers=1).
         "workers": dashboard.workers_report() if request.GET.get("workers") else None,
         "ping_seconds": dashboard.WORKER_PING_SECONDS,

@@ -32,6 +32,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.translation import gettext_noop
 
 from uploads import diskcheck, diskimage, fairness, staging
 from uploads.diskimage import GiB
@@ -111,7 +112,7 @@ def upload_push_early(*, upload_id: int) -> PushOutcome:
 def _claim(upload: Upload, attempt: int) -> bool:
     now = timezone.now()
     return move(
-        upload, Status.SENDING_EARLY, "Sending to IMS while the file arrives",
+        upload, Status.SENDING_EARLY, gettext_noop("Sending to IMS while the file arrives"),
         where=Q(attempt=0, received_bytes__gte=HEAD_BYTES),
         attempt=attempt, sent_bytes=0, send_rate=0, heartbeat_at=now, push_started_at=now, retry_at=None,
         **NO_ERROR,
@@ -149,7 +150,7 @@ def _push_claimed(upload: Upload, client: ImsClient, attempt: int) -> PushOutcom
             return PushOutcome()
         return push._attempt_failed(upload, client, attempt, push._push_error(upload, exc))
     move(
-        upload, Status.PROCESSING, "IMS received the whole file and is processing it", on_attempt=attempt,
+        upload, Status.PROCESSING, gettext_noop("IMS received the whole file and is processing it"), on_attempt=attempt,
         sent_bytes=upload.size, next_poll_at=timezone.now() + timedelta(seconds=settings.UPLOAD_POLL_SECONDS),
         ims_status="saving",
     )
@@ -166,12 +167,12 @@ def _check_head_and_make_image(upload: Upload, client: ImsClient, attempt: int, 
         pass
     evidence = collector.evidence(upload.size, at_end=False)
     if evidence is None:
-        raise GiveUp("the first bytes do not tell the file's format")
+        raise GiveUp(gettext_noop("the first bytes do not tell the file's format"))
     fmt, inspector, problem = diskcheck.judge(evidence, upload.disk_format, {})
     if problem is not None:  # the check after the last byte says why, in the usual words
-        raise GiveUp(f"the first bytes did not pass the check ({problem.code})")
+        raise GiveUp(gettext_noop("the first bytes did not pass the check (%(code)s)") % {"code": problem.code})
     if fmt == "vhd" and not evidence.head.startswith(b"conectix"):
-        raise GiveUp("a fixed VHD is converted to QCOW2 first")
+        raise GiveUp(gettext_noop("a fixed VHD is converted to QCOW2 first"))
     needed_gb = max(1, -(-diskcheck.virtual_size(evidence, fmt, inspector) // GiB))
     progress.min_disk = max(upload.min_disk, needed_gb)
     image = client.create_image(name=upload.name, disk_format=fmt, os_version=upload.os_version,
@@ -179,8 +180,9 @@ def _check_head_and_make_image(upload: Upload, client: ImsClient, attempt: int, 
     progress.image_id = image.id
     save(upload, attempt, ims_image_id=image.id, ims_status=image.status, send_format=fmt, send_size=upload.size,
          converted_name="")
-    note(upload, f"Image record created in IMS: {image.id}; sending the file while it arrives "
-                 f"(its last {human_size(HOLD_BACK_BYTES)} once the whole file passed the check)")
+    note(upload, gettext_noop("Image record created in IMS: %(id)s; sending the file while it arrives "
+                              "(its last %(size)s once the whole file passed the check)")
+         % {"id": image.id, "size": human_size(HOLD_BACK_BYTES)})
 
 
 def _send(upload: Upload, client: ImsClient, attempt: int, progress: Progress) -> None:
@@ -191,14 +193,14 @@ def _send(upload: Upload, client: ImsClient, attempt: int, progress: Progress) -
         body = diskimage.wrap_stream(growing, upload.send_format, size=upload.size)
         result = client.upload_file(upload.ims_image_id, body, upload.size, on_progress=sent)
     save(upload, attempt, md5=result.md5, sha512=result.sha512, staged_sha512=result.sha512)
-    note(upload, f"Sent {human_size(result.sent_bytes)} to IMS (md5 {result.md5})")
+    note(upload, gettext_noop("Sent %(size)s to IMS (md5 %(md5)s)") % {"size": human_size(result.sent_bytes), "md5": result.md5})
 
 
 def _check_whole_file(upload: Upload, attempt: int, progress: Progress) -> None:
     """Every byte is in: check the whole file as any push does, with the PUT held open. Returns
     when its end may be sent; raises to cut the PUT (the Problem that refuses the file, GiveUp,
     Stopped)."""
-    if not move(upload, Status.CHECKING, "Every byte arrived: checking the whole file before its end is sent",
+    if not move(upload, Status.CHECKING, gettext_noop("Every byte arrived: checking the whole file before its end is sent"),
                 on_attempt=attempt):
         raise Stopped()
     progress.early = False
@@ -206,14 +208,14 @@ def _check_whole_file(upload: Upload, attempt: int, progress: Progress) -> None:
     from uploads import review  # review uses state.move: import here to avoid the cycle
 
     if result.needs_conversion(settings.IMS_DISK_FORMATS):
-        raise GiveUp("the file needs converting")
+        raise GiveUp(gettext_noop("the file needs converting"))
     if result.upload_format(settings.IMS_DISK_FORMATS) != upload.send_format:
-        raise GiveUp("the file is sent as another format")
+        raise GiveUp(gettext_noop("the file is sent as another format"))
     if upload.min_disk > progress.min_disk:
-        raise GiveUp("the image needs a larger min disk than its header said")
+        raise GiveUp(gettext_noop("the image needs a larger min disk than its header said"))
     if review.review_needed(upload):
-        raise GiveUp("the file now needs a reviewer's approval")
-    if not move(upload, Status.PUSHING, "The whole file passed the check: sending its end to IMS",
+        raise GiveUp(gettext_noop("the file now needs a reviewer's approval"))
+    if not move(upload, Status.PUSHING, gettext_noop("The whole file passed the check: sending its end to IMS"),
                 on_attempt=attempt):
         raise Stopped()
 
@@ -265,7 +267,8 @@ class GrowingFile:
             if self.received >= wanted:
                 return
             if time.monotonic() - self.received_at > settings.EARLY_PUSH_STALL_SECONDS:
-                raise GiveUp(f"the browser sent nothing for {settings.EARLY_PUSH_STALL_SECONDS:g} seconds")
+                raise GiveUp(gettext_noop("the browser sent nothing for %(seconds)s seconds")
+                              % {"seconds": f"{settings.EARLY_PUSH_STALL_SECONDS:g}"})
             self.on_wait(self.pos)
             time.sleep(WAIT_SECONDS)
 
@@ -311,11 +314,12 @@ def _give_up(upload: Upload, client: ImsClient, attempt: int, why: str) -> None:
     if upload.ims_image_id:
         images.delete_quietly(upload, client)
     fields = {"requeued_at_attempt": attempt, "sent_bytes": 0, "send_rate": 0, "heartbeat_at": None}
-    message = f"Stopped sending early: {why}."
-    if move(upload, Status.RECEIVING, f"{message} The file is sent once it has arrived", on_attempt=attempt,
+    if move(upload, Status.RECEIVING, gettext_noop("Stopped sending early: %(why)s. The file is sent once it has arrived")
+            % {"why": why}, on_attempt=attempt,
             where=Q(received_bytes__lt=F("size")), **fields):
         return
-    if move(upload, Status.RECEIVED, f"{message} Sending the file the usual way", on_attempt=attempt, **fields):
+    if move(upload, Status.RECEIVED, gettext_noop("Stopped sending early: %(why)s. Sending the file the usual way")
+            % {"why": why}, on_attempt=attempt, **fields):
         dispatch.enqueue_push(upload.pk)
 
 
@@ -332,12 +336,13 @@ def _after_stop(upload: Upload, client: ImsClient, progress: Progress) -> None:
 def take_over(upload: Upload, abandoned: Q) -> None:
     """The worker of an early push died (no heartbeat): back to RECEIVING, its image deleted, or to
     RECEIVED when every byte is in (the usual push then reuses or deletes the image)."""
-    message = "The worker that was sending this upload early stopped"
     fields = {"requeued_at_attempt": upload.attempt, "heartbeat_at": None, "sent_bytes": 0, "send_rate": 0}
-    if move(upload, Status.RECEIVING, f"{message}; the file is sent once it has arrived",
+    if move(upload, Status.RECEIVING,
+            gettext_noop("The worker that was sending this upload early stopped; the file is sent once it has arrived"),
             where=abandoned & Q(received_bytes__lt=F("size")), **fields):
         token = cloud.owner_token(upload.owner_id)
         if upload.ims_image_id and token.value is not None:
             images.delete_quietly(upload, cloud.ims_client(token.value))
         return
-    move(upload, Status.RECEIVED, f"{message}; sending the file now", where=abandoned, **fields)
+    move(upload, Status.RECEIVED, gettext_noop("The worker that was sending this upload early stopped; sending the file now"),
+         where=abandoned, **fields)
