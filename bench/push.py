@@ -453,8 +453,11 @@ def main() -> int:
     all_results = {}
     inspect_figures = {}
     try:
-        env = portal_env(work)
+        # The push after the last byte is what this measures: no early push while the file is
+        # staged (bench/end_to_end.py measures that one), here or in the worker.
+        env = portal_env(work, EARLY_PUSH="0")
         migrate(env, work / "migrate.log")
+        os.environ["EARLY_PUSH"] = "0"
         use_portal_in_this_process(env)
         flush_redis()
         owner = create_user("bench")
