@@ -155,6 +155,8 @@ def test_a_qcow2_is_sent_while_it_arrives_its_end_held_back_and_ends_ready(porta
     assert ("push", upload.pk) not in portal  # no second, usual push
     assert [r["method"] for r in sim.requests_seen() if r["path"].startswith("/v2/images")].count("POST") == 1
     assert "qemu_img_check" in upload.inspection["checks"]  # the whole file was checked before its end went
+    # The ingest did not hash the bytes the early push hashed as it sent them: no sums, no seal.
+    assert "seal" not in upload.received_sums and "md5" not in upload.received_sums
 
 
 def test_a_qcow2_whose_tail_is_cut_is_refused_and_its_image_never_becomes_active(portal, sim, alice, tmp_path):

@@ -161,7 +161,10 @@ def upload_receive(
                 raise UploadStopped()
             if received != offset:
                 raise OffsetConflict(received)
-            sums = running_sums.start_or_restore(saved, offset) if _hashes_on_arrival() else None
+            # An early push hashes what it sends as it sends it: the same bytes are not hashed twice
+            # (should it give up, the push after the last byte hashes while sending, as without sums).
+            hashing = _hashes_on_arrival() and status != Status.SENDING_EARLY
+            sums = running_sums.start_or_restore(saved, offset) if hashing else None
             new_offset = offset + _write_chunk(upload, staged, offset, stream, length, checksum, sums)
             fields = _sums_fields(staged, sums, upload.size)
             if not staged.record(lambda: record_received(upload, new_offset, **fields)):
